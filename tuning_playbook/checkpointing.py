@@ -1,0 +1,89 @@
+"""Retrospective best-N checkpointing with Orbax: keep best-N ∪ latest.
+
+Retention is the union of two Orbax preservation policies: the latest
+checkpoint (for resumption) and the `num_best_checkpoints` best ones by the
+configured eval metric. A NaN/Inf metric ranks worst; the stored metric value
+itself is left as it is. Checkpoints are written to a temporary directory and
+renamed when complete, and deletions are renames into `todelete/` that are
+purged afterwards, so a kill at any moment leaves only whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+_TODELETE = "todelete"
+
+
+def rank_key(value: float | None, mode: str) -> float:
+  """Larger is better; non-finite and missing values rank worst."""
+  if value is None or not math.isfinite(value):
+    return -math.inf
+  return -value if mode == "min" else value
+
+
+class Checkpointer:
+  """Saves {train state, JSON metadata}; restores the latest to a target."""
+
+  def __init__(self, directory: str, *, num_best: int, best_metric: str,
+               best_mode: str):
+    self.directory = os.path.abspath(directory)
+    self._purge_deleted()
+    self._best_metric = best_metric
+    policy = ocp_managers.AnyPreservationPolicy([
+        ocp_managers.LatestN(n=1),
+        ocp_managers.BestN(
+            get_metric_fn=lambda m: rank_key(m.get(best_metric), best_mode),
+            reverse=False, n=num_best, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=True, todelete_subdir=_TODELETE)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  def _purge_deleted(self):
+    todelete = os.path.join(self.directory, _TODELETE)
+    if os.path.isdir(todelete):
+      shutil.rmtree(todelete, ignore_errors=True)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state: Any, meta: dict[str, Any],
+           metrics: dict[str, float]) -> None:
+    """Starts an asynchronous save; raises any error of an earlier one."""
+    self._manager.check_for_errors()
+    self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        metrics=dict(metrics), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores `step` with the shardings of `abstract_state`."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def wait(self) -> None:
+    """Blocks until pending saves finish; raises their errors."""
+    self._manager.wait_until_finished()
+    self._manager.check_for_errors()
+    self._purge_deleted()
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,207 @@
+"""The keys every training config has, their defaults, and their checks.
+
+Workload configs start from `base_config()` and override fields:
+
+  from tuning_playbook import config_schema
+
+  def get_config():
+    config = config_schema.base_config()
+    config.workload = "mnist1d_cnn"
+    config.model = ml_collections.ConfigDict({"features": 32})
+    return config
+
+`validate(config)` runs before anything is compiled and raises `ConfigError`
+naming the key, the bad value and what is allowed. The `model` section is
+free-form: the workload's model checks its own fields.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "nadam")
+SCHEDULES = ("constant", "linear", "cosine")
+BEST_MODES = ("min", "max")
+WEIGHT_DECAY_TYPES = ("decoupled", "l2")
+EVAL_SPLITS = ("validation", "train", "test")
+EVAL_METRICS = ("loss", "error_rate", "accuracy", "num_correct", "num_examples")
+BATCH_NORM_POLICIES = ("global", "ghost", "per_device")
+
+
+class ConfigError(ValueError):
+  """A config key holds a value that training cannot use."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the config every workload config extends."""
+  c = ml_collections.ConfigDict()
+  c.workload = ""
+  c.seed = 0
+  c.batch_size = 128  # Global, over all hosts and devices.
+  c.eval_batch_size = 0  # Global; 0 means max(batch_size, 1024).
+  c.max_train_steps = 1000
+  c.eval_every_steps = 100
+  c.log_every_steps = 50
+  c.num_best_checkpoints = 3
+  c.best_metric = "eval/validation/error_rate"
+  c.best_mode = "min"
+  # Size of the fixed subset of the training split evaluated as "train";
+  # 0 means the size of the validation split.
+  c.train_eval_subset_size = 0
+  c.grad_clip_norm = 0.0  # 0 disables clipping by global norm.
+  # A training loss above this (or NaN/Inf) marks the trial as diverged.
+  c.divergence_loss_threshold = 1e6
+  # Abort with stack dumps if a step makes no progress for this long (0: off).
+  c.step_watchdog_seconds = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "nesterov"
+  c.optimizer.learning_rate = 0.1  # Peak (post-warmup) learning rate.
+  c.optimizer.momentum = 0.9  # momentum, nesterov, rmsprop (gamma).
+  c.optimizer.rho = 0.9  # rmsprop.
+  c.optimizer.beta1 = 0.9  # adam, nadam.
+  c.optimizer.beta2 = 0.999  # adam, nadam.
+  c.optimizer.epsilon = 1e-8  # rmsprop, adam, nadam.
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.weight_decay_type = "decoupled"
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 0  # Linear warmup from 0, prepended.
+  # Steps of decay after warmup; 0 means max_train_steps - warmup_steps.
+  c.optimizer.decay_steps = 0
+  # Learning rate at the end of the decay, as a fraction of the peak.
+  c.optimizer.end_learning_rate_factor = 0.0
+
+  c.batch_norm = ml_collections.ConfigDict()
+  c.batch_norm.policy = "global"  # global | ghost | per_device
+  c.batch_norm.virtual_batch_size = 0  # Used by "ghost".
+  c.batch_norm.momentum = 0.9
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""  # "" means the TFDS default.
+  c.data.shuffle_buffer = 50_000
+  c.data.cache = True
+  c.data.prefetch_batches = 2
+
+  c.model = ml_collections.ConfigDict()
+  return c
+
+
+def _fail(key: str, value, allowed: str):
+  raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def _check_keys(config: ml_collections.ConfigDict,
+                reference: ml_collections.ConfigDict, prefix: str = ""):
+  for key in config.keys():
+    full = f"{prefix}{key}"
+    if key == "model" and not prefix:
+      continue
+    if key not in reference:
+      _fail(full, config[key], "unknown key; allowed keys here: "
+            + ", ".join(sorted(f"{prefix}{k}" for k in reference.keys())))
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        _fail(full, config[key], "must be a section (ConfigDict)")
+      _check_keys(config[key], reference[key], prefix=f"{full}.")
+  for key in reference.keys():
+    if key not in config:
+      raise ConfigError(f"config.{prefix}{key} is missing; start configs from "
+                        "tuning_playbook.config_schema.base_config()")
+
+
+def resolved_eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  return config.eval_batch_size or max(config.batch_size, 1024)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError for the first bad key; touches no JAX device."""
+  _check_keys(config, base_config())
+  if not config.workload:
+    _fail("workload", config.workload, "name a module in workloads/")
+  for key in ("batch_size", "max_train_steps", "eval_every_steps",
+              "log_every_steps"):
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(key, value, "must be a positive integer")
+  if config.batch_size % num_devices:
+    _fail("batch_size", config.batch_size,
+          f"the global batch must be divisible by the device count "
+          f"({num_devices})")
+  eval_bs = resolved_eval_batch_size(config)
+  if eval_bs < config.batch_size:
+    _fail("eval_batch_size", config.eval_batch_size,
+          f"must be 0 or at least batch_size ({config.batch_size})")
+  if eval_bs % num_devices:
+    _fail("eval_batch_size", eval_bs,
+          f"must be divisible by the device count ({num_devices})")
+  if not isinstance(config.seed, int) or config.seed < 0:
+    _fail("seed", config.seed, "must be a non-negative integer")
+  if config.num_best_checkpoints < 1:
+    _fail("num_best_checkpoints", config.num_best_checkpoints, "must be >= 1")
+  if config.best_mode not in BEST_MODES:
+    _fail("best_mode", config.best_mode, f"allowed: {', '.join(BEST_MODES)}")
+  parts = config.best_metric.split("/")
+  if (len(parts) != 3 or parts[0] != "eval" or parts[1] not in EVAL_SPLITS
+      or parts[2] not in EVAL_METRICS):
+    _fail("best_metric", config.best_metric,
+          "must be eval/<split>/<metric> with split in "
+          f"{', '.join(EVAL_SPLITS)} and metric in {', '.join(EVAL_METRICS)}")
+  if config.train_eval_subset_size < 0:
+    _fail("train_eval_subset_size", config.train_eval_subset_size, "must be >= 0")
+  if config.grad_clip_norm < 0:
+    _fail("grad_clip_norm", config.grad_clip_norm, "must be >= 0 (0 disables)")
+  if not config.divergence_loss_threshold > 0:
+    _fail("divergence_loss_threshold", config.divergence_loss_threshold,
+          "must be > 0")
+  if config.step_watchdog_seconds < 0:
+    _fail("step_watchdog_seconds", config.step_watchdog_seconds, "must be >= 0")
+  _validate_optimizer(config)
+  _validate_batch_norm(config, num_devices)
+  if config.data.shuffle_buffer < 1:
+    _fail("data.shuffle_buffer", config.data.shuffle_buffer, "must be >= 1")
+
+
+def _validate_optimizer(config):
+  opt = config.optimizer
+  if opt.name not in OPTIMIZERS:
+    _fail("optimizer.name", opt.name, f"allowed: {', '.join(OPTIMIZERS)}")
+  if opt.schedule not in SCHEDULES:
+    _fail("optimizer.schedule", opt.schedule, f"allowed: {', '.join(SCHEDULES)}")
+  if opt.weight_decay_type not in WEIGHT_DECAY_TYPES:
+    _fail("optimizer.weight_decay_type", opt.weight_decay_type,
+          f"allowed: {', '.join(WEIGHT_DECAY_TYPES)}")
+  lr = opt.learning_rate
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+    _fail("optimizer.learning_rate", lr, "must be a finite number >= 0")
+  for key in ("momentum", "rho", "beta1", "beta2"):
+    if not 0 <= opt[key] < 1:
+      _fail(f"optimizer.{key}", opt[key], "must be in [0, 1)")
+  if not opt.epsilon >= 0:
+    _fail("optimizer.epsilon", opt.epsilon, "must be >= 0")
+  if not opt.weight_decay >= 0:
+    _fail("optimizer.weight_decay", opt.weight_decay, "must be >= 0")
+  if opt.warmup_steps < 0 or opt.warmup_steps > config.max_train_steps:
+    _fail("optimizer.warmup_steps", opt.warmup_steps,
+          f"must be in [0, max_train_steps={config.max_train_steps}]")
+  if opt.decay_steps < 0:
+    _fail("optimizer.decay_steps", opt.decay_steps, "must be >= 0")
+  if not 0 <= opt.end_learning_rate_factor <= 1:
+    _fail("optimizer.end_learning_rate_factor", opt.end_learning_rate_factor,
+          "must be in [0, 1]")
+
+
+def _validate_batch_norm(config, num_devices):
+  bn = config.batch_norm
+  if bn.policy not in BATCH_NORM_POLICIES:
+    _fail("batch_norm.policy", bn.policy,
+          f"allowed: {', '.join(BATCH_NORM_POLICIES)}")
+  if not 0 <= bn.momentum < 1:
+    _fail("batch_norm.momentum", bn.momentum, "must be in [0, 1)")
+  if bn.policy == "ghost":
+    vbs = bn.virtual_batch_size
+    if vbs <= 0 or config.batch_size % vbs:
+      _fail("batch_norm.virtual_batch_size", vbs,
+            f"ghost BatchNorm needs a positive size that divides batch_size "
+            f"({config.batch_size}) into groups")

@@ -1,0 +1,190 @@
+"""Host-sharded tf.data input pipelines whose order is a function of (seed, step).
+
+Each host reads a disjoint shard of every split (`tfds.split_for_jax_process`)
+and yields numpy batches of its local share of the global batch. The training
+stream is a concatenation of epochs, each shuffled with a seed derived from
+(seed, host, epoch), and example k of the host's stream is augmented with the
+stateless seed (host seed, k). Resuming at step s therefore needs no iterator
+state: the stream restarts at position s * local_batch_size.
+
+Eval batches are padded with zero-weight rows, and every host yields the same
+number of batches, so global eval metrics are exact for every host count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+# Upper bound on epochs in a training stream; the loop stops long before.
+_MAX_EPOCHS = 1 << 31
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # tf.data runs on the host; TensorFlow must not claim accelerator memory.
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU")
+  return tf
+
+
+def host_seed(seed: int, process_index: int) -> int:
+  """A 63-bit seed for a host's data stream, stable across NumPy versions."""
+  state = np.random.SeedSequence([seed, process_index, 0x7D47A]).generate_state(2)
+  return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+  """Where a host's training stream stands at a given step (portable JSON)."""
+  step: int
+  epoch: int
+  offset_in_epoch: int
+  host_examples_per_epoch: int
+
+  def to_json(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+def num_examples(builder, split) -> int:
+  return int(builder.info.splits[split].num_examples)
+
+
+def host_split_sizes(builder, split: str, process_count: int) -> list[int]:
+  """Number of examples of `split` on each host (TFDS even splits)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return [num_examples(builder, s)
+          for s in tfds.even_splits(split, n=process_count)]
+
+
+class TrainStream:
+  """Infinite, resumable stream of local training batches (numpy dicts)."""
+
+  def __init__(self, builder, split: str, preprocess: Callable[..., Any], *,
+               seed: int, local_batch_size: int, process_index: int,
+               process_count: int, shuffle_buffer: int, cache: bool = True):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self._builder = builder
+    self._split = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count)
+    self._preprocess = preprocess
+    self._seed = host_seed(seed, process_index)
+    self.local_batch_size = local_batch_size
+    self._shuffle_buffer = shuffle_buffer
+    self._cache = cache
+    self.examples_per_epoch = num_examples(builder, self._split)
+    if self.examples_per_epoch == 0:
+      raise ValueError(f"split {split!r} has no examples for host "
+                       f"{process_index} of {process_count}")
+
+  def position(self, step: int) -> DataPosition:
+    start = step * self.local_batch_size
+    return DataPosition(step=step, epoch=start // self.examples_per_epoch,
+                        offset_in_epoch=start % self.examples_per_epoch,
+                        host_examples_per_epoch=self.examples_per_epoch)
+
+  def dataset(self, start_step: int):
+    """The tf.data pipeline of batches from `start_step` on."""
+    tf = _tf()
+    pos = self.position(start_step)
+    base = self._builder.as_dataset(split=self._split, shuffle_files=False)
+    if self._cache:
+      base = base.cache()
+    buffer = min(self._shuffle_buffer, self.examples_per_epoch)
+    seed = tf.constant(self._seed, tf.int64)
+
+    def one_epoch(epoch):
+      epoch_seed = tf.bitwise.bitwise_xor(seed, epoch * 2654435761)
+      return base.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+
+    ds = tf.data.Dataset.range(pos.epoch, _MAX_EPOCHS).flat_map(one_epoch)
+    ds = ds.skip(pos.offset_in_epoch)
+    ds = ds.enumerate(start=start_step * self.local_batch_size)
+
+    def prepare(index, example):
+      example_seed = tf.stack([seed, index])
+      return self._preprocess(example, train=True, seed=example_seed)
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(self.local_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return iter(tfds.as_numpy(self.dataset(start_step)))
+
+
+@dataclasses.dataclass
+class EvalSplit:
+  """A padded, host-sharded eval split; every host yields `num_batches`."""
+  name: str
+  dataset: Any  # tf.data.Dataset of unbatched, preprocessed examples.
+  local_batch_size: int
+  num_batches: int
+  host_examples: int
+  total_examples: int
+
+  def batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """Local batches with a float32 `weight` of 1 for real rows, 0 for padding."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    produced = 0
+    template = None
+    for batch in tfds.as_numpy(self.dataset.batch(self.local_batch_size)):
+      template = batch
+      yield _pad_batch(batch, self.local_batch_size)
+      produced += 1
+    if produced < self.num_batches:
+      if template is None:
+        template = self._empty_template()
+      empty = {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in template.items()}
+      for _ in range(self.num_batches - produced):
+        yield _pad_batch(empty, self.local_batch_size)
+
+  def _empty_template(self):
+    spec = self.dataset.element_spec
+    return {k: np.zeros((0,) + tuple(v.shape), v.dtype.as_numpy_dtype)
+            for k, v in spec.items()}
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  n = next(iter(batch.values())).shape[0]
+  out = {}
+  for key, value in batch.items():
+    pad = np.zeros((size - n,) + value.shape[1:], value.dtype)
+    out[key] = np.concatenate([value, pad]) if n < size else value
+  weight = np.zeros((size,), np.float32)
+  weight[:n] = 1.0
+  out["weight"] = weight
+  return out
+
+
+def make_eval_split(builder, name: str, split: str, preprocess: Callable[..., Any],
+                    *, local_batch_size: int, process_index: int,
+                    process_count: int, limit: int = 0,
+                    cache: bool = True) -> EvalSplit:
+  """Shards `split` (its first `limit` examples if limit > 0) over hosts."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf = _tf()
+  if limit:
+    total = min(limit, num_examples(builder, split))
+    ds = builder.as_dataset(split=split, shuffle_files=False).take(total)
+    ds = ds.shard(process_count, process_index)
+    sizes = [len(range(i, total, process_count)) for i in range(process_count)]
+  else:
+    host_split = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count)
+    ds = builder.as_dataset(split=host_split, shuffle_files=False)
+    sizes = host_split_sizes(builder, split, process_count)
+    total = sum(sizes)
+  zero_seed = tf.zeros([2], tf.int64)
+  ds = ds.map(lambda ex: preprocess(ex, train=False, seed=zero_seed),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if cache:
+    ds = ds.cache()
+  num_batches = max(1, math.ceil(max(sizes) / local_batch_size))
+  return EvalSplit(name=name, dataset=ds, local_batch_size=local_batch_size,
+                   num_batches=num_batches, host_examples=sizes[process_index],
+                   total_examples=total)

@@ -1,0 +1,48 @@
+"""Trains one configuration.
+
+  python -m tuning_playbook.main --config=configs/mnist1d_cnn.py --workdir=/tmp/run \
+      [--config.optimizer.learning_rate=0.1 ...]
+
+Relaunching the same command resumes from the latest checkpoint; a finished
+run is left as it is.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from tuning_playbook import distributed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/<name>.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run's records.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0 for a multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_seconds", 300, "Time to wait for every process to join.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, _INIT_TIMEOUT.value)
+  try:
+    summary = run.run_trial(_CONFIG.value, _WORKDIR.value)
+  except run.BAD_INPUT_ERRORS as e:
+    sys.stderr.write(f"Error: {e}\n")
+    sys.exit(2)
+  logging.info("Finished: %s", summary)
+  if summary.get("status") == "failed":
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,43 @@
+"""One trial with its failure policy: bad input vs. a failed run.
+
+Bad input (an invalid config, unknown workload, or a work directory holding
+another config) raises before anything is compiled or written. Any other
+error marks the trial "failed" in summary.json (the sweep records it as
+infeasible) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from tuning_playbook import config_schema
+from tuning_playbook import records
+from tuning_playbook import train
+from tuning_playbook import workload as workload_lib
+
+BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
+                    records.ConfigMismatchError)
+
+
+def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs `train.train_and_evaluate`, recording an unexpected error as failed."""
+  try:
+    return train.train_and_evaluate(config, workdir)
+  except BAD_INPUT_ERRORS:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception("Trial failed.")
+    summary = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc(), "best_step": None,
+               "best_metric": config.best_metric, "best_mode": config.best_mode,
+               "best_value": None, "final_step": None,
+               "max_train_steps": config.max_train_steps, "best_checkpoint": None}
+    if jax.process_index() == 0 and os.path.isdir(workdir):
+      records.write_summary(workdir, summary)
+    raise

@@ -1,0 +1,110 @@
+"""Train state, and the pure train and eval steps compiled once per run.
+
+The steps are pure functions of arrays: the learning rate and every other
+continuous optimizer hyperparameter live in `state.opt_state`, the RNG in
+`state.rng` (raw key data, so checkpoints stay portable), and the dropout key
+of step t is `fold_in(key(state.rng), t)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tuning_playbook import optimizers
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied.
+  params: Any
+  batch_stats: Any  # BatchNorm moving averages ({} without BatchNorm).
+  opt_state: Any
+  rng: jax.Array  # uint32 key data of the run's base key.
+
+
+def create_train_state(model, tx: optax.GradientTransformation, sample_inputs,
+                       seed: int) -> TrainState:
+  """Initializes parameters and optimizer state (call under jax.jit)."""
+  key = jax.random.key(seed)
+  init_key, run_key = jax.random.split(key)
+  variables = model.init({"params": init_key, "dropout": init_key},
+                         sample_inputs, train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params),
+                    rng=jax.random.key_data(run_key))
+
+
+def _variables(state: TrainState, params) -> dict[str, Any]:
+  variables = {"params": params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return variables
+
+
+def make_train_step(model, tx: optax.GradientTransformation,
+                    loss_fn: Callable, grad_clip_norm: float) -> Callable:
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  Metrics hold the unclipped global gradient norm, the loss, whether the step
+  was clipped and the learning rate used, as scalars for this one step.
+  """
+
+  def train_step(state: TrainState, batch: Batch):
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                     state.step)
+
+    def loss_of(params):
+      outputs, new_model_state = model.apply(
+          _variables(state, params), batch["inputs"], train=True,
+          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+      loss = jnp.mean(loss_fn(outputs, batch["label"]))
+      return loss, new_model_state
+
+    (loss, new_model_state), grads = jax.value_and_grad(
+        loss_of, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    if grad_clip_norm > 0:
+      clipped = grad_norm > grad_clip_norm
+      scale = jnp.where(clipped, grad_clip_norm / grad_norm, 1.0)
+      grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    else:
+      clipped = jnp.zeros((), jnp.bool_)
+    learning_rate = optimizers.current_learning_rate(state.opt_state)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        batch_stats=new_model_state.get("batch_stats", state.batch_stats))
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/clipped": clipped.astype(jnp.float32),
+               "train/learning_rate": learning_rate}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, loss_fn: Callable, correct_fn: Callable) -> Callable:
+  """Returns `eval_step(state, batch) -> sums` weighted by `batch["weight"]`."""
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    outputs = model.apply(_variables(state, state.params), batch["inputs"],
+                          train=False)
+    weight = batch["weight"]
+    loss = loss_fn(outputs, batch["label"]).astype(jnp.float32)
+    correct = correct_fn(outputs, batch["label"]).astype(jnp.float32)
+    # Padded rows may hold anything; `where` keeps a NaN there out of the sums.
+    return {"loss_sum": jnp.sum(jnp.where(weight > 0, loss * weight, 0.0)),
+            "num_correct": jnp.sum(correct * weight),
+            "num_examples": jnp.sum(weight)}
+
+  return eval_step
