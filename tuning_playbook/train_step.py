@@ -72,7 +72,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
 
     (loss, new_model_state), grads = jax.value_and_grad(
         loss_of, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     if grad_clip_norm > 0:
       clipped = grad_norm > grad_clip_norm
       scale = jnp.where(clipped, grad_clip_norm / grad_norm, 1.0)

@@ -1,0 +1,12 @@
+"""Test setup: in-process tests see 4 simulated CPU devices (data parallel)."""
+
+import os
+
+NUM_TEST_DEVICES = 4
+
+if "jax" not in __import__("sys").modules:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,58 @@
+"""Shared helpers for tests: load configs, run the trainer in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
+
+
+def load_config(path: str = TINY_CONFIG, **overrides):
+  """Loads `get_config()` from a config file and applies dotted overrides."""
+  spec = importlib.util.spec_from_file_location("_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> list[str]:
+  return [sys.executable, "-m", "tuning_playbook.main", f"--config={config}",
+          f"--workdir={workdir}", *overrides]
+
+
+def subprocess_env(num_devices: int = 1) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def run_main(workdir: str, *overrides: str, num_devices: int = 1,
+             config: str = TINY_CONFIG, timeout: float = 300) -> subprocess.CompletedProcess:
+  return subprocess.run(main_command(workdir, *overrides, config=config),
+                        cwd=REPO, env=subprocess_env(num_devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,168 @@
+"""Kill-and-resume, relaunching finished runs, and refusing another config.
+
+Each run is a real `python -m tuning_playbook.main` process; kills are SIGKILL
+at varying moments (during training, evals and checkpoint saves).
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import orbax.checkpoint as ocp
+import pytest
+
+from tests import helpers
+
+# Small enough to be quick, long enough that kills land inside the run.
+RUN_FLAGS = ("--config.max_train_steps=60", "--config.eval_every_steps=10",
+             "--config.log_every_steps=4", "--config.num_best_checkpoints=2")
+
+
+@pytest.fixture(scope="module")
+def data_flag(tmp_path_factory):
+  return f"--config.data.data_dir={tmp_path_factory.mktemp('data')}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_flag):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _tree_digest(root):
+  digest = hashlib.sha256()
+  for dirpath, dirnames, filenames in sorted(os.walk(root)):
+    dirnames.sort()
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      digest.update(path.encode())
+      st = os.stat(path)
+      digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _kept_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                if d.isdigit())
+
+
+def test_killed_runs_resume_to_the_same_result(reference_run, data_flag, tmp_path):
+  workdir = str(tmp_path / "killed")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  kills = 0
+  # Kill after the k-th new metrics line appears, plus a varying delay, so
+  # kills land in training, in evals and in checkpoint saves.
+  for attempt, (lines_before_kill, delay) in enumerate(
+      [(2, 0.0), (3, 0.05), (2, 0.2), (4, 0.01)]):
+    start_lines = len(helpers.read_jsonl(metrics)) if os.path.exists(metrics) else 0
+    proc = subprocess.Popen(
+        helpers.main_command(workdir, data_flag, *RUN_FLAGS), cwd=helpers.REPO,
+        env=helpers.subprocess_env(2), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+      n = sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
+      if n >= start_lines + lines_before_kill:
+        time.sleep(delay)
+        break
+      time.sleep(0.01)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      kills += 1
+    proc.wait()
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+      break
+  assert kills >= 2, f"only {kills} kills landed (attempts: {attempt + 1})"
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  ref_rows = helpers.read_jsonl(os.path.join(reference_run, "metrics.jsonl"))
+  rows = helpers.read_jsonl(metrics)
+  assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+  assert rows == ref_rows
+  assert (helpers.read_jsonl(os.path.join(workdir, "grad_norms.jsonl"))
+          == helpers.read_jsonl(os.path.join(reference_run, "grad_norms.jsonl")))
+  summary = helpers.read_json(os.path.join(workdir, "summary.json"))
+  ref_summary = helpers.read_json(os.path.join(reference_run, "summary.json"))
+  for key in ("status", "best_step", "best_value", "final_step"):
+    assert summary[key] == ref_summary[key]
+  assert _kept_steps(workdir) == _kept_steps(reference_run)
+  # The optimizer's own step count equals the training step after resume.
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", "60", "state"))
+  assert int(state["step"]) == 60
+  assert int(state["opt_state"]["count"]) == 60
+
+
+def _run_and_kill_after_checkpoint(workdir, data_flag, step, num_devices):
+  proc = subprocess.Popen(
+      helpers.main_command(workdir, data_flag, *RUN_FLAGS), cwd=helpers.REPO,
+      env=helpers.subprocess_env(num_devices), stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + 240
+  while proc.poll() is None and not os.path.isdir(path) and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_half_written_checkpoints_are_never_restored(reference_run, data_flag, tmp_path):
+  workdir = str(tmp_path / "run")
+  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=2)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  # What a kill leaves behind mid-save and mid-delete.
+  os.makedirs(os.path.join(checkpoints, "30.orbax-checkpoint-tmp-1234", "state"))
+  with open(os.path.join(checkpoints, "30.orbax-checkpoint-tmp-1234", "state", "junk"), "w") as f:
+    f.write("partial")
+  os.makedirs(os.path.join(checkpoints, "todelete", "10"))
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from checkpoint at step" in result.stderr
+  assert helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == helpers.read_jsonl(
+      os.path.join(reference_run, "metrics.jsonl"))
+  assert not any("tmp" in d for d in os.listdir(checkpoints))
+  assert "todelete" not in os.listdir(checkpoints) or not os.listdir(
+      os.path.join(checkpoints, "todelete"))
+
+
+def test_relaunching_a_finished_run_changes_nothing(reference_run, data_flag):
+  before = _tree_digest(reference_run)
+  result = helpers.run_main(reference_run, data_flag, *RUN_FLAGS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "already finished" in result.stderr
+  assert _tree_digest(reference_run) == before
+
+
+def test_another_config_is_refused_and_nothing_touched(reference_run, data_flag):
+  before = _tree_digest(reference_run)
+  result = helpers.run_main(reference_run, data_flag, *RUN_FLAGS,
+                            "--config.optimizer.learning_rate=0.3",
+                            "--config.batch_size=32")
+  assert result.returncode == 2
+  assert "optimizer.learning_rate: 0.05 -> 0.3" in result.stderr
+  assert "batch_size: 16 -> 32" in result.stderr
+  assert _tree_digest(reference_run) == before
+
+
+def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):
+  """A checkpoint written on 2 devices resumes on 4 to nearly the same result."""
+  workdir = str(tmp_path / "topology")
+  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=2)
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from checkpoint at step" in result.stderr
+  rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  ref_rows = helpers.read_jsonl(os.path.join(reference_run, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+  for row, ref in zip(rows, ref_rows):
+    assert row.keys() == ref.keys()
+    for key in row:
+      assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)

@@ -1,0 +1,213 @@
+"""End-to-end training on the tiny workload, in process, over 4 CPU devices."""
+
+import glob
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from tests import helpers
+from tests import tiny_workload
+from tuning_playbook import input_pipeline
+from tuning_playbook import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+class _CompileCounter(logging.Handler):
+
+  def __init__(self):
+    super().__init__()
+    self.names = []
+
+  def emit(self, record):
+    message = record.getMessage()
+    if message.startswith("Compiling jit("):
+      self.names.append(message[len("Compiling jit("):].split(")")[0])
+
+
+@pytest.fixture(scope="module")
+def completed_run(tmp_path_factory, data_dir):
+  """A finished run, with every compilation it made recorded."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = helpers.load_config(**{"data.data_dir": data_dir, "eval_batch_size": 24,
+                                  "model.dropout_rate": 0.0})
+  counter = _CompileCounter()
+  logger = logging.getLogger("jax._src.interpreters.pxla")
+  logger.addHandler(counter)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    summary = train.train_and_evaluate(config, workdir)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logger.removeHandler(counter)
+  return config, workdir, summary, counter.names
+
+
+def _restore_params(path):
+  restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+  return restored["params"]["Dense_0"]
+
+
+def _numpy_metrics(params, x, y):
+  logits = (x.astype(np.float64) @ np.asarray(params["kernel"], np.float64)
+            + np.asarray(params["bias"], np.float64))
+  logits = logits - logits.max(axis=1, keepdims=True)
+  log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  loss = -log_probs[np.arange(len(y)), y].mean()
+  correct = int((logits.argmax(axis=1) == y).sum())
+  return loss, correct
+
+
+def test_records_and_summary(completed_run):
+  config, workdir, summary, _ = completed_run
+  assert summary["status"] == "completed"
+  assert summary["final_step"] == config.max_train_steps
+  assert helpers.read_json(os.path.join(workdir, "summary.json")) == summary
+  rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps))
+  assert steps == list(range(5, 41, 5))
+  eval_rows = [r for r in rows if "eval/validation/error_rate" in r]
+  assert [r["step"] for r in eval_rows] == [10, 20, 30, 40]
+  for key in ("train/loss", "train/grad_norm", "train/learning_rate",
+              "train/clipped_fraction"):
+    assert all(key in r for r in rows)
+  best = min(eval_rows, key=lambda r: (r["eval/validation/error_rate"], r["step"]))
+  assert summary["best_step"] == best["step"]
+  assert summary["best_value"] == best["eval/validation/error_rate"]
+  assert summary["best_checkpoint"].endswith(f"checkpoints/{best['step']}")
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert helpers.read_json(os.path.join(workdir, "config.json"))["batch_size"] == 16
+  grad_rows = helpers.read_jsonl(os.path.join(workdir, "grad_norms.jsonl"))
+  assert [r["step"] for r in grad_rows] == list(range(1, 41))
+  first_window = np.mean([r["train/grad_norm"] for r in grad_rows[:5]])
+  assert rows[0]["train/grad_norm"] == pytest.approx(first_window, rel=1e-6)
+
+
+def test_one_compilation_for_train_and_one_for_eval(completed_run):
+  _, _, _, compiled = completed_run
+  # 61 validation, 61 train-subset and 47 test examples over batches of 24:
+  # padded remainders must reuse the same eval compilation.
+  assert compiled.count("train_step") == 1
+  assert compiled.count("eval_step") == 1
+
+
+def test_eval_metrics_equal_exact_full_split(completed_run, data_dir):
+  config, workdir, summary, _ = completed_run
+  rows = {r["step"]: r for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+  for step in (summary["best_step"], config.max_train_steps):
+    params = _restore_params(os.path.join(workdir, "checkpoints", str(step)))
+    builder = tiny_workload.dataset_builder(config)
+    train_order = [int(ex["index"]) for ex in tfds.as_numpy(
+        builder.as_dataset(split="train", shuffle_files=False).take(61))]
+    for name in ("validation", "test", "train"):
+      x, y = tiny_workload.make_split(name)
+      if name == "train":
+        x, y = x[train_order], y[train_order]
+      loss, correct = _numpy_metrics(params, x, y)
+      row = rows[step]
+      assert row[f"eval/{name}/num_examples"] == len(y)
+      assert row[f"eval/{name}/num_correct"] == correct
+      assert row[f"eval/{name}/error_rate"] == pytest.approx(1 - correct / len(y), abs=1e-12)
+      assert row[f"eval/{name}/loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_best_n_and_latest_checkpoints_kept(completed_run):
+  config, workdir, summary, _ = completed_run
+  rows = [r for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "eval/validation/error_rate" in r]
+  ranked = sorted(rows, key=lambda r: (r["eval/validation/error_rate"], -r["step"]))
+  best_steps = {r["step"] for r in ranked[:config.num_best_checkpoints]}
+  kept = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
+  assert summary["best_step"] in kept
+  assert config.max_train_steps in kept
+  assert kept == best_steps | {config.max_train_steps}
+
+
+def test_first_step_grad_norm_matches_numpy(data_dir, tmp_path):
+  config = helpers.load_config(**{
+      "data.data_dir": data_dir, "max_train_steps": 1, "eval_every_steps": 1,
+      "log_every_steps": 1, "model.dropout_rate": 0.0, "optimizer.warmup_steps": 0})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["status"] == "completed"
+  builder = tiny_workload.dataset_builder(config)
+  stream = input_pipeline.TrainStream(
+      builder, "train", lambda ex, train, seed: {"x": ex["x"], "y": ex["y"]},
+      seed=config.seed, local_batch_size=16, process_index=0, process_count=1,
+      shuffle_buffer=config.data.shuffle_buffer)
+  batch = next(stream.iterate(0))
+  # Initial parameters: re-create them exactly as training does.
+  from tuning_playbook import optimizers, train_step  # pylint: disable=g-import-not-at-top
+  model = tiny_workload.create_model(config)
+  tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
+  state = train_step.create_train_state(model, tx, np.zeros((1, 6), np.float32), config.seed)
+  w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+  x, y = batch["x"].astype(np.float64), batch["y"]
+  logits = x @ w + b
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  d = p.copy()
+  d[np.arange(16), y] -= 1
+  d /= 16
+  expected = np.sqrt(np.sum((x.T @ d) ** 2) + np.sum(d.sum(0) ** 2))
+  row = helpers.read_jsonl(str(tmp_path / "grad_norms.jsonl"))[0]
+  assert row["step"] == 1
+  assert row["train/grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("clip,fraction", [(1e-4, 1.0), (1e4, 0.0)])
+def test_gradient_clipping_fraction(data_dir, tmp_path, clip, fraction):
+  config = helpers.load_config(**{
+      "data.data_dir": data_dir, "max_train_steps": 10, "eval_every_steps": 10,
+      "grad_clip_norm": clip})
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = helpers.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["train/clipped_fraction"] for r in rows] == [fraction, fraction]
+  # The logged norm is the unclipped one.
+  assert all(r["train/grad_norm"] > 10 * clip for r in rows) == (fraction == 1.0)
+
+
+def test_clipping_bounds_the_update(data_dir, tmp_path):
+  config = helpers.load_config(**{
+      "data.data_dir": data_dir, "max_train_steps": 1, "eval_every_steps": 1,
+      "grad_clip_norm": 1e-3, "optimizer.name": "sgd", "optimizer.warmup_steps": 0,
+      "optimizer.schedule": "constant", "optimizer.learning_rate": 1.0,
+      "model.dropout_rate": 0.0})
+  train.train_and_evaluate(config, str(tmp_path))
+  from tuning_playbook import optimizers, train_step  # pylint: disable=g-import-not-at-top
+  model = tiny_workload.create_model(config)
+  tx = optimizers.create_optimizer(config.optimizer, 1)
+  init = train_step.create_train_state(model, tx, np.zeros((1, 6), np.float32), config.seed)
+  after = _restore_params(str(tmp_path / "checkpoints" / "1"))
+  delta = np.sqrt(sum(np.sum((np.asarray(after[k]) - np.asarray(init.params["Dense_0"][k])) ** 2)
+                      for k in ("kernel", "bias")))
+  assert delta == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_divergence_stops_early_with_status(data_dir, tmp_path):
+  config = helpers.load_config(**{
+      "data.data_dir": data_dir, "optimizer.name": "sgd",
+      "optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["status"] == "diverged"
+  assert summary["final_step"] < config.max_train_steps
+  assert "train/loss" in summary["reason"]
+  assert helpers.read_json(str(tmp_path / "summary.json"))["status"] == "diverged"
+
+
+def test_loss_bound_marks_divergence(data_dir, tmp_path):
+  config = helpers.load_config(**{
+      "data.data_dir": data_dir, "divergence_loss_threshold": 1e-3})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["status"] == "diverged"
+  assert summary["final_step"] == config.log_every_steps
+  assert "divergence_loss_threshold=0.001" in summary["reason"]

@@ -1,0 +1,105 @@
+"""A finding: one thing the analysis noticed about a study, in plain words.
+
+Every check module returns `Finding`s; findings.json holds them as
+
+  {"id": "near_boundary/optimizer.learning_rate/max", "kind": "near_boundary",
+   "severity": "warning", "message": "...what to do...", "details": {...}}
+
+The thresholds every check uses live in one `Thresholds` value, passed
+explicitly, so a test or a user can change one without touching the checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+INFO = "info"
+WARNING = "warning"
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+  id: str
+  kind: str
+  severity: str
+  message: str
+  details: dict[str, Any]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"id": self.id, "kind": self.kind, "severity": self.severity,
+            "message": self.message, "details": jsonable(self.details)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  """The numbers behind every finding (fractions are of the named whole)."""
+  # Best few trials whose curves and gradients are examined (per scientific value).
+  top_k: int = 3
+  # "Near a boundary": within this fraction of the range, on the dimension's scale.
+  boundary_margin: float = 0.1
+  # Infeasible fraction of finished trials that is a warning, not just a note.
+  infeasible_warning_fraction: float = 0.5
+  # Retrospective best step as a fraction of max_train_steps: every trial at or
+  # below `early` means max_train_steps is too high; at least `late_share` of
+  # trials (the best included) above `late` means train longer.
+  early_best_step_fraction: float = 0.1
+  late_best_step_fraction: float = 0.75
+  late_best_step_share: float = 0.75
+  # Curves (objective made lower-is-better; "improvement" = from the worst
+  # value before the best to the best). Step-to-step noise is the standard
+  # deviation of first differences over the last quarter / sqrt(2).
+  overfit_rise: float = 0.03  # Rise after the best, as a fraction of the improvement.
+  noise_multiple: float = 3.0  # ...and larger than this many noise deviations.
+  late_noise: float = 0.1  # Late noise relative to the late level of the curve.
+  still_improving: float = 0.05  # Improvement within the last 25% of training.
+  saturation_tolerance: float = 0.02  # "At its best" within this of the improvement.
+  saturation_fraction: float = 0.4  # ...reached by this fraction of training.
+  # Gradient clipping.
+  clip_percentile: float = 90.0
+  aggressive_clip_fraction: float = 0.5
+  gradient_outlier_factor: float = 10.0  # A spike: this many times the median norm.
+  # Sampling: the "good region" is within this fraction of the gap between the
+  # best and the median feasible trial; warn when a repeat study of the same
+  # budget would miss it with more than `miss_probability`.
+  good_region: float = 0.2
+  miss_probability: float = 0.05
+  bootstrap_samples: int = 2000
+
+
+def jsonable(value: Any) -> Any:
+  """Plain JSON values: numpy scalars to Python, NaN/Inf to None."""
+  if isinstance(value, dict):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return [jsonable(v) for v in value.tolist()]
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, (np.floating, float)):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  if isinstance(value, np.bool_):
+    return bool(value)
+  return value
+
+
+def fmt(value: Any) -> str:
+  """A number in a message: 3 significant digits."""
+  if isinstance(value, (float, np.floating)):
+    return f"{float(value):.3g}"
+  return str(value)
+
+
+def percent(fraction: float) -> str:
+  return f"{100 * fraction:.0f}%"
+
+
+def trial_list(ids, limit: int = 6) -> str:
+  ids = list(ids)
+  shown = ", ".join(ids[:limit])
+  return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")

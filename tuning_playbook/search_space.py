@@ -1,0 +1,436 @@
+"""Search spaces: what a study varies, on which scale, and in what role.
+
+A config file defines its study with `get_search_space()`, returning a dict
+(or ConfigDict) like:
+
+  {
+      "name": "nesterov_vs_adam",
+      "description": "Which optimizer reaches the lower validation error?",
+      "algorithm": "quasi_random",        # | "pseudo_random" | "grid"
+      "scientific_mode": "separate",      # one study per value | "joint"
+      "scientific": {"optimizer.name": {
+          "values": ["nesterov", "adam"],
+          "conditional": {
+              "nesterov": {"optimizer.learning_rate": {
+                              "scale": "log", "min": 1e-3, "max": 1.0},
+                           "optimizer.momentum": {
+                              "scale": "reverse_log", "min": 0.5, "max": 0.999}},
+              "adam": {"optimizer.learning_rate": {
+                          "scale": "log", "min": 1e-5, "max": 1e-2},
+                       "optimizer.beta1": {
+                          "scale": "reverse_log", "min": 0.5, "max": 0.99}}}}},
+      "nuisance": {"optimizer.weight_decay": {
+          "scale": "log", "min": 1e-6, "max": 1e-2}},
+      "fixed": {"optimizer.schedule": "cosine"},
+  }
+
+Keys are dotted config paths (nested sections work too). Scales: `linear`,
+`log`, `reverse_log` (log-uniform 1 - x, for momentum-like values near 1),
+`int_linear`, `int_log` (integers, bounds inclusive), or `values` for a
+categorical. A categorical whose values are dicts sets several keys at once.
+`conditional` maps a categorical value to parameters that exist only for it;
+each is its own dimension, so a same-named parameter under two values is two
+distinct hyperparameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from tuning_playbook import halton
+
+NUMERIC_SCALES = ("linear", "log", "reverse_log", "int_linear", "int_log")
+ALGORITHMS = ("quasi_random", "pseudo_random", "grid")
+SCIENTIFIC_MODES = ("separate", "joint")
+ROLES = ("scientific", "nuisance")
+_TOP_LEVEL_KEYS = ("name", "description", "algorithm", "scientific_mode",
+                   "scientific", "nuisance", "fixed")
+_PARAM_KEYS = ("scale", "min", "max", "values", "conditional", "grid_points")
+MAX_GRID_DIMS = 2
+# Point i of the study is point i + SKIP of the scrambled Halton sequence.
+# The scramble permutes every digit, trailing zeros included, so point 0 is
+# an ordinary random point; with no skip, the first b**k trials are exactly
+# stratified in each coordinate of base b.
+SKIP = 0
+SAMPLER_VERSION = 1
+
+
+class SearchSpaceError(ValueError):
+  """A search space that cannot define a study; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+  """One searched hyperparameter: one coordinate of the sequence."""
+  name: str  # Unique: "optimizer.beta1[optimizer.name=adam]" when conditional.
+  param: str  # Config path, or a label when the values are dicts of overrides.
+  role: str
+  scale: str  # One of NUMERIC_SCALES or "categorical".
+  min: float | int | None = None
+  max: float | int | None = None
+  values: tuple[Any, ...] | None = None
+  condition: tuple[tuple[str, Any], ...] = ()  # (parent dimension, value).
+  grid_points: int | None = None
+
+  def value(self, u: float) -> Any:
+    """Maps u in [0, 1) to a value of this dimension on its scale."""
+    if self.scale == "categorical":
+      return self.values[min(int(u * len(self.values)), len(self.values) - 1)]
+    lo, hi = self.min, self.max
+    if self.scale == "linear":
+      x = lo + u * (hi - lo)
+    elif self.scale == "log":
+      x = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    elif self.scale == "reverse_log":
+      q_lo, q_hi = math.log(1 - lo), math.log(1 - hi)
+      x = 1 - math.exp(q_lo + u * (q_hi - q_lo))
+    elif self.scale == "int_linear":
+      return lo + min(int(u * (hi - lo + 1)), hi - lo)
+    else:  # int_log: log-uniform on [lo, hi + 1), floored.
+      x = math.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo)))
+      return max(lo, min(int(math.floor(x)), hi))
+    return float(min(max(x, lo), hi))
+
+  def overrides(self, value: Any) -> dict[str, Any]:
+    """The config overrides that `value` of this dimension stands for."""
+    return dict(value) if isinstance(value, Mapping) else {self.param: value}
+
+  def to_json(self) -> dict[str, Any]:
+    out = {"role": self.role}
+    if self.scale == "categorical":
+      out["values"] = list(self.values)
+    else:
+      out.update(scale=self.scale, min=self.min, max=self.max)
+    if self.grid_points is not None:
+      out["grid_points"] = self.grid_points
+    if self.condition or self.param != self.name:
+      out["param"] = self.param
+    if self.condition:
+      out["condition"] = {parent: value for parent, value in self.condition}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """A parsed search space; `sample` turns trial indices into params.
+
+    space = search_space.parse({"nuisance": {
+        "optimizer.learning_rate": {"scale": "log", "min": 1e-3, "max": 1}}})
+    space.sample(range(4), seed=0)  # [{"optimizer.learning_rate": ...}, ...]
+  """
+  dimensions: tuple[Dimension, ...]
+  fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Scientific values held constant by this study (one study per value).
+  scientific: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  algorithm: str = "quasi_random"
+  scientific_mode: str = "separate"
+  name: str = ""
+  description: str = ""
+
+  def to_json(self) -> dict[str, Any]:
+    return {d.name: d.to_json() for d in self.dimensions}
+
+  def config_keys(self) -> list[str]:
+    """Every config path a trial of this space may set."""
+    keys = list(self.fixed) + list(self.scientific)
+    for dim in self.dimensions:
+      if dim.scale == "categorical" and any(
+          isinstance(v, Mapping) for v in dim.values):
+        keys.extend(k for v in dim.values for k in v)
+      else:
+        keys.append(dim.param)
+    return list(dict.fromkeys(keys))
+
+  def grid_size(self) -> int:
+    return math.prod(len(_grid_axis(d)) for d in self.dimensions)
+
+  def sample(self, indices: Sequence[int], seed: int) -> list[dict[str, Any]]:
+    """Params of trials `indices`; trial i depends only on (seed, i, space)."""
+    indices = list(indices)
+    dims = self.dimensions
+    if self.algorithm == "quasi_random":
+      units = halton.scrambled_halton([i + SKIP for i in indices], len(dims),
+                                      seed)
+    elif self.algorithm == "pseudo_random":
+      units = halton.pseudo_random(indices, len(dims), seed)
+    else:
+      units = self._grid_units(indices)
+    trials = []
+    for row in units:
+      chosen, params = {}, dict(self.scientific)
+      for dim, u in zip(dims, row):
+        if all(chosen.get(p, _INACTIVE) == v for p, v in dim.condition):
+          chosen[dim.name] = dim.value(float(u))
+          params.update(dim.overrides(chosen[dim.name]))
+      trials.append(params)
+    return trials
+
+  def _grid_units(self, indices: Sequence[int]) -> np.ndarray:
+    axes = [_grid_axis(d) for d in self.dimensions]
+    size = math.prod(len(a) for a in axes)
+    out = np.zeros((len(indices), len(axes)))
+    for row, index in enumerate(indices):
+      if index >= size:
+        raise SearchSpaceError(
+            f"the grid has {size} points; trial {index} does not exist "
+            "(ask for at most that many trials)")
+      for col in reversed(range(len(axes))):
+        index, position = divmod(index, len(axes[col]))
+        out[row, col] = axes[col][position]
+    return out
+
+
+_INACTIVE = object()
+
+
+def _grid_axis(dim: Dimension) -> list[float]:
+  """Unit coordinates of a grid axis: one per value, or evenly spaced."""
+  if dim.scale == "categorical":
+    k = len(dim.values)
+    return [(j + 0.5) / k for j in range(k)]
+  g = dim.grid_points
+  # The top of the range maps to just below 1, which every scale sends to max.
+  return [min(j / (g - 1), 1 - 2 ** -53) for j in range(g)]
+
+
+def _is_param_spec(value: Any) -> bool:
+  return isinstance(value, Mapping) and ("scale" in value or "values" in value)
+
+
+def _flatten(mapping: Mapping[str, Any], what: str, prefix: str = "",
+             leaf=_is_param_spec) -> dict[str, Any]:
+  """Dotted paths to leaves, accepting nested sections and dotted keys."""
+  out = {}
+  for key, value in mapping.items():
+    path = f"{prefix}{key}"
+    if not isinstance(key, str) or not key:
+      raise SearchSpaceError(f"{what}: key {key!r} is not a config path")
+    if leaf(value):
+      out[path] = value
+    elif isinstance(value, Mapping):
+      out.update(_flatten(value, what, f"{path}.", leaf))
+    else:
+      raise SearchSpaceError(
+          f"{what}.{path}: expected a parameter with 'scale' or 'values', "
+          f"got {value!r}")
+  return out
+
+
+def _to_plain(value: Any) -> Any:
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  return value
+
+
+def _numeric_bounds(path: str, scale: str, spec: Mapping[str, Any]):
+  if "min" not in spec or "max" not in spec:
+    raise SearchSpaceError(f"{path}: scale {scale!r} needs 'min' and 'max'")
+  lo, hi = spec["min"], spec["max"]
+  for bound, x in (("min", lo), ("max", hi)):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+      raise SearchSpaceError(f"{path}.{bound}={x!r}: must be a finite number")
+  if not lo < hi:
+    raise SearchSpaceError(
+        f"{path}: min={lo!r} must be < max={hi!r} (list a single value under "
+        "'fixed' instead)")
+  if scale.startswith("int_"):
+    if not (float(lo).is_integer() and float(hi).is_integer()):
+      raise SearchSpaceError(f"{path}: scale {scale!r} needs integer bounds")
+    lo, hi = int(lo), int(hi)
+  if scale in ("log",) and lo <= 0:
+    raise SearchSpaceError(f"{path}: scale 'log' needs min > 0, got {lo!r}")
+  if scale == "int_log" and lo < 1:
+    raise SearchSpaceError(f"{path}: scale 'int_log' needs min >= 1, got {lo!r}")
+  if scale == "reverse_log" and hi >= 1:
+    raise SearchSpaceError(
+        f"{path}: scale 'reverse_log' samples 1 - x log-uniformly and needs "
+        f"max < 1, got {hi!r}")
+  if scale == "linear":
+    lo, hi = float(lo), float(hi)
+  return lo, hi
+
+
+def _parse_param(path: str, spec: Mapping[str, Any], role: str,
+                 condition: tuple[tuple[str, Any], ...]) -> list[Dimension]:
+  """One parameter and, depth first, its conditional children."""
+  unknown = sorted(set(spec) - set(_PARAM_KEYS))
+  if unknown:
+    raise SearchSpaceError(
+        f"{path}: unknown field(s) {', '.join(unknown)}; allowed: "
+        f"{', '.join(_PARAM_KEYS)}")
+  name = _dimension_name(path, condition)
+  grid_points = spec.get("grid_points")
+  if grid_points is not None and (not isinstance(grid_points, int)
+                                  or grid_points < 2):
+    raise SearchSpaceError(f"{path}.grid_points={grid_points!r}: must be >= 2")
+  if "values" in spec:
+    values = tuple(_to_plain(v) for v in spec["values"])
+    if spec.get("scale", "categorical") != "categorical" or not values:
+      raise SearchSpaceError(
+          f"{path}: 'values' needs a non-empty list and no numeric scale")
+    if len(set(map(repr, values))) != len(values):
+      raise SearchSpaceError(f"{path}: repeated values in {list(values)}")
+    if any(isinstance(v, Mapping) for v in values):
+      if not all(isinstance(v, Mapping) and v for v in values):
+        raise SearchSpaceError(
+            f"{path}: values must be all dicts of overrides or all plain")
+      values = tuple(_flatten_overrides(v) for v in values)
+    dim = Dimension(name, path, role, "categorical", values=values,
+                    condition=condition, grid_points=grid_points)
+  else:
+    scale = spec["scale"]
+    if scale not in NUMERIC_SCALES:
+      raise SearchSpaceError(
+          f"{path}.scale={scale!r}: allowed: {', '.join(NUMERIC_SCALES)} "
+          "(or 'values' for a categorical)")
+    lo, hi = _numeric_bounds(path, scale, spec)
+    dim = Dimension(name, path, role, scale, lo, hi, condition=condition,
+                    grid_points=grid_points)
+  dims = [dim]
+  conditional = _to_plain(spec.get("conditional") or {})
+  if conditional and dim.scale != "categorical":
+    raise SearchSpaceError(f"{path}: only a categorical can have 'conditional'")
+  for value, children in conditional.items():
+    if value not in dim.values:
+      raise SearchSpaceError(
+          f"{path}.conditional: {value!r} is not one of {list(dim.values)}")
+    for child, child_spec in _flatten(children, f"{path}.conditional").items():
+      dims.extend(_parse_param(child, child_spec, "nuisance",
+                               condition + ((dim.name, value),)))
+  return dims
+
+
+def _dimension_name(param: str, condition: tuple[tuple[str, Any], ...]) -> str:
+  """`param`, or `param[parent=value,...]` naming the conditions it needs."""
+  if not condition:
+    return param
+  label = ",".join(f"{parent.split('[')[0]}={value}" for parent, value in condition)
+  return f"{param}[{label}]"
+
+
+def _flatten_overrides(mapping: Mapping[str, Any]) -> dict[str, Any]:
+  """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}."""
+  out = {}
+  for key, value in mapping.items():
+    value = _to_plain(value)
+    if isinstance(value, Mapping):
+      out.update({f"{key}.{k}": v for k, v in _flatten_overrides(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _check_conflicts(space: SearchSpace) -> None:
+  """Two dimensions may set one config path only under exclusive conditions."""
+  for a, b in itertools.combinations(space.dimensions, 2):
+    if a.param != b.param:
+      continue
+    cond_a, cond_b = dict(a.condition), dict(b.condition)
+    if not any(p in cond_b and cond_b[p] != v for p, v in cond_a.items()):
+      raise SearchSpaceError(
+          f"{a.param} is searched twice ({a.name} and {b.name}) in trials "
+          "where both are active")
+  searched = {d.param for d in space.dimensions}
+  for key in set(space.fixed) & searched:
+    raise SearchSpaceError(f"{key} is both fixed and searched")
+
+
+def parse(spec: Mapping[str, Any]) -> SearchSpace:
+  """Checks a `get_search_space()` result and returns its SearchSpace."""
+  spec = _to_plain(spec)
+  if not isinstance(spec, Mapping):
+    raise SearchSpaceError(f"a search space is a dict, got {type(spec).__name__}")
+  unknown = sorted(set(spec) - set(_TOP_LEVEL_KEYS))
+  if unknown:
+    raise SearchSpaceError(
+        f"unknown search space key(s) {', '.join(unknown)}; allowed: "
+        f"{', '.join(_TOP_LEVEL_KEYS)}")
+  algorithm = spec.get("algorithm", "quasi_random")
+  if algorithm not in ALGORITHMS:
+    raise SearchSpaceError(
+        f"algorithm={algorithm!r}: allowed: {', '.join(ALGORITHMS)}")
+  mode = spec.get("scientific_mode", "separate")
+  if mode not in SCIENTIFIC_MODES:
+    raise SearchSpaceError(
+        f"scientific_mode={mode!r}: allowed: {', '.join(SCIENTIFIC_MODES)}")
+  scientific = _flatten(_to_plain(spec.get("scientific") or {}), "scientific")
+  nuisance = _flatten(_to_plain(spec.get("nuisance") or {}), "nuisance")
+  fixed = _flatten_overrides(_to_plain(spec.get("fixed") or {}))
+  for key in set(scientific) & set(nuisance):
+    raise SearchSpaceError(f"{key} is both scientific and nuisance")
+  dims = []
+  for role, params in (("scientific", scientific), ("nuisance", nuisance)):
+    for path, param_spec in params.items():
+      dims.extend(_parse_param(path, param_spec, role, ()))
+  space = SearchSpace(tuple(dims), fixed, {}, algorithm, mode,
+                      str(spec.get("name", "")), str(spec.get("description", "")))
+  _check_conflicts(space)
+  if len({d.name for d in dims}) != len(dims):
+    raise SearchSpaceError("a parameter is defined twice under one condition")
+  if algorithm == "grid":
+    _check_grid(space)
+  if mode == "separate":
+    for dim in dims:
+      if dim.role == "scientific" and dim.scale != "categorical":
+        raise SearchSpaceError(
+            f"{dim.name}: one study per scientific value needs 'values'; "
+            "use scientific_mode='joint' to search a range")
+  return space
+
+
+def _check_grid(space: SearchSpace) -> None:
+  if len(space.dimensions) > MAX_GRID_DIMS:
+    raise SearchSpaceError(
+        f"grid search over {len(space.dimensions)} dimensions: grids are "
+        f"only efficient in 1-{MAX_GRID_DIMS} dimensions (Bergstra & Bengio "
+        "2012); use algorithm='quasi_random'")
+  for dim in space.dimensions:
+    if dim.condition:
+      raise SearchSpaceError(f"{dim.name}: grid search has no conditionals")
+    if dim.scale != "categorical" and dim.grid_points is None:
+      raise SearchSpaceError(f"{dim.name}: grid search needs 'grid_points'")
+
+
+def split_scientific(space: SearchSpace) -> list[tuple[str, SearchSpace]]:
+  """One (slug, space) per study: per scientific value, or the whole space.
+
+  In "separate" mode each combination of scientific values becomes its own
+  study whose nuisance dimensions are the general ones plus the conditional
+  children of the chosen values. In "joint" mode the space is one study whose
+  scientific dimensions come first, where the sequence is most even.
+  """
+  top = [d for d in space.dimensions if d.role == "scientific"]
+  if space.scientific_mode == "joint" or not top:
+    order = sorted(space.dimensions, key=lambda d: d.role != "scientific")
+    return [("", dataclasses.replace(space, dimensions=tuple(order)))]
+  studies = []
+  for combo in itertools.product(*(d.values for d in top)):
+    chosen = {d.name: v for d, v in zip(top, combo)}
+    renamed, dims = {}, []
+    for dim in space.dimensions:  # Parents come before their children.
+      if dim.role == "scientific" or any(
+          p in chosen and chosen[p] != v for p, v in dim.condition):
+        continue
+      kept = tuple((renamed[p], v) for p, v in dim.condition if p not in chosen)
+      renamed[dim.name] = _dimension_name(dim.param, kept)
+      dims.append(dataclasses.replace(dim, name=renamed[dim.name],
+                                      condition=kept))
+    scientific = {}
+    for dim, value in zip(top, combo):
+      scientific.update(dim.overrides(value))
+    slug = ",".join(f"{d.param}={_slug_value(v)}" for d, v in zip(top, combo))
+    studies.append((slug, dataclasses.replace(
+        space, dimensions=tuple(dims), scientific=scientific,
+        name=f"{space.name}/{slug}" if space.name else slug)))
+  return studies
+
+
+def _slug_value(value: Any) -> str:
+  text = (",".join(f"{k}={v}" for k, v in value.items())
+          if isinstance(value, Mapping) else str(value))
+  return "".join(c if c.isalnum() or c in "._-=," else "_" for c in text)

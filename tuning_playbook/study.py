@@ -1,0 +1,307 @@
+"""A study on disk: `study.json`, one config per trial, one command per trial.
+
+  studies = study.plan_studies(config_path="configs/mnist1d_cnn.py",
+                               config=config, spec=get_search_space(),
+                               study_dir="runs/lr", num_trials=64, seed=0)
+  study.write_studies(studies, config)
+  studies[0].command(studies[0].trials[0])
+  # ['python', '-m', 'tuning_playbook.main', '--config=configs/mnist1d_cnn.py',
+  #  '--workdir=runs/lr/trials/0000', '--config.optimizer.learning_rate=...']
+
+A study directory only grows: planning into an existing one must use the same
+seed, search space, config and overrides (the error names what differs); a
+larger `num_trials` appends trials and leaves the earlier ones untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shlex
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from tuning_playbook import config_schema
+from tuning_playbook import search_space as search_space_lib
+
+STUDY_FILE = "study.json"
+TRIALS_DIR = "trials"
+TRIAL_CONFIG_FILE = "config.json"
+DEFAULT_TRAINER = "tuning_playbook.main"
+# The fields of study.json that decide what every trial is; a study directory
+# refuses to be planned again with any of them changed.
+IDENTITY_FIELDS = ("config", "config_overrides", "seed", "sampler",
+                   "scientific", "fixed", "search_space", "base_config")
+
+
+class StudyError(ValueError):
+  """A study that cannot be planned or written; the message says why."""
+
+
+def trial_id(index: int) -> str:
+  return f"{index:04d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  trial_id: str
+  params: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """Everything needed to run, record and reproduce one study."""
+  study_dir: str
+  name: str
+  description: str
+  config_path: str
+  config_overrides: Mapping[str, Any]
+  seed: int
+  sampler: Mapping[str, Any]
+  scientific: Mapping[str, Any]
+  fixed: Mapping[str, Any]
+  search_space: Mapping[str, Any]
+  base_config: Mapping[str, Any]
+  trials: tuple[Trial, ...]
+  trainer_module: str = DEFAULT_TRAINER
+
+  def trial_dir(self, trial: Trial) -> str:
+    return os.path.join(self.study_dir, TRIALS_DIR, trial.trial_id)
+
+  def overrides(self, trial: Trial) -> dict[str, Any]:
+    """Config overrides of a trial: the sweep's, fixed, then searched."""
+    return {**self.config_overrides, **self.fixed, **trial.params}
+
+  def command(self, trial: Trial, python: str = "python") -> list[str]:
+    """The trainer command line of `trial` (run from the sweep's directory)."""
+    return [python, "-m", self.trainer_module, f"--config={self.config_path}",
+            f"--workdir={self.trial_dir(trial)}"] + [
+                f"--config.{k}={format_override(v)}"
+                for k, v in self.overrides(trial).items()]
+
+  def command_line(self, trial: Trial) -> str:
+    return shlex.join(self.command(trial))
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "name": self.name,
+        "description": self.description,
+        "config": self.config_path,
+        "config_overrides": dict(self.config_overrides),
+        "seed": self.seed,
+        "sampler": dict(self.sampler),
+        "scientific": dict(self.scientific),
+        "fixed": dict(self.fixed),
+        "search_space": dict(self.search_space),
+        "base_config": dict(self.base_config),
+        "trainer_module": self.trainer_module,
+        "num_trials": len(self.trials),
+        "trials": [{"trial_id": t.trial_id, "params": dict(t.params)}
+                   for t in self.trials],
+    }
+
+
+def format_override(value: Any) -> str:
+  """A value as `--config.key=<text>` must spell it for config_flags."""
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, str):
+    return value
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, (list, tuple)):
+    return repr(tuple(value))
+  return str(value)
+
+
+def _plain(obj: Any) -> Any:
+  """The JSON form of obj, so that values compare as they are stored."""
+  return json.loads(json.dumps(obj, default=str))
+
+
+def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+  def visit(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, (ml_collections.ConfigDict, dict)):
+        visit(value, f"{prefix}{key}.")
+      else:
+        out[f"{prefix}{key}"] = value
+  visit(config, "")
+  return _plain(out)
+
+
+def check_config_keys(keys: Sequence[str],
+                      config: ml_collections.ConfigDict) -> None:
+  """Raises StudyError naming the first key that is not a config field."""
+  for key in keys:
+    node = config
+    for i, part in enumerate(key.split(".")):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        raise StudyError(
+            f"search space key {key!r}: the config has no field "
+            f"config.{key} (no {'.'.join(key.split('.')[:i + 1])!r})")
+      node = node[part]
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+      raise StudyError(f"search space key {key!r} is a config section, "
+                       "not a field")
+
+
+def resolve_trial_config(config: ml_collections.ConfigDict,
+                         overrides: Mapping[str, Any],
+                         what: str = "trial") -> ml_collections.ConfigDict:
+  """The config with `overrides` applied and checked by config_schema."""
+  resolved = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = resolved
+    for part in parents:
+      node = node[part]
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError, KeyError) as e:
+      raise StudyError(f"{what}: cannot set config.{key}={value!r}: {e}") from e
+  try:
+    config_schema.validate(resolved)
+  except config_schema.ConfigError as e:
+    raise StudyError(f"{what}: {e}") from e
+  return resolved
+
+
+def read_study_json(study_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(study_dir, STUDY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Human-readable list of the identity fields that differ."""
+  diffs = []
+  for field in IDENTITY_FIELDS:
+    a, b = _plain(old.get(field)), _plain(new.get(field))
+    if isinstance(a, dict) and isinstance(b, dict):
+      keys = [k for k in dict.fromkeys(list(a) + list(b)) if a.get(k) != b.get(k)]
+      if keys:
+        diffs.extend(f"{field}.{k}: {a.get(k, '<absent>')!r} -> "
+                     f"{b.get(k, '<absent>')!r}" for k in keys)
+      elif field == "search_space" and list(a) != list(b):
+        diffs.append(f"search_space order: {list(a)} -> {list(b)}")
+    elif a != b:
+      diffs.append(f"{field}: {a!r} -> {b!r}")
+  return diffs
+
+
+def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
+                 spec: Mapping[str, Any], study_dir: str,
+                 num_trials: int | None, seed: int,
+                 config_overrides: Mapping[str, Any] | None = None,
+                 trainer_module: str = DEFAULT_TRAINER) -> list[Study]:
+  """Expands a search space into its studies (one per scientific value when
+  the space says so); nothing is written.
+
+  `config` is the config with `config_overrides` (the sweep's own
+  `--config.*` flags) already applied; they are passed on to every trial.
+  """
+  space = search_space_lib.parse(spec)
+  overrides = dict(config_overrides or {})
+  check_config_keys(space.config_keys(), config)
+  for key in space.config_keys():
+    if key in overrides:
+      raise StudyError(f"--config.{key} is set by the search space; drop the "
+                       "override or the search space entry")
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise StudyError(f"seed={seed!r}: must be an integer >= 0")
+  stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  base = flatten_config(config)
+  studies = []
+  for slug, sub in search_space_lib.split_scientific(space):
+    directory = os.path.join(study_dir, slug) if slug else study_dir
+    wanted = num_trials
+    if wanted is None:
+      if sub.algorithm != "grid":
+        raise StudyError("num_trials is required (only a grid has a natural "
+                         "number of trials)")
+      wanted = sub.grid_size()
+    if wanted < 1:
+      raise StudyError(f"num_trials={wanted}: must be >= 1")
+    record = {
+        "config": config_path, "config_overrides": overrides, "seed": seed,
+        "sampler": {"algorithm": sub.algorithm, "skip": search_space_lib.SKIP,
+                    "version": search_space_lib.SAMPLER_VERSION},
+        "scientific": dict(sub.scientific), "fixed": dict(sub.fixed),
+        "search_space": sub.to_json(), "base_config": base}
+    existing = read_study_json(directory)
+    kept = []
+    if existing is not None:
+      diffs = _differences(existing, record)
+      if diffs:
+        raise StudyError(
+            f"{directory} already holds a study with a different definition; "
+            "choose a new --study_dir to keep the earlier results. "
+            "Differences: " + "; ".join(diffs))
+      kept = [Trial(t["trial_id"], t["params"]) for t in existing["trials"]]
+    new_indices = range(len(kept), max(wanted, len(kept)))
+    new = [Trial(trial_id(i), p)
+           for i, p in zip(new_indices, sub.sample(new_indices, seed))]
+    name = sub.name or (f"{stem}/{slug}" if slug else stem)
+    studies.append(Study(
+        study_dir=directory, name=name, description=sub.description,
+        config_path=config_path, config_overrides=overrides, seed=seed,
+        sampler=record["sampler"], scientific=record["scientific"],
+        fixed=record["fixed"], search_space=record["search_space"],
+        base_config=base, trials=tuple(kept + new),
+        trainer_module=trainer_module))
+  return studies
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def write_studies(studies: Sequence[Study],
+                  config: ml_collections.ConfigDict) -> None:
+  """Checks every trial's config, then writes study.json and trial configs.
+
+  Nothing is written unless every trial of every study resolves to a valid
+  config. Existing trial configs are left as they are.
+  """
+  resolved = {}
+  for s in studies:
+    for t in s.trials:
+      cfg = resolve_trial_config(config, {**s.fixed, **t.params},
+                                 what=f"trial {s.trial_dir(t)}")
+      resolved[s.trial_dir(t)] = cfg
+  for s in studies:
+    os.makedirs(os.path.join(s.study_dir, TRIALS_DIR), exist_ok=True)
+    _write_json(os.path.join(s.study_dir, STUDY_FILE), s.to_json())
+    for t in s.trials:
+      directory = s.trial_dir(t)
+      path = os.path.join(directory, TRIAL_CONFIG_FILE)
+      if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        _write_json(path, resolved[directory].to_dict())
+
+
+def load_study(study_dir: str, trainer_module: str = DEFAULT_TRAINER) -> Study:
+  """The Study recorded in `study_dir/study.json`."""
+  record = read_study_json(study_dir)
+  if record is None:
+    raise StudyError(f"no {STUDY_FILE} in {study_dir}")
+  return Study(
+      study_dir=study_dir, name=record["name"],
+      description=record["description"], config_path=record["config"],
+      config_overrides=record["config_overrides"], seed=record["seed"],
+      sampler=record["sampler"], scientific=record["scientific"],
+      fixed=record["fixed"], search_space=record["search_space"],
+      base_config=record["base_config"],
+      trials=tuple(Trial(t["trial_id"], t["params"]) for t in record["trials"]),
+      trainer_module=trainer_module)

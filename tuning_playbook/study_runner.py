@@ -1,0 +1,189 @@
+"""Runs the trials of studies as local subprocesses, K at a time.
+
+  jobs = [TrialJob(study.trial_dir(t), study.command(t, sys.executable))
+          for t in study.trials]
+  run_trials(jobs, parallel=2, on_finish=lambda job: ...)
+
+Each trial runs in its own process with its output appended to
+`<trial_dir>/log.txt`. Finished trials (completed, diverged, failed) are
+skipped, so relaunching resumes a study: an interrupted trial is simply run
+again and the trainer resumes it from its latest checkpoint.
+
+Safety when a sweep is killed: on Linux every trial process is told to
+receive SIGTERM when the sweep dies, and each trial holds an exclusive lock
+on `<trial_dir>/.lock` for as long as its process lives, so a relaunched
+sweep waits for a trial that is still shutting down (or that another sweep is
+running) instead of starting a second copy of it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import datetime
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+from tuning_playbook import tracking
+
+_PR_SET_PDEATHSIG = 1
+_TERMINATE_GRACE_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialJob:
+  """One trial to run: where it lives and the command that runs it."""
+  trial_dir: str
+  argv: Sequence[str]
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _write_runner_file(trial_dir: str, **fields) -> None:
+  path = os.path.join(trial_dir, tracking.RUNNER_FILE)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(fields, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+  """A preexec_fn asking Linux to SIGTERM the child when the sweep dies."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+  except OSError:
+    return None
+  parent = os.getpid()
+
+  def preexec():
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # The sweep died before prctl took effect.
+      os._exit(1)
+  return preexec
+
+
+def _try_lock(trial_dir: str) -> int | None:
+  """An fd holding the trial's exclusive lock, or None if someone holds it."""
+  os.makedirs(trial_dir, exist_ok=True)
+  fd = os.open(os.path.join(trial_dir, tracking.LOCK_FILE),
+               os.O_CREAT | os.O_RDWR, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+  except OSError:
+    os.close(fd)
+    return None
+
+
+@dataclasses.dataclass
+class _Running:
+  job: TrialJob
+  process: subprocess.Popen
+  lock_fd: int
+  started: str
+
+
+def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
+  status = tracking.trial_record(trial_dir, check_lock=False)["status"]
+  return not (status in ("completed", "diverged")
+              or (status == "failed" and not retry_failed))
+
+
+def _launch(job: TrialJob, lock_fd: int, cwd: str | None,
+            env: dict[str, str] | None) -> _Running:
+  started = _now()
+  with open(os.path.join(job.trial_dir, tracking.LOG_FILE), "ab") as log:
+    log.write(f"=== {started} launch: {' '.join(job.argv)}\n".encode())
+    log.flush()
+    process = subprocess.Popen(
+        list(job.argv), stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, cwd=cwd, env=env, pass_fds=(lock_fd,),
+        preexec_fn=_die_with_parent_fn())
+  _write_runner_file(job.trial_dir, status="running", pid=process.pid,
+                     started=started, command=list(job.argv))
+  return _Running(job, process, lock_fd, started)
+
+
+def _finish(run: _Running) -> None:
+  _write_runner_file(run.job.trial_dir, status="exited",
+                     returncode=run.process.returncode, started=run.started,
+                     finished=_now(), command=list(run.job.argv))
+  os.close(run.lock_fd)
+
+
+def _stop_all(running: list[_Running]) -> None:
+  for run in running:
+    if run.process.poll() is None:
+      run.process.terminate()
+  deadline = time.monotonic() + _TERMINATE_GRACE_SECONDS
+  for run in running:
+    try:
+      run.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      run.process.kill()
+      run.process.wait()
+    _write_runner_file(run.job.trial_dir, status="interrupted",
+                       returncode=run.process.returncode, started=run.started,
+                       finished=_now(), command=list(run.job.argv))
+    os.close(run.lock_fd)
+
+
+def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
+               retry_failed: bool = False,
+               on_finish: Callable[[TrialJob], None] | None = None,
+               cwd: str | None = None, env: dict[str, str] | None = None,
+               poll_seconds: float = 0.2) -> int:
+  """Runs the unfinished `jobs`, at most `parallel` at once; returns how many
+  were launched. A failing trial never stops the others.
+
+  Interrupting the call (KeyboardInterrupt, SystemExit) terminates the running
+  trials, marks them interrupted, and re-raises.
+  """
+  if parallel < 1:
+    raise ValueError(f"parallel={parallel}: must be >= 1")
+  pending = collections.deque(
+      j for j in jobs if _needs_run(j.trial_dir, retry_failed))
+  running: list[_Running] = []
+  launched = 0
+  try:
+    while pending or running:
+      blocked = 0
+      while pending and len(running) < parallel and blocked < len(pending):
+        job = pending.popleft()
+        lock_fd = _try_lock(job.trial_dir)
+        if lock_fd is None:  # Still shutting down, or run by another sweep.
+          pending.append(job)
+          blocked += 1
+          continue
+        if not _needs_run(job.trial_dir, retry_failed):
+          os.close(lock_fd)  # Finished by whoever held the lock.
+          continue
+        logging.info("Launching trial %s", job.trial_dir)
+        running.append(_launch(job, lock_fd, cwd, env))
+        launched += 1
+      time.sleep(poll_seconds)
+      for run in list(running):
+        if run.process.poll() is not None:
+          running.remove(run)
+          _finish(run)
+          record = tracking.trial_record(run.job.trial_dir)
+          logging.info("Trial %s: %s%s", run.job.trial_dir, record["status"],
+                       f" ({record['reason']})" if record["reason"] else "")
+          if on_finish is not None:
+            on_finish(run.job)
+  except BaseException:
+    _stop_all(running)
+    raise
+  return launched

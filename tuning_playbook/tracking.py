@@ -1,0 +1,241 @@
+"""Experiment tracking: a trial's status, `results.csv`, and the study table.
+
+The playbook's spreadsheet, as two CSV files:
+
+  D/results.csv        one row per trial: trial_id, status, reason, the
+                       searched params, best step and metric, final step and
+                       the command that reproduces it.
+  <tracking table>     one row per study: name, directory, config path,
+                       description, number of trials, the best validation
+                       value over its trials, and the sweep command.
+
+  records = tracking.write_results(study)
+  tracking.update_tracking_table("runs/studies.csv",
+                                 tracking.study_row(study, records, command))
+
+Statuses: pending (never started), running (a process holds the trial's
+lock), interrupted (started, no summary: relaunching resumes it), completed,
+and the infeasible ones, diverged and failed, each with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import fcntl
+import json
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+from tuning_playbook import study as study_lib
+
+SUMMARY_FILE = "summary.json"
+RUNNER_FILE = "runner.json"
+LOCK_FILE = ".lock"
+LOG_FILE = "log.txt"
+RESULTS_FILE = "results.csv"
+TRACKING_TABLE_FILE = "studies.csv"
+FINISHED = ("completed", "diverged", "failed")
+INFEASIBLE = ("diverged", "failed")
+RESULT_COLUMNS = ("trial_id", "status", "reason")
+RESULT_METRIC_COLUMNS = ("best_step", "best_metric", "best_value",
+                         "final_step", "max_train_steps", "command")
+TRACKING_COLUMNS = ("study", "study_dir", "config", "description",
+                    "num_trials", "num_completed", "num_infeasible",
+                    "num_unfinished", "best_trial", "best_metric",
+                    "best_value", "updated", "command")
+_TRAINER_OUTPUTS = ("metrics.jsonl", "grad_norms.jsonl", "checkpoints")
+_REASON_CHARS = 300
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def is_locked(trial_dir: str) -> bool:
+  """Whether a running process holds the trial's lock (see study_runner)."""
+  try:
+    fd = os.open(os.path.join(trial_dir, LOCK_FILE), os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return False
+  except OSError:
+    return True
+  finally:
+    os.close(fd)
+
+
+def last_log_line(trial_dir: str) -> str:
+  """The last non-empty line of the trial's log, usually the error."""
+  try:
+    with open(os.path.join(trial_dir, LOG_FILE), "rb") as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 8192))
+      lines = f.read().decode("utf-8", "replace").splitlines()
+  except OSError:
+    return ""
+  for line in reversed(lines):
+    if line.strip():
+      return line.strip()[:_REASON_CHARS]
+  return ""
+
+
+def _exit_reason(returncode: int) -> str:
+  if returncode < 0:
+    return f"killed by signal {-returncode}"
+  return f"exited with code {returncode}"
+
+
+def trial_record(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
+  """Status, reason and summary numbers of one trial directory.
+
+  `check_lock=False` is for the holder of the trial's lock, which would
+  otherwise see its own trial as running.
+  """
+  record = {"status": "pending", "reason": None, "best_step": None,
+            "best_metric": None, "best_value": None, "best_mode": None,
+            "final_step": None, "max_train_steps": None}
+  if check_lock and is_locked(trial_dir):
+    record["status"] = "running"
+    return record
+  summary = _read_json(os.path.join(trial_dir, SUMMARY_FILE))
+  runner = _read_json(os.path.join(trial_dir, RUNNER_FILE)) or {}
+  if isinstance(summary, dict) and summary.get("status") in FINISHED:
+    for key in record:
+      if key in summary:
+        record[key] = summary[key]
+    if record["status"] == "failed" and not record["reason"]:
+      record["reason"] = last_log_line(trial_dir) or "failed"
+    return record
+  if runner.get("status") == "exited":
+    code = runner.get("returncode")
+    record["status"] = "failed"
+    if code == 0:
+      record["reason"] = f"exited 0 without writing {SUMMARY_FILE}"
+    else:
+      last = last_log_line(trial_dir)
+      record["reason"] = _exit_reason(code) + (f": {last}" if last else "")
+    return record
+  started = runner or any(os.path.exists(os.path.join(trial_dir, name))
+                          for name in _TRAINER_OUTPUTS)
+  if started:
+    record["status"] = "interrupted"
+  return record
+
+
+def _param_columns(study: study_lib.Study) -> dict[str, str]:
+  """Param name -> its results.csv column (prefixed only on a name clash)."""
+  names = dict.fromkeys(n for trial in study.trials for n in trial.params)
+  reserved = set(RESULT_COLUMNS) | set(RESULT_METRIC_COLUMNS)
+  return {n: n if n not in reserved else f"param:{n}" for n in names}
+
+
+def _atomic_write_csv(path: str, columns: Sequence[str],
+                      rows: Sequence[Mapping[str, Any]]) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(columns))
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({c: _cell(row.get(c)) for c in columns})
+  os.replace(tmp, path)
+
+
+def _cell(value: Any) -> Any:
+  if value is None:
+    return ""
+  if isinstance(value, (dict, list, tuple)):
+    return json.dumps(value)
+  return value
+
+
+def write_results(study: study_lib.Study) -> list[dict[str, Any]]:
+  """Rewrites D/results.csv from the trial directories; returns the rows."""
+  param_columns = _param_columns(study)
+  rows = []
+  for trial in study.trials:
+    record = trial_record(study.trial_dir(trial))
+    row = {"trial_id": trial.trial_id, **record,
+           "command": study.command_line(trial)}
+    row.update({column: trial.params.get(name)
+                for name, column in param_columns.items()})
+    rows.append(row)
+  columns = (list(RESULT_COLUMNS) + list(param_columns.values())
+             + list(RESULT_METRIC_COLUMNS))
+  _atomic_write_csv(os.path.join(study.study_dir, RESULTS_FILE), columns, rows)
+  return rows
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def study_row(study: study_lib.Study, records: Sequence[Mapping[str, Any]],
+              command: str) -> dict[str, Any]:
+  """The tracking-table row of a study, from its trial records."""
+  completed = [r for r in records if r["status"] == "completed"]
+  default_mode = study.base_config.get("best_mode", "min")
+  best = None
+  for r in completed:
+    if not _is_number(r["best_value"]):
+      continue
+    sign = -1 if (r.get("best_mode") or default_mode) == "max" else 1
+    if best is None or sign * r["best_value"] < sign * best["best_value"]:
+      best = r
+  return {
+      "study": study.name,
+      "study_dir": study.study_dir,
+      "config": study.config_path,
+      "description": study.description,
+      "num_trials": len(records),
+      "num_completed": len(completed),
+      "num_infeasible": sum(r["status"] in INFEASIBLE for r in records),
+      "num_unfinished": sum(r["status"] not in FINISHED for r in records),
+      "best_trial": best["trial_id"] if best else None,
+      "best_metric": (best and best["best_metric"]) or study.base_config.get(
+          "best_metric"),
+      "best_value": best["best_value"] if best else None,
+      "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+      "command": command,
+  }
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+  fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
+
+
+def update_tracking_table(table_path: str, row: Mapping[str, Any]) -> None:
+  """Replaces the row of the same study directory, or appends one.
+
+  Several sweeps may share one table: updates hold a lock on `<table>.lock`.
+  """
+  directory = os.path.dirname(os.path.abspath(table_path))
+  os.makedirs(directory, exist_ok=True)
+  key = os.path.abspath(row["study_dir"])
+  with _file_lock(table_path):
+    rows = []
+    if os.path.exists(table_path):
+      with open(table_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, existing in enumerate(rows):
+      if os.path.abspath(existing.get("study_dir", "")) == key:
+        rows[i] = dict(row)
+        break
+    else:
+      rows.append(dict(row))
+    _atomic_write_csv(table_path, TRACKING_COLUMNS, rows)
