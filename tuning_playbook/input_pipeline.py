@@ -23,11 +23,22 @@ import numpy as np
 _MAX_EPOCHS = 1 << 31
 
 
+def hide_accelerators_from_tensorflow() -> None:
+  """tf.data runs on the host: TensorFlow must not claim accelerator memory.
+
+  Call before anything starts TensorFlow's runtime (tf.data, summary writers).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except RuntimeError:  # Already started by another library: too late to hide.
+      pass
+
+
 def _tf():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # tf.data runs on the host; TensorFlow must not claim accelerator memory.
-  tf.config.set_visible_devices([], "GPU")
-  tf.config.set_visible_devices([], "TPU")
+  hide_accelerators_from_tensorflow()
   return tf
 
 

@@ -28,14 +28,32 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv):
+  """Parses flags; a bad config file or override is reported without a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"Error: {e}\nRun with --helpfull for the flags.\n")
+  except (KeyError, OSError, AttributeError, TypeError, ValueError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    sys.stderr.write(f"Error: bad --config file or --config.* override: {message}\n")
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  try:
+    config = _CONFIG.value
+    config.keys()  # A config file that failed to load raises here.
+  except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
+    sys.stderr.write(f"Error: --config could not be loaded: {e}\n")
+    sys.exit(2)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _INIT_TIMEOUT.value)
   try:
-    summary = run.run_trial(_CONFIG.value, _WORKDIR.value)
+    summary = run.run_trial(config, _WORKDIR.value)
   except run.BAD_INPUT_ERRORS as e:
     sys.stderr.write(f"Error: {e}\n")
     sys.exit(2)
@@ -45,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -87,6 +87,7 @@ def _divergence(first_step: int, window: list[dict[str, Any]],
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a run); returns the summary."""
   workload = validate_before_compiling(config)
+  input_pipeline.hide_accelerators_from_tensorflow()
   is_writer = jax.process_index() == 0
   records.check_or_write_config(workdir, config, write=is_writer)
   previous = records.read_summary(workdir)

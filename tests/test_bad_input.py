@@ -1,0 +1,93 @@
+"""Bad input fails before any compilation, names the key, and touches nothing."""
+
+import os
+
+import jax
+import pytest
+
+from tests import helpers
+from tuning_playbook import config_schema
+from tuning_playbook import train
+from tuning_playbook import workload as workload_lib
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.workload=no_such_workload",
+     "config.workload='no_such_workload': no module workloads.no_such_workload; "
+     "available: "),
+    ("--config.optimizer.name=adamw",
+     "config.optimizer.name='adamw' is invalid: allowed: sgd, momentum, nesterov, "
+     "rmsprop, adam, nadam"),
+    ("--config.batch_size=0", "config.batch_size=0 is invalid: must be a positive integer"),
+    ("--config.batch_size=-8", "config.batch_size=-8 is invalid: must be a positive integer"),
+    ("--config.batch_size=18",
+     "config.batch_size=18 is invalid: the global batch must be divisible by the "
+     "device count (4)"),
+    ("--config.max_train_steps=0",
+     "config.max_train_steps=0 is invalid: must be a positive integer"),
+    ("--config.optimzer.name=adam", 'Did you mean "optimizer" instead of "optimzer"?'),
+    ("--config.optimizer.schedule=step", "config.optimizer.schedule='step' is invalid: "
+     "allowed: constant, linear, cosine"),
+    ("--config.best_metric=eval/valid/error_rate", "config.best_metric="),
+    ("--config.eval_batch_size=8", "must be 0 or at least batch_size (16)"),
+])
+def test_cli_rejects_bad_config_before_compiling(tmp_path, override, expected):
+  workdir = str(tmp_path / "run")
+  env = helpers.subprocess_env(4)
+  env["JAX_LOG_COMPILES"] = "1"
+  import subprocess  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(helpers.main_command(workdir, override), cwd=helpers.REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert "Traceback" not in result.stderr
+  assert "Compiling" not in result.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_missing_config_file_is_named(tmp_path):
+  missing = str(tmp_path / "configs" / "nope.py")
+  result = helpers.run_main(str(tmp_path / "run"), config=missing)
+  assert result.returncode == 2
+  assert f"[Errno 2] No such file or directory: '{missing}'" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_unknown_key_in_a_config_file_is_named():
+  config = helpers.load_config()
+  with config.unlocked():
+    config.optimizer.lerning_rate = 0.1
+  with pytest.raises(config_schema.ConfigError, match=r"config\.optimizer\.lerning_rate"):
+    config_schema.validate(config)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("optimizer.momentum", 1.0), ("optimizer.learning_rate", float("nan")),
+    ("optimizer.warmup_steps", 10**6), ("batch_norm.policy", "sync"),
+    ("seed", -1), ("num_best_checkpoints", 0), ("best_mode", "lowest"),
+])
+def test_bad_values_name_their_key(key, value):
+  config = helpers.load_config(**{key: value})
+  with pytest.raises(config_schema.ConfigError, match=rf"config\.{key}="):
+    config_schema.validate(config)
+
+
+def test_ghost_batch_norm_needs_a_dividing_virtual_batch():
+  config = helpers.load_config(**{"batch_norm.policy": "ghost",
+                                  "batch_norm.virtual_batch_size": 5})
+  with pytest.raises(config_schema.ConfigError,
+                     match=r"config\.batch_norm\.virtual_batch_size=5"):
+    config_schema.validate(config)
+
+
+def test_nothing_is_compiled_before_the_error(monkeypatch, tmp_path):
+  def no_jit(*args, **kwargs):
+    raise AssertionError("compiled before validating")
+  monkeypatch.setattr(jax, "jit", no_jit)
+  config = helpers.load_config(**{"workload": "no_such_workload"})
+  with pytest.raises(workload_lib.UnknownWorkloadError, match="no_such_workload"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config = helpers.load_config(**{"batch_size": 6})
+  with pytest.raises(config_schema.ConfigError, match="device count"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
