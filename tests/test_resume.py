@@ -17,7 +17,8 @@ from tests import helpers
 
 # Small enough to be quick, long enough that kills land inside the run.
 RUN_FLAGS = ("--config.max_train_steps=60", "--config.eval_every_steps=10",
-             "--config.log_every_steps=4", "--config.num_best_checkpoints=2")
+             "--config.log_every_steps=4", "--config.num_best_checkpoints=2",
+             "--config.data.batches_per_transfer=4")
 
 
 @pytest.fixture(scope="module")

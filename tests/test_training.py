@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from tests import helpers
 from tests import tiny_workload
-from tuning_playbook import input_pipeline
+from tuning_playbook import in_memory_stream
 from tuning_playbook import train
 
 
@@ -96,7 +96,7 @@ def test_one_compilation_for_train_and_one_for_eval(completed_run):
   _, _, _, compiled = completed_run
   # 61 validation, 61 train-subset and 47 test examples over batches of 24:
   # padded remainders must reuse the same eval compilation.
-  assert compiled.count("train_step") == 1
+  assert compiled.count("step_on_transfer") == 1
   assert compiled.count("eval_step") == 1
 
 
@@ -139,10 +139,9 @@ def test_first_step_grad_norm_matches_numpy(data_dir, tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["status"] == "completed"
   builder = tiny_workload.dataset_builder(config)
-  stream = input_pipeline.TrainStream(
-      builder, "train", lambda ex, train, seed: {"x": ex["x"], "y": ex["y"]},
-      seed=config.seed, local_batch_size=16, process_index=0, process_count=1,
-      shuffle_buffer=config.data.shuffle_buffer)
+  stream = in_memory_stream.InMemoryTrainStream(
+      builder, "train", input_key="x", label_key="y", seed=config.seed,
+      local_batch_size=16, process_index=0, process_count=1)
   batch = next(stream.iterate(0))
   # Initial parameters: re-create them exactly as training does.
   from tuning_playbook import optimizers, train_step  # pylint: disable=g-import-not-at-top
@@ -151,7 +150,7 @@ def test_first_step_grad_norm_matches_numpy(data_dir, tmp_path):
   state = train_step.create_train_state(model, tx, np.zeros((1, 6), np.float32), config.seed)
   w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
   b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
-  x, y = batch["x"].astype(np.float64), batch["y"]
+  x, y = batch["inputs"].astype(np.float64), batch["label"]
   logits = x @ w + b
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)

@@ -81,8 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # "" means the TFDS default.
   c.data.shuffle_buffer = 50_000
+  # Keep data in memory: tf.data's cache, or, for workloads without a custom
+  # `preprocess`, the whole training split as arrays (no tf.data per step).
   c.data.cache = True
-  c.data.prefetch_batches = 2
+  c.data.prefetch_batches = 2  # Transfers kept in flight to the devices.
+  # Batches sent to the devices in one transfer (a [k, batch, ...] array); the
+  # train step picks its batch from it on the device. Larger k means fewer
+  # transfers and less host work per step, and k batches of device memory.
+  c.data.batches_per_transfer = 1
 
   c.model = ml_collections.ConfigDict()
   return c
@@ -159,6 +165,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("step_watchdog_seconds", config.step_watchdog_seconds, "must be >= 0")
   _validate_optimizer(config)
   _validate_batch_norm(config, num_devices)
+  if config.data.batches_per_transfer < 1:
+    _fail("data.batches_per_transfer", config.data.batches_per_transfer, "must be >= 1")
+  if config.data.prefetch_batches < 1:
+    _fail("data.prefetch_batches", config.data.prefetch_batches, "must be >= 1")
   if config.data.shuffle_buffer < 1:
     _fail("data.shuffle_buffer", config.data.shuffle_buffer, "must be >= 1")
 

@@ -7,7 +7,9 @@ holds (or feeds as if replicated) another host's data.
 
 from __future__ import annotations
 
-import collections
+import itertools
+import queue
+import threading
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -26,6 +28,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches stacked along a leading steps axis: [steps, batch, ...]."""
+  return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
+def stack_batches(batches: Iterable[dict[str, np.ndarray]],
+                  k: int) -> Iterator[dict[str, np.ndarray]]:
+  """Groups consecutive batches into arrays with a leading axis of k."""
+  iterator = iter(batches)
+  while True:
+    group = list(itertools.islice(iterator, k))
+    if len(group) < k:
+      return
+    yield {key: np.stack([b[key] for b in group]) for key in group[0]}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
@@ -40,12 +58,37 @@ def to_global(local_batch: dict[str, np.ndarray],
 def prefetch_to_devices(batches: Iterable[dict[str, np.ndarray]],
                         sharding: NamedSharding,
                         size: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Keeps `size` batches in flight to the devices ahead of the consumer."""
-  queue: collections.deque[Any] = collections.deque()
-  iterator = iter(batches)
-  for local in iterator:
-    queue.append(to_global(local, sharding))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+  """Global batches built and sent to the devices by a background thread.
+
+  Keeps up to `size` batches ready, so the training loop's own thread spends
+  no time on the input pipeline. Order is preserved; an error in the pipeline
+  is raised in the consumer.
+  """
+  ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, size))
+
+  def produce():
+    try:
+      for local in batches:
+        ready.put(to_global(local, sharding))
+    except BaseException as e:  # pylint: disable=broad-except
+      ready.put(_PipelineError(e))
+      return
+    ready.put(_END)
+
+  threading.Thread(target=produce, daemon=True, name="prefetch-to-devices").start()
+  while True:
+    item = ready.get()
+    if item is _END:
+      return
+    if isinstance(item, _PipelineError):
+      raise item.error
+    yield item
+
+
+_END = object()
+
+
+class _PipelineError:
+
+  def __init__(self, error: BaseException):
+    self.error = error

@@ -25,6 +25,7 @@ import numpy as np
 from tuning_playbook import checkpointing
 from tuning_playbook import config_schema
 from tuning_playbook import evaluation
+from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
 from tuning_playbook import optimizers
 from tuning_playbook import records
@@ -84,140 +85,197 @@ def _divergence(first_step: int, window: list[dict[str, Any]],
   return None
 
 
+def _make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSplit]:
+  local_batch = config_schema.resolved_eval_batch_size(config) // jax.process_count()
+  common = dict(local_batch_size=local_batch, process_index=jax.process_index(),
+                process_count=jax.process_count(), cache=config.data.cache)
+  validation = input_pipeline.make_eval_split(
+      builder, "validation", workload.splits["validation"], workload.preprocess, **common)
+  train_subset = input_pipeline.make_eval_split(
+      builder, "train", workload.splits["train"], workload.preprocess,
+      limit=config.train_eval_subset_size or validation.total_examples, **common)
+  test = input_pipeline.make_eval_split(
+      builder, "test", workload.splits["test"], workload.preprocess, **common)
+  return [validation, train_subset, test]
+
+
+def _make_train_stream(config, workload, builder):
+  """In-memory arrays when nothing runs per example, else tf.data."""
+  common = dict(seed=config.seed,
+                local_batch_size=config.batch_size // jax.process_count(),
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if config.data.cache and not workload.custom_preprocess:
+    return in_memory_stream.InMemoryTrainStream(
+        builder, workload.splits["train"], input_key=workload.input_key,
+        label_key=workload.label_key, **common)
+  return input_pipeline.TrainStream(
+      builder, workload.splits["train"], workload.preprocess,
+      shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache, **common)
+
+
+class Trainer:
+  """One trial's compiled steps, data, state and records.
+
+  Building it restores the latest checkpoint if there is one; `train(until)`
+  advances to a step; `finish()` waits for checkpoints and writes the summary.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               workload: workload_lib.Workload):
+    self.config = config
+    self.workdir = workdir
+    self.is_writer = jax.process_index() == 0
+    mesh = sharding.create_mesh()
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    builder = workload.dataset_builder(config)
+    self.stream = _make_train_stream(config, workload, builder)
+
+    model = workload.create_model(config)
+    tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
+    input_shape, input_dtype = self.stream.element_spec()
+    sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
+    init_fn = lambda: train_step_lib.create_train_state(model, tx, sample, config.seed)
+    abstract_state = jax.eval_shape(init_fn)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+
+    self.ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), num_best=config.num_best_checkpoints,
+        best_metric=config.best_metric, best_mode=config.best_mode)
+    self.best = BestCheckpoint(config.best_metric, config.best_mode)
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      self.state = jax.jit(init_fn, out_shardings=state_sharding)()
+      self.step = 0
+    else:
+      self._restore(latest, abstract_state, state_sharding)
+
+    self.metrics_log = records.StepLog(
+        os.path.join(workdir, records.METRICS_FILE), self.is_writer)
+    self.grad_log = records.StepLog(
+        os.path.join(workdir, records.GRAD_NORMS_FILE), self.is_writer)
+    self.metrics_log.truncate_after(self.step)
+    self.grad_log.truncate_after(self.step)
+
+    self.step_fn = train_step_lib.make_train_step(
+        model, tx, workload.loss_fn, config.grad_clip_norm)
+    stacked_sharding = sharding.stacked_batch_sharding(mesh)
+    self.train_step = jax.jit(
+        train_step_lib.from_transfer(self.step_fn),
+        in_shardings=(state_sharding, stacked_sharding),
+        out_shardings=(state_sharding, replicated), donate_argnums=0)
+    self.evaluator = evaluation.Evaluator(
+        train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn),
+        _make_eval_splits(config, workload, builder), mesh, state_sharding)
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not self.is_writer)
+    # Called at log steps only, which is all it needs to report steps/s.
+    self.report_progress = periodic_actions.ReportProgress(
+        num_train_steps=config.max_train_steps, writer=self.writer,
+        every_steps=None, every_secs=None,
+        on_steps=range(0, config.max_train_steps + 1, config.log_every_steps))
+    k = config.data.batches_per_transfer
+    self._transfer_start = self.step // k * k
+    self.batches = sharding.prefetch_to_devices(
+        sharding.stack_batches(self.stream.iterate(self._transfer_start), k),
+        stacked_sharding, size=config.data.prefetch_batches)
+    self._transfer = None
+
+  def _restore(self, step: int, abstract_state, state_sharding) -> None:
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, state_sharding)
+    self.state, meta = self.ckpt.restore(step, target)
+    self.step = int(meta["step"])
+    self.best.step, self.best.value = meta["best_step"], meta["best_value"]
+    saved = meta["data_position"]["host_examples_per_epoch"]
+    if saved != self.stream.examples_per_epoch:
+      raise RuntimeError(
+          f"checkpoint {step} was written with {saved} training examples per "
+          f"host epoch, now {self.stream.examples_per_epoch}: the data or the "
+          "process count changed, so the data order cannot be resumed")
+    logging.info("Resumed from checkpoint at step %d.", self.step)
+
+  def train(self, until_step: int) -> str | None:
+    """Trains up to `until_step`; returns the divergence reason, if any."""
+    config = self.config
+    k = config.data.batches_per_transfer
+    window: list[dict[str, Any]] = []
+    with watchdog.StepWatchdog(config.step_watchdog_seconds) as dog:
+      while self.step < until_step:
+        if self._transfer is None or self.step % k == 0:
+          self._transfer = next(self.batches)
+        self.state, step_metrics = self.train_step(self.state, self._transfer)
+        self.step += 1
+        step = self.step
+        window.append(step_metrics)
+        dog.progress(step)
+        is_eval = (step % config.eval_every_steps == 0
+                   or step == config.max_train_steps)
+        if step % config.log_every_steps and not is_eval and step != until_step:
+          continue
+        self.report_progress(step)
+        reason = self._log(window, is_eval)
+        window = []
+        dog.progress(step)
+        if reason is not None:
+          logging.warning("Diverged: %s", reason)
+          return reason
+    return None
+
+  def _log(self, window: list[dict[str, Any]], is_eval: bool) -> str | None:
+    """Fetches a window of step metrics (one transfer), evaluates, checkpoints."""
+    step, config = self.step, self.config
+    fetched = jax.device_get(window)
+    first = step - len(fetched) + 1
+    self.grad_log.append(
+        {"step": first + i, "train/grad_norm": m["train/grad_norm"],
+         "train/loss": m["train/loss"]} for i, m in enumerate(fetched))
+    row = _window_row(step, fetched)
+    reason = _divergence(first, fetched, config.divergence_loss_threshold)
+    if reason is None and is_eval:
+      with self.report_progress.timed("eval"):
+        row.update(self.evaluator.evaluate(self.state))
+      value = row[config.best_metric]
+      self.best.update(step, value)
+      meta = {"step": step, "best_step": self.best.step,
+              "best_value": self.best.value,
+              "data_position": self.stream.position(step).to_json()}
+      self.ckpt.save(step, self.state, meta, {config.best_metric: value})
+    self.metrics_log.append([row])
+    self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+    return reason
+
+  def finish(self, reason: str | None) -> dict[str, Any]:
+    """Waits for pending checkpoints, then writes and returns the summary."""
+    self.ckpt.wait()
+    self.ckpt.close()
+    self.writer.flush()
+    best = self.best
+    summary = {
+        "status": "completed" if reason is None else "diverged",
+        "reason": reason, "best_step": best.step,
+        "best_metric": self.config.best_metric, "best_mode": self.config.best_mode,
+        "best_value": best.value, "final_step": self.step,
+        "max_train_steps": self.config.max_train_steps,
+        "best_checkpoint": (self.ckpt.step_path(best.step)
+                            if best.step is not None else None),
+    }
+    if self.is_writer:
+      records.write_summary(self.workdir, summary)
+    return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a run); returns the summary."""
   workload = validate_before_compiling(config)
   input_pipeline.hide_accelerators_from_tensorflow()
-  is_writer = jax.process_index() == 0
-  records.check_or_write_config(workdir, config, write=is_writer)
+  records.check_or_write_config(workdir, config, write=jax.process_index() == 0)
   previous = records.read_summary(workdir)
   if previous and previous.get("status") in FINISHED:
     logging.info("%s already finished (%s); nothing to do.", workdir,
                  previous["status"])
     return previous
-
-  process_index, process_count = jax.process_index(), jax.process_count()
-  mesh = sharding.create_mesh()
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  builder = workload.dataset_builder(config)
-  stream = input_pipeline.TrainStream(
-      builder, workload.splits["train"], workload.preprocess, seed=config.seed,
-      local_batch_size=config.batch_size // process_count,
-      process_index=process_index, process_count=process_count,
-      shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache)
-  eval_local_batch = config_schema.resolved_eval_batch_size(config) // process_count
-  validation = input_pipeline.make_eval_split(
-      builder, "validation", workload.splits["validation"], workload.preprocess,
-      local_batch_size=eval_local_batch, process_index=process_index,
-      process_count=process_count, cache=config.data.cache)
-  eval_splits = [
-      validation,
-      input_pipeline.make_eval_split(
-          builder, "train", workload.splits["train"], workload.preprocess,
-          local_batch_size=eval_local_batch, process_index=process_index,
-          process_count=process_count, cache=config.data.cache,
-          limit=config.train_eval_subset_size or validation.total_examples),
-      input_pipeline.make_eval_split(
-          builder, "test", workload.splits["test"], workload.preprocess,
-          local_batch_size=eval_local_batch, process_index=process_index,
-          process_count=process_count, cache=config.data.cache),
-  ]
-
-  model = workload.create_model(config)
-  tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
-  input_spec = stream.dataset(0).element_spec["inputs"]
-  sample = jnp.zeros((1,) + tuple(input_spec.shape[1:]), input_spec.dtype.as_numpy_dtype)
-  init_fn = lambda: train_step_lib.create_train_state(model, tx, sample, config.seed)
-  abstract_state = jax.eval_shape(init_fn)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), num_best=config.num_best_checkpoints,
-      best_metric=config.best_metric, best_mode=config.best_mode)
-  best = BestCheckpoint(config.best_metric, config.best_mode)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
-    step = 0
-  else:
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, state_sharding)
-    state, meta = ckpt.restore(latest, target)
-    step = int(meta["step"])
-    best.step, best.value = meta["best_step"], meta["best_value"]
-    saved_epoch_size = meta["data_position"]["host_examples_per_epoch"]
-    if saved_epoch_size != stream.examples_per_epoch:
-      raise RuntimeError(
-          f"checkpoint {latest} was written with {saved_epoch_size} training "
-          f"examples per host epoch, now {stream.examples_per_epoch}: the data "
-          "or the process count changed, so the data order cannot be resumed")
-    logging.info("Resumed from checkpoint at step %d.", step)
-
-  metrics_log = records.StepLog(os.path.join(workdir, records.METRICS_FILE), is_writer)
-  grad_log = records.StepLog(os.path.join(workdir, records.GRAD_NORMS_FILE), is_writer)
-  metrics_log.truncate_after(step)
-  grad_log.truncate_after(step)
-
-  compiled_train_step = jax.jit(
-      train_step_lib.make_train_step(model, tx, workload.loss_fn, config.grad_clip_norm),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
-  evaluator = evaluation.Evaluator(
-      train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn),
-      eval_splits, mesh, state_sharding)
-
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=config.max_train_steps, writer=writer,
-      every_steps=config.log_every_steps)
-  batches = sharding.prefetch_to_devices(
-      stream.iterate(step), batch_sharding, size=config.data.prefetch_batches)
-
-  status, reason = "completed", None
-  window: list[dict[str, Any]] = []
-  with watchdog.StepWatchdog(config.step_watchdog_seconds) as dog:
-    while step < config.max_train_steps:
-      state, step_metrics = compiled_train_step(state, next(batches))
-      step += 1
-      window.append(step_metrics)
-      report_progress(step)
-      dog.progress(step)
-      is_eval = step % config.eval_every_steps == 0 or step == config.max_train_steps
-      if step % config.log_every_steps and not is_eval:
-        continue
-      first = step - len(window) + 1
-      fetched = jax.device_get(window)
-      window = []
-      grad_log.append({"step": first + i, "train/grad_norm": m["train/grad_norm"],
-                       "train/loss": m["train/loss"]} for i, m in enumerate(fetched))
-      row = _window_row(step, fetched)
-      reason = _divergence(first, fetched, config.divergence_loss_threshold)
-      if reason is None and is_eval:
-        with report_progress.timed("eval"):
-          row.update(evaluator.evaluate(state))
-        best.update(step, row[config.best_metric])
-        meta = {"step": step, "best_step": best.step, "best_value": best.value,
-                "data_position": stream.position(step).to_json()}
-        ckpt.save(step, state, meta, {config.best_metric: row[config.best_metric]})
-        dog.progress(step)
-      metrics_log.append([row])
-      writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
-      if reason is not None:
-        status = "diverged"
-        logging.warning("Diverged: %s", reason)
-        break
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
-  summary = {
-      "status": status, "reason": reason, "best_step": best.step,
-      "best_metric": config.best_metric, "best_mode": config.best_mode,
-      "best_value": best.value, "final_step": step,
-      "max_train_steps": config.max_train_steps,
-      "best_checkpoint": ckpt.step_path(best.step) if best.step is not None else None,
-  }
-  if is_writer:
-    records.write_summary(workdir, summary)
-  return summary
+  trainer = Trainer(config, workdir, workload)
+  reason = trainer.train(config.max_train_steps)
+  return trainer.finish(reason)

@@ -108,3 +108,20 @@ def make_eval_step(model, loss_fn: Callable, correct_fn: Callable) -> Callable:
             "num_examples": jnp.sum(weight)}
 
   return eval_step
+
+
+def from_transfer(step_fn: Callable) -> Callable:
+  """`step(state, batches)` where batches has a leading axis of k batches.
+
+  Step t trains on batch `t % k`: a transfer of k batches serves k steps, and
+  the host feeds the same device array until the next transfer.
+  """
+
+  def step_on_transfer(state: TrainState, batches: Batch):
+    k = next(iter(batches.values())).shape[0]
+    index = state.step % k
+    batch = {name: jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+             for name, x in batches.items()}
+    return step_fn(state, batch)
+
+  return step_on_transfer

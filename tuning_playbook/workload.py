@@ -82,6 +82,12 @@ class Workload:
   create_model: Callable[[ml_collections.ConfigDict], Any]
   splits: Mapping[str, str]
   preprocess: Callable[..., Any]
+  # True when the module defines `preprocess`; otherwise examples only need
+  # `input_key`/`label_key` picked and cast, which the input pipeline may do
+  # on whole in-memory arrays instead of per example.
+  custom_preprocess: bool
+  input_key: str
+  label_key: str
   loss_fn: Callable[[Any, Any], Any]
   correct_fn: Callable[[Any, Any], Any]
 
@@ -121,14 +127,20 @@ def load_workload(name: str) -> Workload:
         f"name(s) {', '.join(missing)} (see tuning_playbook/workload.py)")
   splits = dict(DEFAULT_SPLITS)
   splits.update(getattr(module, "SPLITS", {}))
-  preprocess = getattr(module, "preprocess", None) or _make_default_preprocess(
-      getattr(module, "INPUT_KEY", "image"), getattr(module, "LABEL_KEY", "label"))
+  input_key = getattr(module, "INPUT_KEY", "image")
+  label_key = getattr(module, "LABEL_KEY", "label")
+  custom_preprocess = hasattr(module, "preprocess")
+  preprocess = (module.preprocess if custom_preprocess
+                else _make_default_preprocess(input_key, label_key))
   return Workload(
       name=name,
       dataset_builder=module.dataset_builder,
       create_model=module.create_model,
       splits=splits,
       preprocess=preprocess,
+      custom_preprocess=custom_preprocess,
+      input_key=input_key,
+      label_key=label_key,
       loss_fn=getattr(module, "loss_fn", _default_loss_fn),
       correct_fn=getattr(module, "correct_fn", _default_correct_fn),
   )

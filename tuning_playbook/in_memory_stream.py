@@ -1,0 +1,89 @@
+"""A training stream over a host's split held in memory as numpy arrays.
+
+Used for workloads without a custom `preprocess` (nothing per example but
+picking and casting two features), where tf.data's per-example cost would
+exceed the cost of a training step of a small model. The order is a
+permutation per epoch given by a hash of (host seed, epoch, example index):
+the arithmetic is spelled out here (splitmix64), so it is the same on every
+machine and NumPy version, and resuming at step s needs no iterator state.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from tuning_playbook import input_pipeline
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+  """The splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
+  with np.errstate(over="ignore"):
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of a host's n examples in `epoch` (int64 indices)."""
+  with np.errstate(over="ignore"):
+    key = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(epoch)))
+    scores = splitmix64(np.arange(n, dtype=np.uint64) ^ key)
+  return np.argsort(scores, kind="stable")
+
+
+class InMemoryTrainStream:
+  """Same interface as `input_pipeline.TrainStream`, without tf.data per step."""
+
+  def __init__(self, builder, split: str, *, input_key: str, label_key: str,
+               seed: int, local_batch_size: int, process_index: int,
+               process_count: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    input_pipeline.hide_accelerators_from_tensorflow()
+    host_split = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count)
+    data = tfds.as_numpy(builder.as_dataset(split=host_split, batch_size=-1,
+                                            shuffle_files=False))
+    self._inputs = np.asarray(data[input_key], np.float32)
+    self._labels = np.asarray(data[label_key], np.int32)
+    self._seed = input_pipeline.host_seed(seed, process_index)
+    self.local_batch_size = local_batch_size
+    self.examples_per_epoch = len(self._labels)
+    if self.examples_per_epoch == 0:
+      raise ValueError(f"split {split!r} has no examples for host "
+                       f"{process_index} of {process_count}")
+
+  def position(self, step: int) -> input_pipeline.DataPosition:
+    start = step * self.local_batch_size
+    return input_pipeline.DataPosition(
+        step=step, epoch=start // self.examples_per_epoch,
+        offset_in_epoch=start % self.examples_per_epoch,
+        host_examples_per_epoch=self.examples_per_epoch)
+
+  def element_spec(self) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape (without batch) and dtype of the model inputs."""
+    return self._inputs.shape[1:], self._inputs.dtype
+
+  def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    n, size = self.examples_per_epoch, self.local_batch_size
+    position = start_step * size
+    epoch = position // n
+    order = epoch_permutation(self._seed, epoch, n)
+    while True:
+      pieces = []
+      needed = size
+      while needed:
+        offset = position - epoch * n
+        take = min(needed, n - offset)
+        pieces.append(order[offset:offset + take])
+        position += take
+        needed -= take
+        if position == (epoch + 1) * n:
+          epoch += 1
+          order = epoch_permutation(self._seed, epoch, n)
+      index = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+      yield {"inputs": self._inputs[index], "label": self._labels[index]}
