@@ -56,3 +56,40 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(command: list[str], num_processes: int, devices_per_process: int,
+                    port: int | None = None) -> list[subprocess.Popen]:
+  """Starts one job of `num_processes` real processes joined on 127.0.0.1."""
+  port = port or free_port()
+  procs = []
+  for i in range(num_processes):
+    args = command + [f"--coordinator_address=127.0.0.1:{port}",
+                      f"--num_processes={num_processes}", f"--process_id={i}",
+                      "--distributed_timeout_seconds=60"]
+    procs.append(subprocess.Popen(
+        args, cwd=REPO, env=subprocess_env(devices_per_process),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+  """(returncode, stderr) of each process; kills all on timeout."""
+  out = []
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=timeout)
+      out.append((p.returncode, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return out

@@ -67,26 +67,26 @@ def test_every_example_once_per_epoch_and_epochs_reshuffled(builder):
   assert not np.array_equal(order[0], order[1])
 
 
-@pytest.mark.parametrize("make", [_tf_stream, _memory_stream])
-def test_hosts_read_disjoint_shards_covering_the_split(builder, make):
-  inputs = []
+def test_tf_stream_hosts_read_disjoint_shards_covering_the_split(builder):
+  indices = []
   for host in range(2):
-    stream = make(builder, process_index=host, process_count=2, batch=1)
-    n = stream.examples_per_epoch
-    batches = _take(stream, 0, n)
-    inputs.append(np.concatenate([b["inputs"] for b in batches]))
-  assert len(inputs[0]) + len(inputs[1]) == 203
-  x, _ = tiny_workload.make_split("train")
-  if make is _memory_stream:
-    seen = np.concatenate(inputs)
-    assert sorted(map(tuple, seen)) == sorted(map(tuple, x))
-  else:  # The tf stream adds per-example noise; compare example indices instead.
-    indices = []
-    for host in range(2):
-      stream = make(builder, process_index=host, process_count=2, batch=1)
-      indices.append({int(b["index"][0]) for b in _take(stream, 0, stream.examples_per_epoch)})
-    assert not indices[0] & indices[1]
-    assert indices[0] | indices[1] == set(range(203))
+    stream = _tf_stream(builder, process_index=host, process_count=2, batch=1)
+    batches = _take(stream, 0, stream.examples_per_epoch)
+    indices.append([int(b["index"][0]) for b in batches])
+  assert len(indices[0]) + len(indices[1]) == 203
+  assert not set(indices[0]) & set(indices[1])
+  assert set(indices[0]) | set(indices[1]) == set(range(203))
+
+
+@pytest.mark.parametrize("num_hosts", [2, 4])
+def test_memory_stream_global_batches_do_not_depend_on_host_count(builder, num_hosts):
+  one = _take(_memory_stream(builder, batch=16), 5, 30)
+  hosts = [_take(_memory_stream(builder, process_index=i, process_count=num_hosts,
+                                batch=16 // num_hosts), 5, 30) for i in range(num_hosts)]
+  for step in range(30):
+    for key in ("inputs", "label"):
+      joined = np.concatenate([h[step][key] for h in hosts])
+      np.testing.assert_array_equal(joined, one[step][key])
 
 
 def test_host_seeds_differ_and_are_stable():

@@ -25,7 +25,8 @@ mean over groups of the group means (the batch mean, since groups are equal)
 and the mean over groups of the per-group biased variances (not the variance of
 the whole batch, which also counts the spread between group means). With one
 group both are the usual batch moments. Evaluation normalizes with the moving
-averages, so eval batches (padded or not) never enter any moment.
+averages, so eval batches (padded or not) never enter any moment. `init`
+accepts any batch size and leaves the moving averages at mean 0, variance 1.
 """
 
 from __future__ import annotations

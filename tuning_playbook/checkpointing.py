@@ -15,6 +15,7 @@ import os
 import shutil
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
@@ -49,6 +50,8 @@ class Checkpointer:
         self.directory, options=options, item_names=("state", "meta"))
 
   def _purge_deleted(self):
+    if jax.process_index() != 0:
+      return
     todelete = os.path.join(self.directory, _TODELETE)
     if os.path.isdir(todelete):
       shutil.rmtree(todelete, ignore_errors=True)

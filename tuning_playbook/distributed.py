@@ -6,8 +6,31 @@ form one job (used by the multi-process tests).
 
 from __future__ import annotations
 
+import socket
+import time
+
 from absl import logging
 import jax
+
+
+class CoordinatorUnreachableError(RuntimeError):
+  """Process 0 (the coordinator) did not answer in time."""
+
+
+def wait_for_coordinator(address: str, timeout_seconds: float) -> None:
+  """Waits until the coordinator accepts connections, or raises naming it."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise CoordinatorUnreachableError(
+            f"process 0 (the coordinator at {address}) did not accept a "
+            f"connection within {timeout_seconds}s: {e}") from None
+      time.sleep(0.5)
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0,
@@ -29,6 +52,11 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:
+    logging.info("Process %d of %d: joining the job at %s (waiting up to %ds for "
+                 "every process; a missing one aborts the job).", process_id,
+                 num_processes, coordinator_address, timeout_seconds)
+    if process_id > 0:
+      wait_for_coordinator(coordinator_address, timeout_seconds)
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes,
         process_id=process_id, initialization_timeout=timeout_seconds)

@@ -1,11 +1,15 @@
-"""A training stream over a host's split held in memory as numpy arrays.
+"""A training stream over a whole split held in memory as numpy arrays.
 
 Used for workloads without a custom `preprocess` (nothing per example but
 picking and casting two features), where tf.data's per-example cost would
-exceed the cost of a training step of a small model. The order is a
-permutation per epoch given by a hash of (host seed, epoch, example index):
-the arithmetic is spelled out here (splitmix64), so it is the same on every
-machine and NumPy version, and resuming at step s needs no iterator state.
+exceed the cost of a training step of a small model.
+
+The order is global: one permutation of the split per epoch, a hash of
+(seed, epoch, example index) spelled out here (splitmix64) so it is the same
+on every machine and NumPy version. Global batch s is positions
+[s * batch, (s + 1) * batch) of that stream, and each host takes its own
+contiguous slice of it. The data a step trains on therefore does not depend
+on the number of hosts, and resuming at step s needs no iterator state.
 """
 
 from __future__ import annotations
@@ -37,39 +41,44 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class InMemoryTrainStream:
-  """Same interface as `input_pipeline.TrainStream`, without tf.data per step."""
+  """Same interface as `input_pipeline.TrainStream`, without tf.data per step.
+
+  `examples_per_epoch` counts the whole split (the order is global).
+  """
 
   def __init__(self, builder, split: str, *, input_key: str, label_key: str,
                seed: int, local_batch_size: int, process_index: int,
                process_count: int):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     input_pipeline.hide_accelerators_from_tensorflow()
-    host_split = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count)
-    data = tfds.as_numpy(builder.as_dataset(split=host_split, batch_size=-1,
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
                                             shuffle_files=False))
     self._inputs = np.asarray(data[input_key], np.float32)
     self._labels = np.asarray(data[label_key], np.int32)
-    self._seed = input_pipeline.host_seed(seed, process_index)
+    # One seed for all hosts: the order is global, not per host.
+    self._seed = input_pipeline.host_seed(seed, 0)
     self.local_batch_size = local_batch_size
+    self.global_batch_size = local_batch_size * process_count
+    self._host_offset = local_batch_size * process_index
     self.examples_per_epoch = len(self._labels)
     if self.examples_per_epoch == 0:
-      raise ValueError(f"split {split!r} has no examples for host "
-                       f"{process_index} of {process_count}")
+      raise ValueError(f"split {split!r} has no examples")
 
   def position(self, step: int) -> input_pipeline.DataPosition:
-    start = step * self.local_batch_size
+    start = step * self.global_batch_size
     return input_pipeline.DataPosition(
         step=step, epoch=start // self.examples_per_epoch,
         offset_in_epoch=start % self.examples_per_epoch,
-        host_examples_per_epoch=self.examples_per_epoch)
+        examples_per_epoch=self.examples_per_epoch)
 
   def element_spec(self) -> tuple[tuple[int, ...], np.dtype]:
     """Shape (without batch) and dtype of the model inputs."""
     return self._inputs.shape[1:], self._inputs.dtype
 
   def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    n, size = self.examples_per_epoch, self.local_batch_size
+    """This host's slices of the global batches from `start_step` on."""
+    n, size = self.examples_per_epoch, self.global_batch_size
+    lo, hi = self._host_offset, self._host_offset + self.local_batch_size
     position = start_step * size
     epoch = position // n
     order = epoch_permutation(self._seed, epoch, n)
@@ -85,5 +94,5 @@ class InMemoryTrainStream:
         if position == (epoch + 1) * n:
           epoch += 1
           order = epoch_permutation(self._seed, epoch, n)
-      index = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+      index = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces))[lo:hi]
       yield {"inputs": self._inputs[index], "label": self._labels[index]}

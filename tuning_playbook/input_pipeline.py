@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -37,6 +38,25 @@ def hide_accelerators_from_tensorflow() -> None:
       pass
 
 
+def prepare_dataset(dataset_builder: Callable[[Any], Any], config) -> Any:
+  """Calls a workload's `dataset_builder` holding an exclusive file lock.
+
+  Trials of a study, and the processes of a job on one machine, may prepare
+  the same TFDS data set at once; TFDS would then race on renaming its
+  directories. The lock lives in the data directory.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.expanduser(config.data.data_dir or tfds.core.constants.DATA_DIR)
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return dataset_builder(config)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _tf():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   hide_accelerators_from_tensorflow()
@@ -55,7 +75,7 @@ class DataPosition:
   step: int
   epoch: int
   offset_in_epoch: int
-  host_examples_per_epoch: int
+  examples_per_epoch: int  # Of the stream: this host's shard, or the split.
 
   def to_json(self) -> dict[str, int]:
     return dataclasses.asdict(self)
@@ -96,7 +116,7 @@ class TrainStream:
     start = step * self.local_batch_size
     return DataPosition(step=step, epoch=start // self.examples_per_epoch,
                         offset_in_epoch=start % self.examples_per_epoch,
-                        host_examples_per_epoch=self.examples_per_epoch)
+                        examples_per_epoch=self.examples_per_epoch)
 
   def element_spec(self) -> tuple[tuple[int, ...], np.dtype]:
     """Shape (without batch) and dtype of the model inputs."""

@@ -14,7 +14,8 @@ A config file defines its study with `get_search_space()`, returning a dict
               "nesterov": {"optimizer.learning_rate": {
                               "scale": "log", "min": 1e-3, "max": 1.0},
                            "optimizer.momentum": {
-                              "scale": "reverse_log", "min": 0.5, "max": 0.999}},
+                              "scale": "reverse_log",
+                              "min": 0.5, "max": 0.999}},
               "adam": {"optimizer.learning_rate": {
                           "scale": "log", "min": 1e-5, "max": 1e-2},
                        "optimizer.beta1": {
@@ -31,6 +32,13 @@ categorical. A categorical whose values are dicts sets several keys at once.
 `conditional` maps a categorical value to parameters that exist only for it;
 each is its own dimension, so a same-named parameter under two values is two
 distinct hyperparameters.
+
+Scientific parameters get one study per value (`scientific_mode="separate"`,
+in `<study_dir>/<param>=<value>/`, all with the same seed so trial i sits at
+the same place of every study's nuisance space) or are searched together with
+the nuisance ones ("joint"), placed first, where the sequence covers their
+values most evenly. Dimensions follow the order written (a ConfigDict sorts
+its keys); trial i depends only on (seed, i, search space).
 """
 
 from __future__ import annotations
@@ -42,9 +50,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tuning_playbook import dimension as dimension_lib
 from tuning_playbook import halton
 
-NUMERIC_SCALES = ("linear", "log", "reverse_log", "int_linear", "int_log")
+Dimension = dimension_lib.Dimension
+NUMERIC_SCALES = dimension_lib.NUMERIC_SCALES
 ALGORITHMS = ("quasi_random", "pseudo_random", "grid")
 SCIENTIFIC_MODES = ("separate", "joint")
 ROLES = ("scientific", "nuisance")
@@ -62,57 +72,6 @@ SAMPLER_VERSION = 1
 
 class SearchSpaceError(ValueError):
   """A search space that cannot define a study; the message names the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dimension:
-  """One searched hyperparameter: one coordinate of the sequence."""
-  name: str  # Unique: "optimizer.beta1[optimizer.name=adam]" when conditional.
-  param: str  # Config path, or a label when the values are dicts of overrides.
-  role: str
-  scale: str  # One of NUMERIC_SCALES or "categorical".
-  min: float | int | None = None
-  max: float | int | None = None
-  values: tuple[Any, ...] | None = None
-  condition: tuple[tuple[str, Any], ...] = ()  # (parent dimension, value).
-  grid_points: int | None = None
-
-  def value(self, u: float) -> Any:
-    """Maps u in [0, 1) to a value of this dimension on its scale."""
-    if self.scale == "categorical":
-      return self.values[min(int(u * len(self.values)), len(self.values) - 1)]
-    lo, hi = self.min, self.max
-    if self.scale == "linear":
-      x = lo + u * (hi - lo)
-    elif self.scale == "log":
-      x = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-    elif self.scale == "reverse_log":
-      q_lo, q_hi = math.log(1 - lo), math.log(1 - hi)
-      x = 1 - math.exp(q_lo + u * (q_hi - q_lo))
-    elif self.scale == "int_linear":
-      return lo + min(int(u * (hi - lo + 1)), hi - lo)
-    else:  # int_log: log-uniform on [lo, hi + 1), floored.
-      x = math.exp(math.log(lo) + u * (math.log(hi + 1) - math.log(lo)))
-      return max(lo, min(int(math.floor(x)), hi))
-    return float(min(max(x, lo), hi))
-
-  def overrides(self, value: Any) -> dict[str, Any]:
-    """The config overrides that `value` of this dimension stands for."""
-    return dict(value) if isinstance(value, Mapping) else {self.param: value}
-
-  def to_json(self) -> dict[str, Any]:
-    out = {"role": self.role}
-    if self.scale == "categorical":
-      out["values"] = list(self.values)
-    else:
-      out.update(scale=self.scale, min=self.min, max=self.max)
-    if self.grid_points is not None:
-      out["grid_points"] = self.grid_points
-    if self.condition or self.param != self.name:
-      out["param"] = self.param
-    if self.condition:
-      out["condition"] = {parent: value for parent, value in self.condition}
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +98,11 @@ class SearchSpace:
     """Every config path a trial of this space may set."""
     keys = list(self.fixed) + list(self.scientific)
     for dim in self.dimensions:
-      if dim.scale == "categorical" and any(
-          isinstance(v, Mapping) for v in dim.values):
-        keys.extend(k for v in dim.values for k in v)
-      else:
-        keys.append(dim.param)
+      keys.extend(dim.config_keys())
     return list(dict.fromkeys(keys))
 
   def grid_size(self) -> int:
-    return math.prod(len(_grid_axis(d)) for d in self.dimensions)
+    return math.prod(len(dimension_lib.grid_axis(d)) for d in self.dimensions)
 
   def sample(self, indices: Sequence[int], seed: int) -> list[dict[str, Any]]:
     """Params of trials `indices`; trial i depends only on (seed, i, space)."""
@@ -171,7 +126,7 @@ class SearchSpace:
     return trials
 
   def _grid_units(self, indices: Sequence[int]) -> np.ndarray:
-    axes = [_grid_axis(d) for d in self.dimensions]
+    axes = [dimension_lib.grid_axis(d) for d in self.dimensions]
     size = math.prod(len(a) for a in axes)
     out = np.zeros((len(indices), len(axes)))
     for row, index in enumerate(indices):
@@ -186,16 +141,6 @@ class SearchSpace:
 
 
 _INACTIVE = object()
-
-
-def _grid_axis(dim: Dimension) -> list[float]:
-  """Unit coordinates of a grid axis: one per value, or evenly spaced."""
-  if dim.scale == "categorical":
-    k = len(dim.values)
-    return [(j + 0.5) / k for j in range(k)]
-  g = dim.grid_points
-  # The top of the range maps to just below 1, which every scale sends to max.
-  return [min(j / (g - 1), 1 - 2 ** -53) for j in range(g)]
 
 
 def _is_param_spec(value: Any) -> bool:
@@ -232,7 +177,8 @@ def _numeric_bounds(path: str, scale: str, spec: Mapping[str, Any]):
     raise SearchSpaceError(f"{path}: scale {scale!r} needs 'min' and 'max'")
   lo, hi = spec["min"], spec["max"]
   for bound, x in (("min", lo), ("max", hi)):
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+    if (isinstance(x, bool) or not isinstance(x, (int, float))
+        or not math.isfinite(x)):
       raise SearchSpaceError(f"{path}.{bound}={x!r}: must be a finite number")
   if not lo < hi:
     raise SearchSpaceError(
@@ -245,7 +191,8 @@ def _numeric_bounds(path: str, scale: str, spec: Mapping[str, Any]):
   if scale in ("log",) and lo <= 0:
     raise SearchSpaceError(f"{path}: scale 'log' needs min > 0, got {lo!r}")
   if scale == "int_log" and lo < 1:
-    raise SearchSpaceError(f"{path}: scale 'int_log' needs min >= 1, got {lo!r}")
+    raise SearchSpaceError(
+        f"{path}: scale 'int_log' needs min >= 1, got {lo!r}")
   if scale == "reverse_log" and hi >= 1:
     raise SearchSpaceError(
         f"{path}: scale 'reverse_log' samples 1 - x log-uniformly and needs "
@@ -263,7 +210,7 @@ def _parse_param(path: str, spec: Mapping[str, Any], role: str,
     raise SearchSpaceError(
         f"{path}: unknown field(s) {', '.join(unknown)}; allowed: "
         f"{', '.join(_PARAM_KEYS)}")
-  name = _dimension_name(path, condition)
+  name = dimension_lib.dimension_name(path, condition)
   grid_points = spec.get("grid_points")
   if grid_points is not None and (not isinstance(grid_points, int)
                                   or grid_points < 2):
@@ -305,21 +252,14 @@ def _parse_param(path: str, spec: Mapping[str, Any], role: str,
   return dims
 
 
-def _dimension_name(param: str, condition: tuple[tuple[str, Any], ...]) -> str:
-  """`param`, or `param[parent=value,...]` naming the conditions it needs."""
-  if not condition:
-    return param
-  label = ",".join(f"{parent.split('[')[0]}={value}" for parent, value in condition)
-  return f"{param}[{label}]"
-
-
 def _flatten_overrides(mapping: Mapping[str, Any]) -> dict[str, Any]:
   """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}."""
   out = {}
   for key, value in mapping.items():
     value = _to_plain(value)
     if isinstance(value, Mapping):
-      out.update({f"{key}.{k}": v for k, v in _flatten_overrides(value).items()})
+      out.update({f"{key}.{k}": v
+                  for k, v in _flatten_overrides(value).items()})
     else:
       out[key] = value
   return out
@@ -328,14 +268,15 @@ def _flatten_overrides(mapping: Mapping[str, Any]) -> dict[str, Any]:
 def _check_conflicts(space: SearchSpace) -> None:
   """Two dimensions may set one config path only under exclusive conditions."""
   for a, b in itertools.combinations(space.dimensions, 2):
-    if a.param != b.param:
+    if not set(a.config_keys()) & set(b.config_keys()):
       continue
     cond_a, cond_b = dict(a.condition), dict(b.condition)
     if not any(p in cond_b and cond_b[p] != v for p, v in cond_a.items()):
       raise SearchSpaceError(
-          f"{a.param} is searched twice ({a.name} and {b.name}) in trials "
-          "where both are active")
-  searched = {d.param for d in space.dimensions}
+          f"{', '.join(sorted(set(a.config_keys()) & set(b.config_keys())))} "
+          f"is searched twice ({a.name} and {b.name}) in trials where both "
+          "are active")
+  searched = {k for d in space.dimensions for k in d.config_keys()}
   for key in set(space.fixed) & searched:
     raise SearchSpaceError(f"{key} is both fixed and searched")
 
@@ -344,7 +285,8 @@ def parse(spec: Mapping[str, Any]) -> SearchSpace:
   """Checks a `get_search_space()` result and returns its SearchSpace."""
   spec = _to_plain(spec)
   if not isinstance(spec, Mapping):
-    raise SearchSpaceError(f"a search space is a dict, got {type(spec).__name__}")
+    raise SearchSpaceError(
+        f"a search space is a dict, got {type(spec).__name__}")
   unknown = sorted(set(spec) - set(_TOP_LEVEL_KEYS))
   if unknown:
     raise SearchSpaceError(
@@ -368,18 +310,20 @@ def parse(spec: Mapping[str, Any]) -> SearchSpace:
     for path, param_spec in params.items():
       dims.extend(_parse_param(path, param_spec, role, ()))
   space = SearchSpace(tuple(dims), fixed, {}, algorithm, mode,
-                      str(spec.get("name", "")), str(spec.get("description", "")))
+                      str(spec.get("name", "")),
+                      str(spec.get("description", "")))
   _check_conflicts(space)
   if len({d.name for d in dims}) != len(dims):
     raise SearchSpaceError("a parameter is defined twice under one condition")
-  if algorithm == "grid":
-    _check_grid(space)
   if mode == "separate":
     for dim in dims:
       if dim.role == "scientific" and dim.scale != "categorical":
         raise SearchSpaceError(
             f"{dim.name}: one study per scientific value needs 'values'; "
             "use scientific_mode='joint' to search a range")
+  if algorithm == "grid":
+    for _, study_space in split_scientific(space):
+      _check_grid(study_space)
   return space
 
 
@@ -417,7 +361,7 @@ def split_scientific(space: SearchSpace) -> list[tuple[str, SearchSpace]]:
           p in chosen and chosen[p] != v for p, v in dim.condition):
         continue
       kept = tuple((renamed[p], v) for p, v in dim.condition if p not in chosen)
-      renamed[dim.name] = _dimension_name(dim.param, kept)
+      renamed[dim.name] = dimension_lib.dimension_name(dim.param, kept)
       dims.append(dataclasses.replace(dim, name=renamed[dim.name],
                                       condition=kept))
     scientific = {}

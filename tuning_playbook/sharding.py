@@ -7,6 +7,7 @@ holds (or feeds as if replicated) another host's data.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
 import threading
@@ -53,6 +54,35 @@ def to_global(local_batch: dict[str, np.ndarray],
   """Builds global arrays from this host's slice of the batch."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}
+
+
+class ReplicaMismatchError(RuntimeError):
+  """A value meant to be replicated differs between devices or hosts."""
+
+
+def check_replicas_identical(tree: Any, what: str) -> None:
+  """Raises ReplicaMismatchError unless every copy of every leaf is identical.
+
+  Compares the copies on this host's devices, then a digest of them across
+  hosts. Used on BatchNorm moving averages before evals and checkpoints.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    for device_index, shard in enumerate(shards[1:], start=1):
+      if not np.array_equal(shard, shards[0], equal_nan=True):
+        raise ReplicaMismatchError(
+            f"{what}{jax.tree_util.keystr(path)} differs between local devices "
+            f"0 and {device_index} on process {jax.process_index()}")
+    digest.update(shards[0].tobytes())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    local = np.frombuffer(digest.digest(), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(local))
+    differing = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differing:
+      raise ReplicaMismatchError(
+          f"{what} differs between process 0 and process(es) {differing}")
 
 
 def prefetch_to_devices(batches: Iterable[dict[str, np.ndarray]],

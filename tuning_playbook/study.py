@@ -42,6 +42,7 @@ class StudyError(ValueError):
 
 
 def trial_id(index: int) -> str:
+  """Trial 7 is "0007": ids sort in trial order and never change."""
   return f"{index:04d}"
 
 
@@ -123,6 +124,7 @@ def _plain(obj: Any) -> Any:
 
 
 def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"optimizer.name": "adam", ...}: every field by dotted path, as JSON."""
   out = {}
   def visit(node, prefix):
     for key, value in node.items():
@@ -140,7 +142,8 @@ def check_config_keys(keys: Sequence[str],
   for key in keys:
     node = config
     for i, part in enumerate(key.split(".")):
-      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      if (not isinstance(node, (ml_collections.ConfigDict, dict))
+          or part not in node):
         raise StudyError(
             f"search space key {key!r}: the config has no field "
             f"config.{key} (no {'.'.join(key.split('.')[:i + 1])!r})")
@@ -185,7 +188,8 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   for field in IDENTITY_FIELDS:
     a, b = _plain(old.get(field)), _plain(new.get(field))
     if isinstance(a, dict) and isinstance(b, dict):
-      keys = [k for k in dict.fromkeys(list(a) + list(b)) if a.get(k) != b.get(k)]
+      keys = [k for k in dict.fromkeys(list(a) + list(b))
+              if a.get(k) != b.get(k)]
       if keys:
         diffs.extend(f"{field}.{k}: {a.get(k, '<absent>')!r} -> "
                      f"{b.get(k, '<absent>')!r}" for k in keys)

@@ -102,15 +102,25 @@ def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
 
 
 def _launch(job: TrialJob, lock_fd: int, cwd: str | None,
-            env: dict[str, str] | None) -> _Running:
+            env: dict[str, str] | None) -> _Running | None:
+  """Starts the trial; None (recorded as failed) if it cannot be started."""
   started = _now()
   with open(os.path.join(job.trial_dir, tracking.LOG_FILE), "ab") as log:
     log.write(f"=== {started} launch: {' '.join(job.argv)}\n".encode())
     log.flush()
-    process = subprocess.Popen(
-        list(job.argv), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, cwd=cwd, env=env, pass_fds=(lock_fd,),
-        preexec_fn=_die_with_parent_fn())
+    try:
+      process = subprocess.Popen(
+          list(job.argv), stdout=log, stderr=subprocess.STDOUT,
+          stdin=subprocess.DEVNULL, cwd=cwd, env=env, pass_fds=(lock_fd,),
+          preexec_fn=_die_with_parent_fn())
+    except (OSError, subprocess.SubprocessError) as e:
+      log.write(f"could not start the trial: {e}\n".encode())
+      _write_runner_file(job.trial_dir, status="exited", returncode=None,
+                         error=f"could not start the trial: {e}",
+                         started=started, finished=_now(),
+                         command=list(job.argv))
+      os.close(lock_fd)
+      return None
   _write_runner_file(job.trial_dir, status="running", pid=process.pid,
                      started=started, command=list(job.argv))
   return _Running(job, process, lock_fd, started)
@@ -142,11 +152,12 @@ def _stop_all(running: list[_Running]) -> None:
 
 def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
                retry_failed: bool = False,
-               on_finish: Callable[[TrialJob], None] | None = None,
+               on_update: Callable[[TrialJob], None] | None = None,
                cwd: str | None = None, env: dict[str, str] | None = None,
                poll_seconds: float = 0.2) -> int:
   """Runs the unfinished `jobs`, at most `parallel` at once; returns how many
-  were launched. A failing trial never stops the others.
+  were launched. A failing trial never stops the others. `on_update(job)` is
+  called after a trial starts and after it ends (to refresh the records).
 
   Interrupting the call (KeyboardInterrupt, SystemExit) terminates the running
   trials, marks them interrupted, and re-raises.
@@ -171,8 +182,12 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
           os.close(lock_fd)  # Finished by whoever held the lock.
           continue
         logging.info("Launching trial %s", job.trial_dir)
-        running.append(_launch(job, lock_fd, cwd, env))
-        launched += 1
+        run = _launch(job, lock_fd, cwd, env)
+        if run is not None:
+          running.append(run)
+          launched += 1
+        if on_update is not None:
+          on_update(job)
       time.sleep(poll_seconds)
       for run in list(running):
         if run.process.poll() is not None:
@@ -181,8 +196,8 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
           record = tracking.trial_record(run.job.trial_dir)
           logging.info("Trial %s: %s%s", run.job.trial_dir, record["status"],
                        f" ({record['reason']})" if record["reason"] else "")
-          if on_finish is not None:
-            on_finish(run.job)
+          if on_update is not None:
+            on_update(run.job)
   except BaseException:
     _stop_all(running)
     raise

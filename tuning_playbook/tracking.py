@@ -118,7 +118,9 @@ def trial_record(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
   if runner.get("status") == "exited":
     code = runner.get("returncode")
     record["status"] = "failed"
-    if code == 0:
+    if runner.get("error"):
+      record["reason"] = runner["error"]
+    elif code == 0:
       record["reason"] = f"exited 0 without writing {SUMMARY_FILE}"
     else:
       last = last_log_line(trial_dir)

@@ -128,7 +128,7 @@ class Trainer:
     mesh = sharding.create_mesh()
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    builder = workload.dataset_builder(config)
+    builder = input_pipeline.prepare_dataset(workload.dataset_builder, config)
     self.stream = _make_train_stream(config, workload, builder)
 
     model = workload.create_model(config)
@@ -188,12 +188,12 @@ class Trainer:
     self.state, meta = self.ckpt.restore(step, target)
     self.step = int(meta["step"])
     self.best.step, self.best.value = meta["best_step"], meta["best_value"]
-    saved = meta["data_position"]["host_examples_per_epoch"]
+    saved = meta["data_position"]["examples_per_epoch"]
     if saved != self.stream.examples_per_epoch:
       raise RuntimeError(
           f"checkpoint {step} was written with {saved} training examples per "
-          f"host epoch, now {self.stream.examples_per_epoch}: the data or the "
-          "process count changed, so the data order cannot be resumed")
+          f"epoch of the stream, now {self.stream.examples_per_epoch}: the data "
+          "or the process count changed, so the data order cannot be resumed")
     logging.info("Resumed from checkpoint at step %d.", self.step)
 
   def train(self, until_step: int) -> str | None:
@@ -234,6 +234,8 @@ class Trainer:
     row = _window_row(step, fetched)
     reason = _divergence(first, fetched, config.divergence_loss_threshold)
     if reason is None and is_eval:
+      # The moving averages evaluated and saved must be the same everywhere.
+      sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
       with self.report_progress.timed("eval"):
         row.update(self.evaluator.evaluate(self.state))
       value = row[config.best_metric]

@@ -25,12 +25,14 @@ INFO, WARNING = findings_lib.INFO, findings_lib.WARNING
 LATE_FRACTION = 0.25
 MIN_LATE_POINTS = 4
 REGULARIZERS = ("decay", "dropout", "smoothing", "regulari", "augment")
+SPLIT_NAMES = {"train": "training subset", "validation": "validation"}
 
 
 @dataclasses.dataclass(frozen=True)
 class CurveFlags:
   """What the curves of one trial show; each flag is None or its evidence."""
   trial_id: str
+  examined: bool = False  # False: too few evaluations to judge.
   overfitting: dict[str, Any] | None = None
   late_variance: dict[str, Any] | None = None
   still_improving: dict[str, Any] | None = None
@@ -38,7 +40,8 @@ class CurveFlags:
 
   def names(self) -> list[str]:
     return [f.name for f in dataclasses.fields(self)
-            if f.name != "trial_id" and getattr(self, f.name) is not None]
+            if f.name not in ("trial_id", "examined")
+            and getattr(self, f.name) is not None]
 
 
 def _lower_is_better(trial: study_data.Trial, key: str,
@@ -54,12 +57,16 @@ def late_window(y: np.ndarray) -> np.ndarray:
   return y[-n:]
 
 
-def late_noise(y: np.ndarray) -> float:
-  """Step-to-step noise late in training (trend removed by differencing)."""
-  late = late_window(y)
-  if len(late) < 3:
+def noise(y: np.ndarray) -> float:
+  """Step-to-step noise, from second differences (blind to a local linear trend)."""
+  if len(y) < 3:
     return 0.0
-  return float(np.std(np.diff(late)) / math.sqrt(2))
+  return float(np.std(np.diff(y, n=2)) / math.sqrt(6))
+
+
+def late_noise(y: np.ndarray) -> float:
+  """Step-to-step noise over the last quarter of the evaluations."""
+  return noise(late_window(y))
 
 
 def improvement(y: np.ndarray) -> float:
@@ -68,23 +75,30 @@ def improvement(y: np.ndarray) -> float:
   return float(np.max(y[:b + 1]) - y[b])
 
 
+def smoothed(y: np.ndarray) -> tuple[np.ndarray, int]:
+  """Moving average over up to 5 evaluations (one fifth of them), and its width."""
+  w = min(5, max(1, len(y) // 5))
+  return np.convolve(y, np.ones(w) / w, mode="valid"), w
+
+
 def overfitting(steps: np.ndarray, y: np.ndarray,
                 thresholds: findings_lib.Thresholds) -> dict[str, Any] | None:
-  """The curve rises after its best, beyond noise and a share of its improvement."""
+  """The smoothed curve rises after its best, beyond noise and a share of its improvement."""
   if len(y) < 4:
     return None
-  b = int(np.argmin(y))
-  after = y[b + 1:]
-  if len(after) < 2:
+  ma, w = smoothed(y)
+  b = int(np.argmin(ma))
+  if len(ma) - b < 3:
     return None
-  final = float(np.mean(after[-min(3, len(after)):]))
-  rise = final - float(y[b])
-  scale, noise = improvement(y), late_noise(y)
-  if rise <= max(thresholds.overfit_rise * scale, thresholds.noise_multiple * noise):
+  rise = float(ma[-1] - ma[b])
+  scale, deviation = improvement(y), noise(y[b:])
+  # The difference of two averages of w noisy values deviates by noise*sqrt(2/w).
+  noise_floor = thresholds.noise_multiple * deviation * math.sqrt(2 / w)
+  if rise <= max(thresholds.overfit_rise * scale, noise_floor):
     return None
-  return {"best_step": int(steps[b]), "final_step": int(steps[-1]),
+  return {"best_step": int(steps[int(np.argmin(y))]), "final_step": int(steps[-1]),
           "rise": rise, "rise_fraction_of_improvement": rise / scale if scale else None,
-          "noise": noise}
+          "noise": deviation}
 
 
 def relative_late_noise(y: np.ndarray) -> float:
@@ -111,8 +125,11 @@ def still_improving(steps: np.ndarray, y: np.ndarray,
 
 def saturation_step(steps: np.ndarray, y: np.ndarray,
                     thresholds: findings_lib.Thresholds) -> int:
-  tolerance = max(thresholds.saturation_tolerance * improvement(y), 2 * late_noise(y))
-  return int(steps[np.argmax(y <= np.min(y) + tolerance)])
+  """First step (end of a smoothing window) within tolerance of the best."""
+  ma, w = smoothed(y)
+  tolerance = max(thresholds.saturation_tolerance * improvement(y),
+                  2 * late_noise(y) / math.sqrt(w))
+  return int(steps[w - 1:][np.argmax(ma <= np.min(ma) + tolerance)])
 
 
 def examine(trial: study_data.Trial, objective: study_data.Objective,
@@ -142,7 +159,7 @@ def examine(trial: study_data.Trial, objective: study_data.Objective,
       saturated = {"saturation_steps": sat, "final_step": final,
                    "fraction": max(sat.values()) / final}
   return CurveFlags(
-      trial.trial_id, overfitting=over,
+      trial.trial_id, examined=True, overfitting=over,
       late_variance={"relative_noise": variance} if variance else None,
       still_improving=still_improving(steps, y, thresholds), saturated=saturated)
 
@@ -173,8 +190,9 @@ def check(study: study_data.Study, flags: dict[str, CurveFlags],
           f"Problematic overfitting: {metric} starts rising after its best step "
           f"in {len(over_best)} of the best trials ({trial_list(over_best)}). "
           f"Re-run with more regularization (dropout, label smoothing, weight "
-          f"decay) or better-tuned regularization before comparing scientific "
-          f"values.")
+          f"decay) or better-tuned regularization before "
+          + ("comparing scientific values." if study.scientific_dimensions()
+             else "drawing conclusions from this study."))
       if regularization:
         message += (f" Expected for weak settings of {', '.join(regularization)}, "
                     f"which are scientific hyperparameters here.")
@@ -191,12 +209,15 @@ def check(study: study_data.Study, flags: dict[str, CurveFlags],
                         "noise_multiple": thresholds.noise_multiple}))
   variance = flagged("late_variance", best_ids)
   if variance:
-    worst = max(max(v["relative_noise"].values()) for v in variance.values())
+    where = "; ".join(
+        f"{i}: " + ", ".join(f"{SPLIT_NAMES.get(split, split)} {percent(v)}"
+                             for split, v in e["relative_noise"].items())
+        for i, e in list(variance.items())[:6])
     out.append(Finding(
         "late_variance", "late_variance", WARNING,
-        f"High step-to-step variance of the evaluation metrics late in training "
-        f"in {trial_list(variance)} (noise up to {percent(worst)} of the metric's "
-        f"level, threshold {percent(thresholds.late_noise)}): each trial ends on a "
+        f"High step-to-step variance of {study.objective.split_metric[1]} late in "
+        f"training ({where} of the metric's level; threshold "
+        f"{percent(thresholds.late_noise)}): each trial ends on a "
         f"lucky or unlucky step, which blurs comparisons and reproduction. "
         f"Increase the batch size, use more validation data, decay the learning "
         f"rate further, or use Polyak averaging.",
@@ -221,10 +242,18 @@ def check(study: study_data.Study, flags: dict[str, CurveFlags],
         f"(see the best-step check).",
         {"trials": saturated, "tolerance": thresholds.saturation_tolerance,
          "fraction": thresholds.saturation_fraction}))
-  if best_ids and not out:
+  examined = [i for i in best_ids if flags[i].examined]
+  if len(examined) < len(best_ids):
+    out.append(Finding(
+        "curves_missing", "curves_missing", INFO,
+        f"{trial_list([i for i in best_ids if i not in examined])} logged fewer "
+        f"than 3 evaluations of {metric}: too few to judge their training "
+        f"curves. Evaluate more often (eval_every_steps) to see them.",
+        {"trials": [i for i in best_ids if i not in examined]}))
+  if examined and not out:
     out.append(Finding(
         "curves_ok", "curves_ok", INFO,
-        f"The training curves of the best trials ({trial_list(best_ids)}) show no "
+        f"The training curves of the best trials ({trial_list(examined)}) show no "
         f"overfitting, late variance, saturation, or improvement left at the end.",
-        {"trials": best_ids}))
+        {"trials": examined}))
   return out

@@ -34,8 +34,23 @@ class GradientStats:
   fraction_clipped_at_suggestion: float
   configured_threshold: float  # config.grad_clip_norm; 0 means off.
   fraction_clipped_configured: float | None
-  outlier_steps: tuple[int, ...]  # Norm above gradient_outlier_factor x median.
+  # Norm above gradient_outlier_factor x the median of its neighbourhood.
+  outlier_steps: tuple[int, ...]
   step_resolution: bool  # False: per-log-interval means from metrics.jsonl.
+
+
+def local_median(norms: np.ndarray, blocks: int = 100, min_block: int = 10) -> np.ndarray:
+  """Each step's baseline: the median norm of its block of ~1% of the steps.
+
+  A spike stands out from its neighbours; a norm that falls steadily over
+  training (as the loss goes to zero) does not.
+  """
+  size = max(min_block, len(norms) // blocks)
+  starts = np.arange(0, len(norms), size)
+  medians = np.array([np.median(norms[i:i + size]) for i in starts])
+  if len(norms) - starts[-1] < min_block and len(starts) > 1:
+    medians[-1] = np.median(norms[starts[-2]:])  # Too short to stand alone.
+  return np.repeat(medians, size)[:len(norms)]
 
 
 def stats(trial: study_data.Trial,
@@ -56,7 +71,7 @@ def stats(trial: study_data.Trial,
     logged = trial.series("train/clipped_fraction")[1]
     if not from_step_log and np.isfinite(logged).any():
       clipped = float(np.nanmean(logged))
-  outliers = steps[norms > thresholds.gradient_outlier_factor * median]
+  outliers = steps[norms > thresholds.gradient_outlier_factor * local_median(norms)]
   return GradientStats(
       trial_id=trial.trial_id, num_steps=len(norms), median=median,
       maximum=float(norms.max()), suggested_threshold=threshold,
@@ -103,12 +118,10 @@ def check(all_stats: Sequence[GradientStats],
   spiky = {s.trial_id: list(s.outlier_steps[:MAX_LISTED_STEPS])
            for s in all_stats if s.outlier_steps}
   if spiky:
-    ratio = max(s.maximum / s.median for s in all_stats
-                if s.trial_id in spiky and s.median > 0)
     out.append(Finding(
         "gradient_outliers", "gradient_outliers", WARNING,
         f"Gradient norm spikes (above {fmt(thresholds.gradient_outlier_factor)}x "
-        f"the median, up to {fmt(ratio)}x) in {trial_list(spiky)}: outlier "
+        f"the median norm of the surrounding steps) in {trial_list(spiky)}: outlier "
         f"gradients are where clipping helps. Clip near the {q} "
         f"({fmt(best.suggested_threshold)}), or for spikes early in training "
         f"try a longer learning rate warmup.",

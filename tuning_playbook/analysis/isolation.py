@@ -54,15 +54,18 @@ def _format(value: Any) -> str:
 
 def groups(study: study_data.Study, dim: study_data.Dimension) -> list[Group]:
   """The trials grouped by their value of `dim`, in the dimension's order."""
-  trials = [t for t in study.trials if dim.name in t.params]
+  trials = [t for t in study.trials if dim.name in t.values]
   distinct = {}
   for trial in trials:
-    distinct.setdefault(_key(trial.params[dim.name]), []).append(trial)
-  # A few distinct values (a grid) keep one group each; many are bucketed.
-  continuous = dim.scale not in ("int", "int_log") or len(distinct) > MAX_DISTINCT_VALUES
-  if dim.numeric and continuous and len(distinct) > MAX_DISTINCT_VALUES // 2:
+    distinct.setdefault(_key(trial.values[dim.name]), []).append(trial)
+  # A small integer range or a few distinct values (a grid) keep one group
+  # per value; values sampled from a wide range are bucketed.
+  small_int_range = (dim.scale in study_data.INT_SCALES and dim.min is not None
+                     and dim.max is not None
+                     and dim.max - dim.min < MAX_DISTINCT_VALUES)
+  if dim.numeric and not small_int_range and len(distinct) > MAX_DISTINCT_VALUES // 2:
     return _buckets(with_observed_bounds(
-        dim, [t.params[dim.name] for t in trials]), trials)
+        dim, [t.values[dim.name] for t in trials]), trials)
   order = [_key(v) for v in dim.values or ()]
   def rank(key):
     value = json.loads(key)
@@ -80,7 +83,7 @@ def _buckets(dim: study_data.Dimension, trials: Sequence[study_data.Trial]) -> l
   n = min(MAX_BUCKETS, max(3, round(math.sqrt(max(len(finished), 1)))))
   members = [[] for _ in range(n)]
   for trial in trials:
-    position = dim.position(trial.params[dim.name])
+    position = dim.position(trial.values[dim.name])
     if position is None:
       continue
     members[min(n - 1, max(0, int(position * n)))].append(trial)

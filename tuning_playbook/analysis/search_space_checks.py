@@ -11,6 +11,7 @@ training is not compute-bound".
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any
 
 import numpy as np
@@ -35,56 +36,85 @@ def check(study: study_data.Study,
 def _bounded(study: study_data.Study,
              dim: study_data.Dimension) -> study_data.Dimension:
   return isolation.with_observed_bounds(
-      dim, [t.params.get(dim.name) for t in study.trials])
+      dim, [t.values.get(dim.name) for t in study.trials])
+
+
+def _candidates(study: study_data.Study) -> list[tuple[study_data.Trial, str, str]]:
+  """(trial, who it is, the scientific dimension it was chosen within or "")."""
+  best = study.best_trial()
+  if best is None:
+    return []
+  out = [(best, "the best trial", "")]
+  for dim in study.scientific_dimensions():
+    for group in isolation.groups(study, dim):
+      top = isolation.best_trials(study, group, 1)
+      if top and all(top[0] is not c[0] for c in out):
+        out.append((top[0], f"the best trial of {dim.name} = {group.label}", dim.name))
+  return out
+
+
+def _extended_bound(dim: study_data.Dimension, side: str) -> float:
+  """The bound moved out by a quarter of the range, on the dimension's scale."""
+  value = dim.value_at(-0.25 if side == "min" else 1.25)
+  if side == "min" and float(dim.min) >= 0:
+    value = max(value, 0.0)  # Nonnegative ranges (rates, momenta) stay so.
+  if dim.scale in study_data.INT_SCALES:
+    value = math.floor(value) if side == "min" else math.ceil(value)
+  return value
 
 
 def near_boundary(study: study_data.Study,
                   thresholds: findings_lib.Thresholds) -> list[Finding]:
-  """The best trial lies near the edge of a numeric dimension."""
-  best = study.best_trial()
-  if best is None:
-    return []
-  out = []
+  """The best trial (overall, or of a scientific value) lies near a range's edge."""
   margin = thresholds.boundary_margin
-  for dim in study.varied_dimensions():
-    dim = _bounded(study, dim)
-    position = dim.position(best.params.get(dim.name))
-    if position is None:
-      continue
-    if position <= margin:
-      side, bound, word, beyond_test = "min", dim.min, "below", lambda p: p < position
-    elif position >= 1 - margin:
-      side, bound, word, beyond_test = "max", dim.max, "above", lambda p: p > position
-    else:
-      continue
+  hits = collections.defaultdict(list)  # (dimension, side) -> [(trial, who, position)]
+  dims = {d.name: _bounded(study, d) for d in study.varied_dimensions() if d.numeric}
+  for trial, who, within in _candidates(study):
+    for name, dim in dims.items():
+      position = dim.position(trial.values.get(name))
+      if name == within or position is None:
+        continue
+      if position <= margin:
+        hits[(name, "min")].append((trial, who, position))
+      elif position >= 1 - margin:
+        hits[(name, "max")].append((trial, who, position))
+  out = []
+  for (name, side), found in hits.items():
+    dim = dims[name]
+    trial, who, position = found[0]
+    bound, word = (dim.min, "below") if side == "min" else (dim.max, "above")
     beyond = []
-    for trial in study.trials:
-      p = dim.position(trial.params.get(dim.name))
-      if trial.status != study_data.UNFINISHED and p is not None and beyond_test(p):
-        beyond.append(trial)
+    for other in study.trials:
+      p = dim.position(other.values.get(name))
+      if (other.status != study_data.UNFINISHED and p is not None
+          and (p < position if side == "min" else p > position)):
+        beyond.append(other)
     infeasible_beyond = bool(beyond) and all(t.infeasible for t in beyond)
-    suggested = dim.value_at(-0.5 if side == "min" else 1.5)
-    if dim.scale == "linear" and side == "min" and float(dim.min) >= 0:
-      suggested = max(suggested, 0.0)
-    value = best.params.get(dim.name)
+    suggested = _extended_bound(dim, side)
+    value = trial.values.get(name)
     message = (
-        f"The best trial ({best.trial_id}) has {dim.name} = {fmt(value)}, in the "
-        f"outer {percent(margin)} of the search range [{fmt(dim.min)}, "
+        f"{who[0].upper()}{who[1:]} ({trial.trial_id}) has {name} = {fmt(value)}, "
+        f"in the outer {percent(margin)} of the search range [{fmt(dim.min)}, "
         f"{fmt(dim.max)}] ({dim.scale} scale), next to its {side} boundary. "
         f"Better trials may lie {word} {fmt(bound)}: extend the range {word} "
         f"{fmt(bound)} (e.g. to {fmt(suggested)}) and run another study.")
+    if len(found) > 1:
+      message += " Also near it: " + ", ".join(
+          f"{w} ({t.trial_id})" for t, w, _ in found[1:]) + "."
     if infeasible_beyond:
       message += (
           f" Every trial {word} it ({len(beyond)}) was infeasible: the model may be "
           f"unstable there, so first try the fixes for training instability "
           f"(warmup, gradient clipping) that could make {word} values usable.")
     out.append(Finding(
-        id=f"near_boundary/{dim.name}/{side}", kind="near_boundary",
+        id=f"near_boundary/{name}/{side}", kind="near_boundary",
         severity=WARNING, message=message,
-        details={"dimension": dim.name, "side": side, "role": dim.role,
+        details={"dimension": name, "side": side, "role": dim.role,
                  "scale": dim.scale, "value": value, "bound": bound,
                  "position": position, "margin": margin,
-                 "best_trial": best.trial_id, "suggested_bound": suggested,
+                 "best_trial": trial.trial_id,
+                 "trials": {t.trial_id: w for t, w, _ in found},
+                 "suggested_bound": suggested,
                  "trials_beyond": [t.trial_id for t in beyond],
                  "infeasible_beyond": infeasible_beyond}))
   return out
@@ -99,14 +129,16 @@ def _where_infeasible(study: study_data.Study) -> list[dict[str, Any]]:
   if not infeasible or not feasible:
     return regions
   for dim in study.varied_dimensions():
+    if any(dim.name not in t.values for t in infeasible):
+      continue  # The dimension does not exist for some of them.
     if dim.numeric:
-      values = [t.params.get(dim.name) for t in feasible]
+      values = [t.values.get(dim.name) for t in feasible]
       values = [float(v) for v in values if isinstance(v, (int, float))]
       if not values:
         continue
       lo, hi = min(values), max(values)
-      above = [t for t in infeasible if _num(t.params.get(dim.name), np.inf) > hi]
-      below = [t for t in infeasible if _num(t.params.get(dim.name), -np.inf) < lo]
+      above = [t for t in infeasible if _num(t.values.get(dim.name), np.inf) > hi]
+      below = [t for t in infeasible if _num(t.values.get(dim.name), -np.inf) < lo]
       for side, members, edge in (("above", above, hi), ("below", below, lo)):
         if len(members) == len(infeasible):
           regions.append({"dimension": dim.name, "side": side, "value": edge,
@@ -115,7 +147,7 @@ def _where_infeasible(study: study_data.Study) -> list[dict[str, Any]]:
     else:
       counts = collections.defaultdict(lambda: [0, 0])
       for t in finished:
-        counts[str(t.params.get(dim.name))][t.infeasible] += 1
+        counts[str(t.values.get(dim.name))][t.infeasible] += 1
       bad = [v for v, (ok, inf) in counts.items() if inf and not ok]
       covered = sum(counts[v][1] for v in bad)
       if bad and covered == len(infeasible):
@@ -154,8 +186,8 @@ def infeasible_trials(study: study_data.Study,
              f"({percent(fraction)}) are infeasible ({counts}): "
              f"{trial_list(details['trials'])}.")
   if regions:
-    message += (" All of them lie where " + " / ".join(r["text"] for r in regions)
-                + " (beyond every feasible trial).")
+    message += (" All of them lie beyond every feasible trial in: "
+                + "; ".join(r["text"] for r in regions) + ".")
   if len(infeasible) == len(finished):
     severity = WARNING
     message += (" No trial is feasible: look for a bug in the training code or "

@@ -1,9 +1,10 @@
 """Reads a study directory: study.json, results.csv and each trial's records.
 
 A study directory D holds `study.json` (name, config, search space, trials)
-and one run directory per trial, `D/trials/<trial_id>/`. Missing or torn
-files never raise: the trial is kept, with what is missing listed in
-`Trial.problems`.
+and one run directory per trial, `D/trials/<trial_id>/` (read by trial_data;
+what is missing or torn is listed in `Trial.problems`, never raised). A
+directory of studies, one per scientific value (`D/<param>=<value>/`), loads
+as one study with the scientific hyperparameter as a categorical dimension.
 
   study = study_data.load_study("/tmp/studies/lr")
   for trial in study.feasible_trials():
@@ -12,9 +13,9 @@ files never raise: the trial is kept, with what is missing listed in
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -23,15 +24,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-STUDY_FILE = "study.json"
+from tuning_playbook import study as study_lib
+from tuning_playbook.analysis import trial_data
+
+STUDY_FILE = study_lib.STUDY_FILE
 RESULTS_FILE = "results.csv"
-TRIALS_DIR = "trials"
-RECORD_FILES = ("config.json", "metrics.jsonl", "grad_norms.jsonl",
-                "summary.json", "log.txt")
-NUMERIC_SCALES = ("linear", "log", "reverse_log", "int", "int_log")
+TRIALS_DIR = study_lib.TRIALS_DIR
+NUMERIC_SCALES = ("linear", "log", "reverse_log", "int", "int_linear", "int_log")
+INT_SCALES = ("int", "int_linear", "int_log")
 LOG_SCALES = ("log", "int_log")
-INFEASIBLE_STATUSES = ("diverged", "failed")
-UNFINISHED = "unfinished"
+INFEASIBLE_STATUSES = trial_data.INFEASIBLE_STATUSES
+UNFINISHED = trial_data.UNFINISHED
+Trial = trial_data.Trial
 
 
 class StudyError(ValueError):
@@ -69,6 +73,8 @@ class Dimension:
   max: float | None = None
   values: tuple[Any, ...] | None = None
   role: str = "nuisance"
+  param: str = ""  # Config path, when it differs from the name.
+  condition: tuple[tuple[str, Any], ...] = ()  # (parent dimension, its value).
 
   @property
   def numeric(self) -> bool:
@@ -101,138 +107,14 @@ class Dimension:
     return lo + position * (hi - lo)
 
 
-def _finite(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _read_json(path: str) -> tuple[Any, str | None]:
-  if not os.path.exists(path):
-    return None, None
-  try:
-    with open(path) as f:
-      return json.load(f), None
-  except (OSError, ValueError) as e:
-    return None, f"{os.path.basename(path)} unreadable ({e})"
-
-
-def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], str | None]:
-  """Rows of a JSON-lines file; stops at the first torn or bad line."""
-  if not os.path.exists(path):
-    return [], None
-  rows = []
-  try:
-    with open(path) as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except ValueError:
-          return rows, f"{os.path.basename(path)}: unreadable line {n}, rest ignored"
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-          rows.append(row)
-  except OSError as e:
-    return rows, f"{os.path.basename(path)} unreadable ({e})"
-  return rows, None
-
-
-def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, values) of the rows holding `key`, sorted by step; NaN kept."""
-  pairs = {}
-  for row in rows:
-    if key in row:
-      value = row[key]
-      numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-      pairs[int(row["step"])] = float(value) if numeric else math.nan
-  steps = np.array(sorted(pairs), dtype=np.int64)
-  return steps, np.array([pairs[s] for s in steps], dtype=np.float64)
-
-
-@dataclasses.dataclass
-class Trial:
-  """One trial: its sampled hyperparameters and what its run directory holds."""
-  trial_id: str
-  params: dict[str, Any]
-  run_dir: str
-  summary: dict[str, Any] | None
-  config: dict[str, Any] | None
-  metrics: list[dict[str, Any]]
-  present_files: tuple[str, ...]
-  problems: list[str]
-
-  @property
-  def status(self) -> str:
-    """completed | diverged | failed | unfinished (no summary.json)."""
-    if not self.summary:
-      return UNFINISHED
-    return str(self.summary.get("status", UNFINISHED))
-
-  @property
-  def best_value(self) -> float | None:
-    """The objective at the retrospectively selected best step."""
-    value = (self.summary or {}).get("best_value")
-    return float(value) if _finite(value) else None
-
-  @property
-  def best_step(self) -> int | None:
-    step = (self.summary or {}).get("best_step")
-    return int(step) if _finite(step) else None
-
-  @property
-  def max_train_steps(self) -> int | None:
-    for source in (self.summary or {}, self.config or {}):
-      if _finite(source.get("max_train_steps")):
-        return int(source["max_train_steps"])
-    return None
-
-  @property
-  def final_step(self) -> int | None:
-    step = (self.summary or {}).get("final_step")
-    if _finite(step):
-      return int(step)
-    return max((int(r["step"]) for r in self.metrics), default=None)
-
-  @property
-  def feasible(self) -> bool:
-    return self.status == "completed" and self.best_value is not None
-
-  @property
-  def infeasible(self) -> bool:
-    """Diverged, failed, or completed without a finite objective."""
-    return self.status in INFEASIBLE_STATUSES or (
-        self.status == "completed" and self.best_value is None)
-
-  @property
-  def reason(self) -> str:
-    return str((self.summary or {}).get("reason") or "")
-
-  @property
-  def grad_clip_norm(self) -> float:
-    value = (self.config or {}).get("grad_clip_norm", 0.0)
-    return float(value) if _finite(value) else 0.0
-
-  def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of a metric from metrics.jsonl."""
-    return _series(self.metrics, key)
-
-  @functools.cached_property
-  def grad_norms(self) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, unclipped global gradient norm) at step resolution.
-
-    Falls back to the per-log-interval means in metrics.jsonl when
-    grad_norms.jsonl is absent.
-    """
-    rows, problem = _read_jsonl(os.path.join(self.run_dir, "grad_norms.jsonl"))
-    if problem:
-      self.problems.append(problem)
-    if rows:
-      return _series(rows, "train/grad_norm")
-    return self.series("train/grad_norm")
-
-
 @dataclasses.dataclass
 class Study:
-  """A study: its search space, objective and trials."""
+  """A study: its search space, objective and trials.
+
+  A directory holding one study per scientific value (the sweep's "separate"
+  mode, `D/<param>=<value>/study.json`) loads as one study whose scientific
+  hyperparameters are categorical dimensions, so they can be compared.
+  """
   study_dir: str
   name: str
   description: str
@@ -241,8 +123,8 @@ class Study:
   dimensions: dict[str, Dimension]
   trials: list[Trial]
   objective: Objective
-  results_rows: dict[str, dict[str, str]]
   problems: list[str]
+  fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def feasible_trials(self) -> list[Trial]:
     """Feasible trials, best first."""
@@ -257,8 +139,8 @@ class Study:
     """Dimensions whose value differs between trials, in study.json order."""
     out = []
     for dim in self.dimensions.values():
-      values = {json.dumps(t.params.get(dim.name), sort_keys=True)
-                for t in self.trials if dim.name in t.params}
+      values = {json.dumps(t.values[dim.name], sort_keys=True, default=str)
+                for t in self.trials if dim.name in t.values}
       if len(values) > 1 and dim.role != "fixed":
         out.append(dim)
     return out
@@ -266,56 +148,44 @@ class Study:
   def scientific_dimensions(self) -> list[Dimension]:
     return [d for d in self.varied_dimensions() if d.role == "scientific"]
 
-  def reproduce_command(self, trial: Trial) -> str:
-    """The command that reruns `trial`: results.csv's if it has one."""
-    row = self.results_rows.get(trial.trial_id, {})
-    for key, value in row.items():
-      if key and "command" in key.lower() and value:
-        return value
-    args = ["python", "-m", "tuning_playbook.main", f"--config={self.config_path}",
-            f"--workdir={trial.run_dir}"]
-    for name, value in trial.params.items():
-      args.append(f"--config.{name}={_flag_value(value)}")
-    return " ".join(shlex.quote(a) for a in args)
 
-
-def _flag_value(value: Any) -> str:
-  if isinstance(value, float):
-    return repr(value)
-  return str(value)
+def _label(value: Any) -> Any:
+  """A categorical value as shown: a dict of overrides becomes "k=v, k=v"."""
+  if isinstance(value, dict):
+    return ", ".join(f"{k}={v}" for k, v in value.items())
+  return value
 
 
 def _dimension(name: str, spec: Any) -> Dimension:
   spec = spec if isinstance(spec, dict) else {}
   values = spec.get("values")
+  condition = spec.get("condition") or {}
   return Dimension(
       name=name, scale=str(spec.get("scale", "categorical" if values else "linear")),
       min=spec.get("min"), max=spec.get("max"),
-      values=tuple(values) if isinstance(values, list) else None,
-      role=str(spec.get("role", "nuisance")))
+      values=tuple(_label(v) for v in values) if isinstance(values, list) else None,
+      role=str(spec.get("role", "nuisance")), param=str(spec.get("param") or name),
+      condition=tuple(condition.items()) if isinstance(condition, dict) else ())
 
 
-def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:
-  """Reads one trial's run directory, listing what is missing or unreadable."""
-  problems = []
-  present = tuple(f for f in RECORD_FILES
-                  if os.path.exists(os.path.join(run_dir, f)))
-  if not os.path.isdir(run_dir):
-    problems.append("no run directory")
-  summary, problem = _read_json(os.path.join(run_dir, "summary.json"))
-  problems += [problem] if problem else []
-  config, problem = _read_json(os.path.join(run_dir, "config.json"))
-  problems += [problem] if problem else []
-  metrics, problem = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-  problems += [problem] if problem else []
-  if os.path.isdir(run_dir):
-    missing = [f for f in RECORD_FILES[:4] if f not in present]
-    if missing:
-      problems.append("missing " + ", ".join(missing))
-  return Trial(trial_id=trial_id, params=dict(params), run_dir=run_dir,
-               summary=summary if isinstance(summary, dict) else None,
-               config=config if isinstance(config, dict) else None,
-               metrics=metrics, present_files=present, problems=problems)
+_ABSENT = object()
+
+
+def dimension_values(dimensions: dict[str, Dimension], raw_values: Sequence[Any],
+                     params: dict[str, Any]) -> dict[str, Any]:
+  """The value of every dimension active in a trial, by dimension name."""
+  out = {}
+  for dim, raw in zip(dimensions.values(), raw_values):
+    if any(out.get(parent, _ABSENT) != v for parent, v in dim.condition):
+      continue
+    if raw and all(isinstance(v, dict) for v in raw):
+      match = next((v for v in raw if all(params.get(k, _ABSENT) == x
+                                          for k, x in v.items())), None)
+      if match is not None:
+        out[dim.name] = _label(match)
+    elif dim.param in params:
+      out[dim.name] = params[dim.param]
+  return out
 
 
 def _objective(trials: Sequence[Trial], problems: list[str]) -> Objective:
@@ -332,42 +202,121 @@ def _objective(trials: Sequence[Trial], problems: list[str]) -> Objective:
   return seen[0] if seen else Objective()
 
 
-def _results_rows(study_dir: str) -> dict[str, dict[str, str]]:
+def _results_commands(study_dir: str) -> dict[str, str]:
+  """trial_id -> the reproduce command recorded in results.csv, if any."""
   path = os.path.join(study_dir, RESULTS_FILE)
   if not os.path.exists(path):
     return {}
   try:
     with open(path, newline="") as f:
-      return {row.get("trial_id", ""): row for row in csv.DictReader(f)}
+      return {row.get("trial_id", ""): row.get("command") or ""
+              for row in csv.DictReader(f)}
   except (OSError, csv.Error):
     return {}
 
 
-def load_study(study_dir: str) -> Study:
-  """Reads study.json and every trial it lists."""
-  path = os.path.join(study_dir, STUDY_FILE)
-  spec, problem = _read_json(path)
-  if problem or not isinstance(spec, dict):
-    raise StudyError(problem or f"{path} not found: is {study_dir} a study directory?")
+def _command(spec: dict[str, Any], run_dir: str, params: dict[str, Any]) -> str:
+  overrides = {**(spec.get("config_overrides") or {}), **(spec.get("fixed") or {}),
+               **params}
+  args = ["python", "-m", str(spec.get("trainer_module") or study_lib.DEFAULT_TRAINER),
+          f"--config={spec.get('config') or '<config>'}", f"--workdir={run_dir}"]
+  args += [f"--config.{k}={study_lib.format_override(v)}" for k, v in overrides.items()]
+  return shlex.join(args)
+
+
+def _load_one(study_dir: str, spec: dict[str, Any], prefix: str = "") -> Study:
   problems = []
-  dimensions = {name: _dimension(name, s)
-                for name, s in (spec.get("search_space") or {}).items()}
+  search_space = spec.get("search_space") or {}
+  dimensions = {name: _dimension(name, s) for name, s in search_space.items()}
+  raw_values = [(s or {}).get("values") if isinstance(s, dict) else None
+                for s in search_space.values()]
+  commands = _results_commands(study_dir)
   trials = []
   for entry in spec.get("trials") or []:
     trial_id = str(entry.get("trial_id", len(trials)))
-    trials.append(load_trial(os.path.join(study_dir, TRIALS_DIR, trial_id),
-                             trial_id, entry.get("params") or {}))
-  listed = {t.trial_id for t in trials}
+    params = entry.get("params") or {}
+    run_dir = os.path.join(study_dir, TRIALS_DIR, trial_id)
+    trial = trial_data.load_trial(run_dir, prefix + trial_id, params)
+    trial.values = dimension_values(dimensions, raw_values, params)
+    trial.command = commands.get(trial_id) or _command(spec, run_dir, params)
+    trials.append(trial)
+  listed = {t.trial_id[len(prefix):] for t in trials}
   trials_dir = os.path.join(study_dir, TRIALS_DIR)
   if os.path.isdir(trials_dir):
     extra = sorted(set(os.listdir(trials_dir)) - listed)
     if extra:
-      problems.append("run directories not listed in study.json (ignored): "
-                      + ", ".join(extra))
+      problems.append(f"run directories not listed in {prefix or ''}study.json "
+                      f"(ignored): " + ", ".join(extra))
   return Study(
       study_dir=study_dir, name=str(spec.get("name") or os.path.basename(
           os.path.normpath(study_dir))),
       description=str(spec.get("description") or ""), seed=spec.get("seed"),
       config_path=str(spec.get("config") or ""), dimensions=dimensions,
-      trials=trials, objective=_objective(trials, problems),
-      results_rows=_results_rows(study_dir), problems=problems)
+      trials=trials, objective=_objective(trials, problems), problems=problems,
+      fixed=dict(spec.get("fixed") or {}))
+
+
+def _read_spec(study_dir: str) -> dict[str, Any] | None:
+  spec, problem = trial_data.read_json(os.path.join(study_dir, STUDY_FILE))
+  if problem:
+    raise StudyError(problem)
+  return spec if isinstance(spec, dict) else None
+
+
+def _combine(study_dir: str, parts: Sequence[tuple[str, dict[str, Any], Study]]) -> Study:
+  """One study from one study per scientific value."""
+  dimensions: dict[str, Dimension] = {}
+  for key in dict.fromkeys(k for _, spec, _ in parts for k in spec.get("scientific") or {}):
+    values = [spec["scientific"][key] for _, spec, _ in parts
+              if key in (spec.get("scientific") or {})]
+    unique = {json.dumps(_label(v), default=str): _label(v) for v in values}
+    dimensions[key] = Dimension(key, "categorical", values=tuple(unique.values()),
+                                role="scientific")
+  specs = collections.defaultdict(list)
+  for _, _, part in parts:
+    for name, dim in part.dimensions.items():
+      specs[name].append(dim)
+  # A name with different ranges per scientific value is a distinct dimension
+  # per value (e.g. the learning rate of each optimizer).
+  shared = {name for name, dims in specs.items() if all(d == dims[0] for d in dims)}
+  trials, problems = [], []
+  for slug, spec, part in parts:
+    renamed = {}
+    for name, dim in part.dimensions.items():
+      if name in shared:
+        dimensions.setdefault(name, dim)
+      else:
+        renamed[name] = f"{name}[{slug}]"
+        dimensions[renamed[name]] = dataclasses.replace(dim, name=renamed[name])
+    for trial in part.trials:
+      trial.values = {renamed.get(k, k): v for k, v in trial.values.items()}
+      trial.values.update({k: _label(v) for k, v in (spec.get("scientific") or {}).items()})
+      trials.append(trial)
+    problems += [f"{slug}: {p}" for p in part.problems]
+  first = parts[0][2]
+  return Study(
+      study_dir=study_dir, name=first.name.split("/")[0] or os.path.basename(
+          os.path.normpath(study_dir)),
+      description=first.description, seed=first.seed, config_path=first.config_path,
+      dimensions=dimensions, trials=trials, objective=_objective(trials, problems),
+      problems=problems, fixed=first.fixed)
+
+
+def load_study(study_dir: str) -> Study:
+  """Reads study.json (or one per scientific value below) and every trial."""
+  if not os.path.isdir(study_dir):
+    raise StudyError(f"{study_dir} is not a directory")
+  spec = _read_spec(study_dir)
+  if spec is not None:
+    return _load_one(study_dir, spec)
+  parts = []
+  for slug in sorted(os.listdir(study_dir)):
+    sub = os.path.join(study_dir, slug)
+    if os.path.isdir(sub) and os.path.exists(os.path.join(sub, STUDY_FILE)):
+      sub_spec = _read_spec(sub)
+      if sub_spec is not None:
+        parts.append((slug, sub_spec, _load_one(sub, sub_spec, prefix=slug + "/")))
+  if not parts:
+    raise StudyError(f"no {STUDY_FILE} in {study_dir} or its subdirectories: "
+                     "is it a study directory?")
+  return _combine(study_dir, parts)

@@ -1,0 +1,306 @@
+"""Each finding of the study analysis fires on a study built to show it, and
+stays quiet on the clean control study."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tests import analysis_fixtures as fx
+from tuning_playbook.analysis import bootstrap
+from tuning_playbook.analysis import report
+from tuning_playbook.analysis import study_data
+from tuning_playbook.analysis.findings import Thresholds
+
+THRESHOLDS = Thresholds()
+
+
+def analyse(study_dir):
+  study = study_data.load_study(study_dir)
+  return study, report.analyse(study, THRESHOLDS).findings
+
+
+def by_kind(findings):
+  out = {}
+  for f in findings:
+    out.setdefault(f.kind, []).append(f)
+  return out
+
+
+def warnings(findings):
+  return sorted({f.kind for f in findings if f.severity == "warning"})
+
+
+def build(tmp_path, name, indices=(), **changes):
+  return fx.modified_study(str(tmp_path / name), name, indices, **changes)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+  return analyse(fx.clean_study(str(tmp_path_factory.mktemp("clean"))))
+
+
+def test_clean_study_has_only_info_findings(clean):
+  _, findings = clean
+  assert warnings(findings) == []
+  assert {f.kind for f in findings} == {
+      "infeasible", "best_step_fraction", "curves_ok", "clipping_threshold",
+      "sampling"}
+  for f in findings:
+    assert f.severity == "info" and f.message
+    json.dumps(f.to_json(), allow_nan=False)  # Machine-readable as it is.
+
+
+def test_clean_study_loads_every_trial(clean):
+  study, _ = clean
+  assert len(study.trials) == 10
+  assert [t.status for t in study.trials].count("completed") == 9
+  assert study.trials[9].status == "diverged" and study.trials[9].infeasible
+  assert study.best_trial().trial_id == "0000"
+  assert study.objective == study_data.Objective("eval/validation/error_rate", "min")
+  assert [d.name for d in study.scientific_dimensions()] == ["model.activation"]
+
+
+@pytest.mark.parametrize("position,side", [(0.97, "max"), (0.03, "min")])
+def test_near_boundary_names_dimension_and_side(tmp_path, position, side):
+  study, findings = analyse(build(tmp_path, f"edge_{side}", [0], lr_position=position))
+  hits = by_kind(findings)["near_boundary"]
+  assert [f.id for f in hits] == [f"near_boundary/optimizer.learning_rate/{side}"]
+  details = hits[0].details
+  assert details["best_trial"] == "0000" and details["side"] == side
+  assert details["position"] == pytest.approx(position, abs=1e-9)
+  assert not details["infeasible_beyond"]
+  bound = 1.0 if side == "max" else 1e-3
+  assert details["bound"] == bound
+  # The suggestion moves the bound outwards, a quarter of the log range.
+  expected = bound * (10 ** 0.75 if side == "max" else 10 ** -0.75)
+  assert details["suggested_bound"] == pytest.approx(expected)
+  word = "above" if side == "max" else "below"
+  assert f"extend the range {word}" in hits[0].message
+  assert warnings(findings) == ["near_boundary"]
+
+
+def test_near_boundary_on_reverse_log_scale(tmp_path):
+  # Momentum 1 - x is log-uniform; position 0.96 is close to 0.999.
+  _, findings = analyse(build(tmp_path, "momentum", [0], momentum_position=0.96))
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.details["dimension"] == "optimizer.momentum"
+  assert hit.details["side"] == "max"
+  assert hit.details["value"] == pytest.approx(fx.dimension_value(
+      "optimizer.momentum", 0.96))
+  assert 0.999 < hit.details["suggested_bound"] < 1
+
+
+def test_near_boundary_with_only_infeasible_trials_beyond(tmp_path):
+  specs = fx.clean_specs()
+  specs[0].lr_position = 0.93
+  specs[9].lr_position = 0.97  # The diverged trial.
+  _, findings = analyse(fx.write_study(str(tmp_path / "s"), specs))
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.details["infeasible_beyond"] and hit.details["trials_beyond"] == ["0009"]
+  assert "unstable" in hit.message
+
+
+def test_near_boundary_quiet_when_only_poor_trials_are_at_the_edge(tmp_path):
+  _, findings = analyse(build(tmp_path, "poor_edge", [7, 8], lr_position=0.99))
+  assert "near_boundary" not in by_kind(findings)
+  assert warnings(findings) == []
+
+
+def test_overfitting_in_best_trials_is_a_warning(tmp_path):
+  _, findings = analyse(build(tmp_path, "overfit", [0, 1, 2, 3], shape="overfit"))
+  (hit,) = by_kind(findings)["overfitting"]
+  assert hit.severity == "warning"
+  assert set(hit.details["best_trials"]) == {"0000", "0001", "0002", "0003"}
+  for evidence in hit.details["best_trials"].values():
+    # The curve rises 0.15 * 0.6 = 0.09 after step 400 (minus noise).
+    assert 0.06 < evidence["rise"] < 0.1
+    assert evidence["best_step"] <= 450
+  assert "regularization" in hit.message
+
+
+def test_overfitting_only_outside_the_best_trials_is_info(tmp_path):
+  _, findings = analyse(build(tmp_path, "overfit_other", [8], shape="overfit"))
+  (hit,) = by_kind(findings)["overfitting"]
+  assert hit.severity == "info"
+  assert hit.details["best_trials"] == {} and list(hit.details["all_trials"]) == ["0008"]
+  assert warnings(findings) == []
+
+
+def test_late_variance(tmp_path):
+  _, findings = analyse(build(tmp_path, "noisy", [0, 1, 2, 3], shape="noisy"))
+  (hit,) = by_kind(findings)["late_variance"]
+  noisy = hit.details["trials"]
+  assert set(noisy) >= {"0000", "0001"}
+  assert set(noisy) <= {"0000", "0001", "0002", "0003"}
+  for evidence in noisy.values():
+    assert max(evidence["relative_noise"].values()) > THRESHOLDS.late_noise
+
+
+def test_aggressive_clipping(tmp_path):
+  _, findings = analyse(build(tmp_path, "clip", range(9), grad_clip_norm=0.8))
+  (hit,) = by_kind(findings)["aggressive_clipping"]
+  # Norms are >= ~1 everywhere, so nearly every step exceeds 0.8.
+  assert all(f > 0.9 for f in hit.details["trials"].values())
+  assert "reduce the learning rate" in hit.message
+
+
+def test_mild_clipping_is_not_aggressive(tmp_path):
+  _, findings = analyse(build(tmp_path, "clip_mild", range(9), grad_clip_norm=1.7))
+  assert "aggressive_clipping" not in by_kind(findings)
+  (suggestion,) = by_kind(findings)["clipping_threshold"]
+  for stats in suggestion.details["trials"].values():
+    assert stats["configured_threshold"] == 1.7
+    assert 0 < stats["fraction_clipped_configured"] < THRESHOLDS.aggressive_clip_fraction
+
+
+def test_clipping_threshold_is_the_90th_percentile(clean, tmp_path):
+  study, findings = clean
+  (suggestion,) = by_kind(findings)["clipping_threshold"]
+  best = study.best_trial()
+  with open(os.path.join(best.run_dir, "grad_norms.jsonl")) as f:
+    norms = np.array([json.loads(line)["train/grad_norm"] for line in f])
+  assert suggestion.details["trial"] == best.trial_id
+  assert suggestion.details["suggested_threshold"] == pytest.approx(
+      np.percentile(norms, 90))
+  assert suggestion.details["fraction_clipped"] == pytest.approx(
+      np.mean(norms > np.percentile(norms, 90)))
+  assert 0.09 <= suggestion.details["fraction_clipped"] <= 0.11
+
+
+def test_gradient_spikes(tmp_path):
+  _, findings = analyse(build(tmp_path, "spiky", [0, 1], grads="spiky"))
+  (hit,) = by_kind(findings)["gradient_outliers"]
+  assert set(hit.details["trials"]) == {"0000", "0001"}
+  assert all(len(steps) == 5 for steps in hit.details["trials"].values())
+
+
+def test_falling_gradient_norms_are_not_spikes(tmp_path):
+  study, findings = analyse(build(tmp_path, "decaying", [0, 1], grads="decaying"))
+  steps, norms = study.trials[0].grad_norms
+  assert norms[:10].mean() > 100 * norms[-10:].mean()
+  assert "gradient_outliers" not in by_kind(findings)
+
+
+def test_best_step_early(tmp_path):
+  _, findings = analyse(build(tmp_path, "early", range(9), shape="early"))
+  kinds = by_kind(findings)
+  (hit,) = kinds["best_step_early"]
+  assert hit.details["max"] <= THRESHOLDS.early_best_step_fraction
+  assert "max_train_steps" in hit.message and "best_step_late" not in kinds
+
+
+def test_best_step_late_and_still_improving(tmp_path):
+  _, findings = analyse(build(tmp_path, "late", range(9), shape="late"))
+  kinds = by_kind(findings)
+  (late,) = kinds["best_step_late"]
+  assert late.details["late_share"] == 1.0
+  (improving,) = kinds["still_improving"]
+  for evidence in improving.details["trials"].values():
+    # 0.4 * a * 0.25 of a total improvement of ~a (a = 0.9 - best).
+    assert evidence["fraction_of_improvement"] > THRESHOLDS.still_improving
+  assert "best_step_early" not in kinds and "saturated" not in kinds
+
+
+def test_saturated_early(tmp_path):
+  _, findings = analyse(build(tmp_path, "saturated", range(9), shape="saturated"))
+  kinds = by_kind(findings)
+  (hit,) = kinds["saturated"]
+  for evidence in hit.details["trials"].values():
+    assert evidence["fraction"] <= THRESHOLDS.saturation_fraction
+    assert set(evidence["saturation_steps"]) == {"validation", "train"}
+  assert "still_improving" not in kinds and "overfitting" not in kinds
+
+
+def test_not_enough_trials(tmp_path):
+  specs = fx.clean_specs()
+  for i in (1, 2, 3):
+    specs[i].best = 0.18 + 0.01 * i
+  study, findings = analyse(fx.write_study(str(tmp_path / "s"), specs))
+  (hit,) = by_kind(findings)["not_enough_trials"]
+  assert hit.details["good_trials"] == 1
+  assert hit.details["miss_probability"] == pytest.approx((1 - 1 / 10) ** 10)
+  assert "sampling" not in by_kind(findings)
+
+
+def test_enough_trials_in_the_clean_study(clean):
+  _, findings = clean
+  (hit,) = by_kind(findings)["sampling"]
+  good = hit.details["good_trials"]
+  assert good == 4  # The four trials within 0.2 of the way to the median.
+  assert hit.details["miss_probability"] == pytest.approx((1 - good / 10) ** 10)
+
+
+def test_infeasible_fraction_and_region(clean, tmp_path):
+  _, findings = clean
+  (few,) = by_kind(findings)["infeasible"]
+  assert few.severity == "info" and few.details["fraction"] == pytest.approx(0.1)
+  regions = {(r["dimension"], r["side"]) for r in few.details["regions"]}
+  assert ("optimizer.learning_rate", "above") in regions
+
+  _, findings = analyse(build(tmp_path, "many", range(3, 9), shape="diverged"))
+  (many,) = by_kind(findings)["infeasible"]
+  assert many.severity == "warning"
+  assert many.details["fraction"] == pytest.approx(0.7)
+  assert many.details["statuses"] == {"diverged": 7}
+
+
+def test_unfinished_and_unstarted_trials_are_reported(tmp_path):
+  specs = fx.clean_specs()
+  specs[4].shape = "unfinished"
+  specs.append(fx.TrialSpec(0.5, 0.5, "relu", 0.3, shape="no_start"))
+  study, findings = analyse(fx.write_study(str(tmp_path / "s"), specs))
+  (hit,) = by_kind(findings)["unfinished"]
+  assert hit.details["trials"]["0010"] == ["log.txt"]
+  assert "metrics.jsonl" in hit.details["trials"]["0004"]
+  assert study.trials[10].status == "unfinished"
+  assert "0010 (log.txt)" in hit.message
+
+
+def test_failed_trial_is_infeasible(tmp_path):
+  _, findings = analyse(build(tmp_path, "failed", [5], shape="failed"))
+  (hit,) = by_kind(findings)["infeasible"]
+  assert hit.details["statuses"] == {"diverged": 1, "failed": 1}
+  assert hit.details["reasons"] == ["RuntimeError: out of memory",
+                                    "loss is NaN at step 281"]
+
+
+def test_torn_and_missing_records_are_tolerated(tmp_path):
+  study_dir = fx.clean_study(str(tmp_path / "s"))
+  with open(os.path.join(study_dir, "trials", "0001", "metrics.jsonl"), "a") as f:
+    f.write('{"step": 1001, "train/lo')  # A write cut short.
+  os.remove(os.path.join(study_dir, "trials", "0000", "grad_norms.jsonl"))
+  study, findings = analyse(study_dir)
+  (problems,) = by_kind(findings)["record_problems"]
+  assert "missing grad_norms.jsonl" in problems.details["trials"]["0000"]
+  assert any("unreadable line" in p for p in problems.details["trials"]["0001"])
+  # Gradient norms fall back to the per-interval means of metrics.jsonl.
+  steps, norms = study.trials[0].grad_norms
+  assert len(steps) == fx.MAX_STEPS // fx.EVAL_EVERY and np.all(np.isfinite(norms))
+  (suggestion,) = by_kind(findings)["clipping_threshold"]
+  assert suggestion.details["trials"]["0000"]["step_resolution"] is False
+
+
+def test_dimension_positions():
+  log = study_data.Dimension("lr", "log", 1e-3, 1.0)
+  assert log.position(0.031622776601683794) == pytest.approx(0.5)
+  rev = study_data.Dimension("m", "reverse_log", 0.9, 0.999)
+  assert rev.position(0.99) == pytest.approx(0.5)
+  assert rev.value_at(rev.position(0.97)) == pytest.approx(0.97)
+  integer = study_data.Dimension("w", "int_linear", 0, 4)
+  assert integer.position(1) == pytest.approx(0.25)
+  assert study_data.Dimension("c", "categorical", values=("a",)).position("a") is None
+
+
+def test_bootstrap_resamples_with_replacement():
+  values = [1.0, 2.0, 3.0, math.inf]
+  result = bootstrap.best_of_budgets(values, [1, 4], samples=4000, seed=0)
+  one = result.best[1]
+  assert np.isnan(one).mean() == pytest.approx(0.25, abs=0.03)
+  assert set(np.unique(one[np.isfinite(one)])) == {1.0, 2.0, 3.0}
+  four = result.best[4]
+  # P(no 1.0 among 4 draws) = 0.75 ** 4.
+  assert np.mean(four > 1.0) == pytest.approx(0.75 ** 4, abs=0.03)
+  assert bootstrap.budgets(10) == [1, 2, 3, 4, 6, 8, 10]

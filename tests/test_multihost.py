@@ -1,0 +1,162 @@
+"""Multi-host behaviour with real processes joined on 127.0.0.1 (gloo on CPU)."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers
+
+RUN_FLAGS = ("--config.max_train_steps=40", "--config.eval_every_steps=10",
+             "--config.log_every_steps=5", "--config.model.use_batch_norm=True",
+             "--config.model.dropout_rate=0.2", "--config.data.batches_per_transfer=2")
+
+
+@pytest.fixture(scope="module")
+def data_flag(tmp_path_factory):
+  return f"--config.data.data_dir={tmp_path_factory.mktemp('data')}"
+
+
+def _run_job(workdir, data_flag, num_processes, devices, *extra):
+  command = helpers.main_command(workdir, data_flag, *RUN_FLAGS, *extra)
+  results = helpers.wait_all(helpers.start_processes(command, num_processes, devices))
+  for rc, err in results:
+    assert rc == 0, err[-4000:]
+  return results
+
+
+@pytest.fixture(scope="module")
+def two_by_two(tmp_path_factory, data_flag):
+  workdir = str(tmp_path_factory.mktemp("2x2"))
+  start = time.time()
+  _run_job(workdir, data_flag, 2, 2)
+  return workdir, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def one_by_four(tmp_path_factory, data_flag):
+  workdir = str(tmp_path_factory.mktemp("1x4"))
+  start = time.time()
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, time.time() - start
+
+
+def test_two_processes_match_one_process_with_the_same_devices(two_by_two, one_by_four):
+  rows = helpers.read_jsonl(os.path.join(two_by_two[0], "metrics.jsonl"))
+  ref = helpers.read_jsonl(os.path.join(one_by_four[0], "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(5, 41, 5))
+  for row, ref_row in zip(rows, ref):
+    assert row.keys() == ref_row.keys()
+    for key, value in row.items():
+      # Same data, same dropout keys: only the order of float reductions differs.
+      assert value == pytest.approx(ref_row[key], rel=1e-4, abs=1e-6), (row["step"], key)
+  summary = helpers.read_json(os.path.join(two_by_two[0], "summary.json"))
+  ref_summary = helpers.read_json(os.path.join(one_by_four[0], "summary.json"))
+  assert summary["best_step"] == ref_summary["best_step"]
+  print(f"\n2x2: {two_by_two[1]:.1f}s, 1x4: {one_by_four[1]:.1f}s; final "
+        f"validation error {rows[-1]['eval/validation/error_rate']:.4f} vs "
+        f"{ref[-1]['eval/validation/error_rate']:.4f}")
+
+
+def test_evals_count_every_example_once_on_every_host_count(two_by_two):
+  rows = [r for r in helpers.read_jsonl(os.path.join(two_by_two[0], "metrics.jsonl"))
+          if "eval/validation/num_examples" in r]
+  assert {r["eval/validation/num_examples"] for r in rows} == {61}
+  assert {r["eval/test/num_examples"] for r in rows} == {47}
+  assert {r["eval/train/num_examples"] for r in rows} == {61}
+
+
+def test_only_process_zero_writes(two_by_two):
+  workdir = two_by_two[0]
+  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1
+  steps = [r["step"] for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+  assert len(steps) == len(set(steps))
+  grad_steps = [r["step"] for r in helpers.read_jsonl(os.path.join(workdir, "grad_norms.jsonl"))]
+  assert grad_steps == list(range(1, 41))
+
+
+def test_batch_norm_over_processes_matches_numpy():
+  command = [sys.executable, "-m", "tests.multihost_batch_norm_probe"]
+  results = helpers.wait_all(helpers.start_processes(command, 2, 2), timeout=180)
+  for rc, err in results:
+    assert rc == 0, err[-4000:]
+
+
+def test_killed_two_process_job_resumes_exactly(two_by_two, data_flag, tmp_path):
+  workdir = str(tmp_path / "killed")
+  command = helpers.main_command(workdir, data_flag, *RUN_FLAGS)
+  procs = helpers.start_processes(command, 2, 2)
+  checkpoint = os.path.join(workdir, "checkpoints", "20")
+  deadline = time.time() + 240
+  while not os.path.isdir(checkpoint) and time.time() < deadline:
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  helpers.wait_all(procs)
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  results = _run_job(workdir, data_flag, 2, 2)
+  assert all("Resumed from checkpoint at step" in err for _, err in results)
+  assert (helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          == helpers.read_jsonl(os.path.join(two_by_two[0], "metrics.jsonl")))
+
+
+def test_two_process_checkpoint_resumes_on_one_process(two_by_two, data_flag, tmp_path):
+  """A checkpoint written by 2 processes x 2 devices restores on 1 x 1."""
+  workdir = str(tmp_path / "topology")
+  procs = helpers.start_processes(helpers.main_command(workdir, data_flag, *RUN_FLAGS), 2, 2)
+  checkpoint = os.path.join(workdir, "checkpoints", "20")
+  deadline = time.time() + 240
+  while not os.path.isdir(checkpoint) and time.time() < deadline:
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  helpers.wait_all(procs)
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=1)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from checkpoint at step" in result.stderr
+  rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  ref = helpers.read_jsonl(os.path.join(two_by_two[0], "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [r["step"] for r in ref]
+  for key in ("eval/validation/error_rate", "train/loss"):
+    assert rows[-1][key] == pytest.approx(ref[-1][key], rel=1e-3, abs=1e-6)
+
+
+def test_hung_peer_trips_the_step_watchdog(data_flag, tmp_path):
+  workdir = str(tmp_path / "hung")
+  command = helpers.main_command(workdir, data_flag, *RUN_FLAGS,
+                                 "--config.step_watchdog_seconds=6",
+                                 "--config.max_train_steps=100000",
+                                 "--config.eval_every_steps=50000")
+  procs = helpers.start_processes(command, 2, 2)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not os.path.exists(metrics) and time.time() < deadline:
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGSTOP)  # A host that stops answering.
+  try:
+    _, err = procs[0].communicate(timeout=120)
+  finally:
+    procs[1].send_signal(signal.SIGKILL)
+    helpers.wait_all(procs)
+  assert procs[0].returncode == 42
+  assert "Step watchdog: no training progress" in err
+  assert "Thread" in err or "File" in err  # The stack dump.
+
+
+def test_a_job_that_cannot_connect_fails_loudly(tmp_path, data_flag):
+  port = helpers.free_port()
+  command = helpers.main_command(str(tmp_path / "run"), data_flag) + [
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+      "--process_id=1", "--distributed_timeout_seconds=3"]
+  result = subprocess.run(command, cwd=helpers.REPO, env=helpers.subprocess_env(2),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert f"process 0 (the coordinator at 127.0.0.1:{port}) did not accept" in result.stderr
+  assert not os.path.exists(tmp_path / "run")

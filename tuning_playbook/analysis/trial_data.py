@@ -1,0 +1,177 @@
+"""One trial's run directory: config.json, summary.json, metrics.jsonl,
+grad_norms.jsonl (and log.txt). Missing or torn files never raise: what could
+not be read is listed in `Trial.problems`.
+
+  trial = trial_data.load_trial("D/trials/0003", "0003", params)
+  steps, errors = trial.series("eval/validation/error_rate")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+RECORD_FILES = ("config.json", "metrics.jsonl", "grad_norms.jsonl",
+                "summary.json", "log.txt")
+INFEASIBLE_STATUSES = ("diverged", "failed")
+UNFINISHED = "unfinished"
+
+
+def finite(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_json(path: str) -> tuple[Any, str | None]:
+  if not os.path.exists(path):
+    return None, None
+  try:
+    with open(path) as f:
+      return json.load(f), None
+  except (OSError, ValueError) as e:
+    return None, f"{os.path.basename(path)} unreadable ({e})"
+
+
+def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], str | None]:
+  """Rows of a JSON-lines file; stops at the first torn or bad line."""
+  if not os.path.exists(path):
+    return [], None
+  rows = []
+  try:
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except ValueError:
+          return rows, f"{os.path.basename(path)}: unreadable line {n}, rest ignored"
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+          rows.append(row)
+  except OSError as e:
+    return rows, f"{os.path.basename(path)} unreadable ({e})"
+  return rows, None
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of the rows holding `key`, sorted by step; NaN kept."""
+  pairs = {}
+  for row in rows:
+    if key in row:
+      value = row[key]
+      numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+      pairs[int(row["step"])] = float(value) if numeric else math.nan
+  steps = np.array(sorted(pairs), dtype=np.int64)
+  return steps, np.array([pairs[s] for s in steps], dtype=np.float64)
+
+
+@dataclasses.dataclass
+class Trial:
+  """One trial: its sampled hyperparameters and what its run directory holds."""
+  trial_id: str
+  params: dict[str, Any]  # The config overrides the sweep sampled.
+  run_dir: str
+  summary: dict[str, Any] | None
+  config: dict[str, Any] | None
+  metrics: list[dict[str, Any]]
+  present_files: tuple[str, ...]
+  problems: list[str]
+  values: dict[str, Any] = dataclasses.field(default_factory=dict)  # By dimension.
+  command: str = ""
+
+  @property
+  def status(self) -> str:
+    """completed | diverged | failed | unfinished (no summary.json)."""
+    if not self.summary:
+      return UNFINISHED
+    return str(self.summary.get("status", UNFINISHED))
+
+  @property
+  def best_value(self) -> float | None:
+    """The objective at the retrospectively selected best step."""
+    value = (self.summary or {}).get("best_value")
+    return float(value) if finite(value) else None
+
+  @property
+  def best_step(self) -> int | None:
+    step = (self.summary or {}).get("best_step")
+    return int(step) if finite(step) else None
+
+  @property
+  def max_train_steps(self) -> int | None:
+    for source in (self.summary or {}, self.config or {}):
+      if finite(source.get("max_train_steps")):
+        return int(source["max_train_steps"])
+    return None
+
+  @property
+  def final_step(self) -> int | None:
+    step = (self.summary or {}).get("final_step")
+    if finite(step):
+      return int(step)
+    return max((int(r["step"]) for r in self.metrics), default=None)
+
+  @property
+  def feasible(self) -> bool:
+    return self.status == "completed" and self.best_value is not None
+
+  @property
+  def infeasible(self) -> bool:
+    """Diverged, failed, or completed without a finite objective."""
+    return self.status in INFEASIBLE_STATUSES or (
+        self.status == "completed" and self.best_value is None)
+
+  @property
+  def reason(self) -> str:
+    return str((self.summary or {}).get("reason") or "")
+
+  @property
+  def grad_clip_norm(self) -> float:
+    value = (self.config or {}).get("grad_clip_norm", 0.0)
+    return float(value) if finite(value) else 0.0
+
+  def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a metric from metrics.jsonl."""
+    return _series(self.metrics, key)
+
+  @functools.cached_property
+  def grad_norms(self) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, unclipped global gradient norm) at step resolution.
+
+    Falls back to the per-log-interval means in metrics.jsonl when
+    grad_norms.jsonl is absent.
+    """
+    rows, problem = _read_jsonl(os.path.join(self.run_dir, "grad_norms.jsonl"))
+    if problem:
+      self.problems.append(problem)
+    if rows:
+      return _series(rows, "train/grad_norm")
+    return self.series("train/grad_norm")
+
+
+def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:
+  """Reads one trial's run directory, listing what is missing or unreadable."""
+  problems = []
+  present = tuple(f for f in RECORD_FILES
+                  if os.path.exists(os.path.join(run_dir, f)))
+  if not os.path.isdir(run_dir):
+    problems.append("no run directory")
+  summary, problem = read_json(os.path.join(run_dir, "summary.json"))
+  problems += [problem] if problem else []
+  config, problem = read_json(os.path.join(run_dir, "config.json"))
+  problems += [problem] if problem else []
+  metrics, problem = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+  problems += [problem] if problem else []
+  if os.path.isdir(run_dir):
+    missing = [f for f in RECORD_FILES[:4] if f not in present]
+    if missing:
+      problems.append("missing " + ", ".join(missing))
+  return Trial(trial_id=trial_id, params=dict(params), run_dir=run_dir,
+               summary=summary if isinstance(summary, dict) else None,
+               config=config if isinstance(config, dict) else None,
+               metrics=metrics, present_files=present, problems=problems)
