@@ -1,0 +1,84 @@
+"""A fast stand-in for `python -m tuning_playbook.main` in sweep tests.
+
+It honours the run-directory contract (summary.json with completed / diverged /
+failed, resume from the latest checkpoint, a finished run is left as it is)
+and reads its behaviour from the environment:
+
+  FAKE_TRAINER_STEP_SECONDS   sleep per training step (default 0).
+  FAKE_TRAINER_DIVERGE_ABOVE  learning rates above this diverge at step 2.
+  FAKE_TRAINER_FAIL_ABOVE     learning rates above this fail to start (exit 1,
+                              no summary).
+
+Each launch appends {"start_step": s} to starts.jsonl, so a test can tell a
+resumed run from one that started over.
+"""
+
+import json
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+
+
+def _write_json(path, obj):
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f)
+  os.replace(path + ".tmp", path)
+
+
+def _error_rate(config):
+  lr = config.optimizer.learning_rate
+  return min(1.0, 0.05 + 0.1 * (math.log10(lr) + 1.5) ** 2
+             + 0.1 * (1 - config.optimizer.momentum))
+
+
+def main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      if json.load(f)["status"] in ("completed", "diverged"):
+        return
+  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  ckpt_path = os.path.join(workdir, "checkpoint.json")
+  start = 0
+  if os.path.exists(ckpt_path):
+    with open(ckpt_path) as f:
+      start = json.load(f)["step"]
+  with open(os.path.join(workdir, "starts.jsonl"), "a") as f:
+    f.write(json.dumps({"start_step": start, "pid": os.getpid()}) + "\n")
+  lr = config.optimizer.learning_rate
+  if lr > float(os.environ.get("FAKE_TRAINER_FAIL_ABOVE", "inf")):
+    raise RuntimeError(f"fake failure to start at learning rate {lr}")
+  diverge = lr > float(os.environ.get("FAKE_TRAINER_DIVERGE_ABOVE", "inf"))
+  sleep = float(os.environ.get("FAKE_TRAINER_STEP_SECONDS", "0"))
+  summary = {"best_metric": config.best_metric, "best_mode": config.best_mode,
+             "max_train_steps": config.max_train_steps}
+  for step in range(start + 1, config.max_train_steps + 1):
+    time.sleep(sleep)
+    if diverge and step >= 2:
+      _write_json(summary_path, dict(
+          summary, status="diverged", best_step=None, best_value=None,
+          final_step=step, best_checkpoint=None,
+          reason=f"train/loss is NaN at step {step}"))
+      return
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\n")
+    _write_json(ckpt_path, {"step": step})
+  _write_json(summary_path, dict(
+      summary, status="completed", best_step=config.max_train_steps,
+      best_value=_error_rate(config), final_step=config.max_train_steps,
+      best_checkpoint=os.path.join(workdir, "checkpoint.json"), reason=None))
+
+
+if __name__ == "__main__":
+  app.run(main)
