@@ -1,0 +1,37 @@
+"""The benchmark and the profiling tool run end to end on a tiny config."""
+
+import glob
+import re
+import subprocess
+import sys
+
+from tests import helpers
+
+
+def _run(args, tmp_path, *overrides):
+  data = f"--config.data.data_dir={tmp_path / 'data'}"
+  return subprocess.run([sys.executable, *args, f"--config={helpers.TINY_CONFIG}", data,
+                         *overrides],
+                        cwd=helpers.REPO, env=helpers.subprocess_env(2),
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_step_overhead_prints_a_measured_ratio(tmp_path):
+  result = _run(["benchmarks/step_overhead.py", "--steps_per_round=20", "--rounds=2"],
+                tmp_path, "--config.data.batches_per_transfer=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert re.fullmatch(r"ratio=\d+\.\d{3}", lines[-1])
+  framework = [float(x) for x in lines[-3].split(":")[1].split()]
+  bare = [float(x) for x in lines[-2].split(":")[1].split()]
+  assert len(framework) == len(bare) == 2 and min(framework + bare) > 0
+  ratio = (sorted(framework)[0] + sorted(framework)[1]) / (sorted(bare)[0] + sorted(bare)[1])
+  assert abs(float(lines[-1][6:]) - ratio) < 1e-3
+
+
+def test_trace_steps_writes_a_trace(tmp_path):
+  trace_dir = tmp_path / "trace"
+  result = _run(["xprof/trace_steps.py", f"--trace_dir={trace_dir}", "--warmup_steps=3",
+                 "--traced_steps=3"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert glob.glob(str(trace_dir / "plugins" / "profile" / "*" / "*.xplane.pb"))
