@@ -7,6 +7,7 @@ Relaunching the same command resumes from the latest checkpoint; a finished
 run is left as it is.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -40,9 +41,17 @@ def _parse_flags(argv):
   sys.exit(2)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps Orbax's per-save INFO lines out of the progress log."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value
