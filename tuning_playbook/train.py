@@ -201,7 +201,10 @@ class Trainer:
     config = self.config
     k = config.data.batches_per_transfer
     window: list[dict[str, Any]] = []
-    with watchdog.StepWatchdog(config.step_watchdog_seconds) as dog:
+    # Between log steps nothing may move between host and devices on this
+    # thread: an accidental per-step sync raises instead of slowing training.
+    with watchdog.StepWatchdog(config.step_watchdog_seconds) as dog, \
+        jax.transfer_guard("disallow"):
       while self.step < until_step:
         if self._transfer is None or self.step % k == 0:
           self._transfer = next(self.batches)
@@ -225,6 +228,10 @@ class Trainer:
 
   def _log(self, window: list[dict[str, Any]], is_eval: bool) -> str | None:
     """Fetches a window of step metrics (one transfer), evaluates, checkpoints."""
+    with jax.transfer_guard("allow"):
+      return self._log_allowed(window, is_eval)
+
+  def _log_allowed(self, window: list[dict[str, Any]], is_eval: bool) -> str | None:
     step, config = self.step, self.config
     fetched = jax.device_get(window)
     first = step - len(fetched) + 1
