@@ -35,7 +35,8 @@ def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> li
 
 def subprocess_env(num_devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices}"
+                      " --xla_cpu_multi_thread_eigen=false")
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env

