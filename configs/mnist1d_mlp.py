@@ -12,6 +12,7 @@ minute on a 2-core CPU.
 import ml_collections
 
 from tuning_playbook import config_schema
+from tuning_playbook import study_presets
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,4 +30,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.schedule = "constant"
   config.optimizer.weight_decay = 0.0
   config.data.shuffle_buffer = 4000
+  # The data set is tiny: one transfer of 32 batches serves 32 steps.
+  config.data.batches_per_transfer = 32
   return config
+
+
+def get_search_space() -> dict:
+  """The default study: the optimizer's nuisance hyperparameters, warmup and
+  weight decay, by quasi-random search (see tuning_playbook/study_presets.py).
+
+    python -m tuning_playbook.sweep --config=configs/mnist1d_mlp.py \
+        --study_dir=runs/mnist1d_mlp_study --num_trials=16 --seed=0 --run --parallel=2
+  """
+  return study_presets.default_search_space(get_config())

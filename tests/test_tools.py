@@ -22,11 +22,11 @@ def test_step_overhead_prints_a_measured_ratio(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert re.fullmatch(r"ratio=\d+\.\d{3}", lines[-1])
-  framework = [float(x) for x in lines[-3].split(":")[1].split()]
-  bare = [float(x) for x in lines[-2].split(":")[1].split()]
+  framework = [float(x) for x in lines[-4].split(":")[1].split()]
+  bare = [float(x) for x in lines[-3].split(":")[1].split()]
   assert len(framework) == len(bare) == 2 and min(framework + bare) > 0
-  ratio = (sorted(framework)[0] + sorted(framework)[1]) / (sorted(bare)[0] + sorted(bare)[1])
-  assert abs(float(lines[-1][6:]) - ratio) < 1e-3
+  ratio = (framework[0] / bare[0] + framework[1] / bare[1]) / 2
+  assert abs(float(lines[-1][6:]) - ratio) < 1e-2
 
 
 def test_trace_steps_writes_a_trace(tmp_path):

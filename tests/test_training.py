@@ -96,7 +96,7 @@ def test_one_compilation_for_train_and_one_for_eval(completed_run):
   _, _, _, compiled = completed_run
   # 61 validation, 61 train-subset and 47 test examples over batches of 24:
   # padded remainders must reuse the same eval compilation.
-  assert compiled.count("step_on_transfer") == 1
+  assert compiled.count("step_in_loop") == 1
   assert compiled.count("eval_step") == 1
 
 

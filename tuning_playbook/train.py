@@ -161,9 +161,12 @@ class Trainer:
         model, tx, workload.loss_fn, config.grad_clip_norm)
     stacked_sharding = sharding.stacked_batch_sharding(mesh)
     self.train_step = jax.jit(
-        train_step_lib.from_transfer(self.step_fn),
-        in_shardings=(state_sharding, stacked_sharding),
-        out_shardings=(state_sharding, replicated), donate_argnums=0)
+        train_step_lib.for_loop(self.step_fn),
+        in_shardings=(state_sharding, stacked_sharding, replicated),
+        out_shardings=(state_sharding, replicated), donate_argnums=(0, 2))
+    self.metrics_buffer = jax.device_put(
+        np.zeros((config.log_every_steps, len(train_step_lib.STEP_METRICS)),
+                 np.float32), replicated)
     self.evaluator = evaluation.Evaluator(
         train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn),
         _make_eval_splits(config, workload, builder), mesh, state_sharding)
@@ -199,42 +202,46 @@ class Trainer:
   def train(self, until_step: int) -> str | None:
     """Trains up to `until_step`; returns the divergence reason, if any."""
     config = self.config
+    # Plain ints: ConfigDict lookups are slow enough to show in a step.
     k = config.data.batches_per_transfer
-    window: list[dict[str, Any]] = []
+    eval_every, log_every = config.eval_every_steps, config.log_every_steps
+    last_step = config.max_train_steps
+    first_unlogged = self.step + 1
     # Between log steps nothing may move between host and devices on this
     # thread: an accidental per-step sync raises instead of slowing training.
     with watchdog.StepWatchdog(config.step_watchdog_seconds) as dog, \
         jax.transfer_guard("disallow"):
-      while self.step < until_step:
-        if self._transfer is None or self.step % k == 0:
+      step = self.step
+      while step < until_step:
+        if self._transfer is None or step % k == 0:
           self._transfer = next(self.batches)
-        self.state, step_metrics = self.train_step(self.state, self._transfer)
-        self.step += 1
-        step = self.step
-        window.append(step_metrics)
+        self.state, self.metrics_buffer = self.train_step(
+            self.state, self._transfer, self.metrics_buffer)
+        step += 1
+        self.step = step
         dog.progress(step)
-        is_eval = (step % config.eval_every_steps == 0
-                   or step == config.max_train_steps)
-        if step % config.log_every_steps and not is_eval and step != until_step:
+        is_eval = step % eval_every == 0 or step == last_step
+        if step % log_every and not is_eval and step != until_step:
           continue
         self.report_progress(step)
-        reason = self._log(window, is_eval)
-        window = []
+        reason = self._log(first_unlogged, is_eval)
+        first_unlogged = step + 1
         dog.progress(step)
         if reason is not None:
           logging.warning("Diverged: %s", reason)
           return reason
     return None
 
-  def _log(self, window: list[dict[str, Any]], is_eval: bool) -> str | None:
-    """Fetches a window of step metrics (one transfer), evaluates, checkpoints."""
+  def _log(self, first: int, is_eval: bool) -> str | None:
+    """Fetches the metrics of steps first..step (one transfer), evaluates, checkpoints."""
     with jax.transfer_guard("allow"):
-      return self._log_allowed(window, is_eval)
+      return self._log_allowed(first, is_eval)
 
-  def _log_allowed(self, window: list[dict[str, Any]], is_eval: bool) -> str | None:
+  def _log_allowed(self, first: int, is_eval: bool) -> str | None:
     step, config = self.step, self.config
-    fetched = jax.device_get(window)
-    first = step - len(fetched) + 1
+    buffer = np.asarray(jax.device_get(self.metrics_buffer))
+    rows = buffer[[(s - 1) % len(buffer) for s in range(first, step + 1)]]
+    fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
     self.grad_log.append(
         {"step": first + i, "train/grad_norm": m["train/grad_norm"],
          "train/loss": m["train/loss"]} for i, m in enumerate(fetched))

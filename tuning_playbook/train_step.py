@@ -19,6 +19,9 @@ from tuning_playbook import optimizers
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Per-step training metrics, in the column order of the metrics buffer.
+STEP_METRICS = ("train/loss", "train/grad_norm", "train/clipped",
+                "train/learning_rate")
 
 
 @flax.struct.dataclass
@@ -110,18 +113,22 @@ def make_eval_step(model, loss_fn: Callable, correct_fn: Callable) -> Callable:
   return eval_step
 
 
-def from_transfer(step_fn: Callable) -> Callable:
-  """`step(state, batches)` where batches has a leading axis of k batches.
+def for_loop(step_fn: Callable) -> Callable:
+  """`step(state, batches, buffer) -> (state, buffer)`: the loop's compiled step.
 
-  Step t trains on batch `t % k`: a transfer of k batches serves k steps, and
-  the host feeds the same device array until the next transfer.
+  `batches` holds k batches along a leading axis; step t trains on batch
+  `t % k`, so one transfer serves k steps and the host feeds the same device
+  array until the next. The step's metrics go to row `t % rows` of `buffer`
+  (float32[rows, len(STEP_METRICS)]), which stays on the device until the
+  host fetches it, once per log interval.
   """
 
-  def step_on_transfer(state: TrainState, batches: Batch):
+  def step_in_loop(state: TrainState, batches: Batch, buffer: jax.Array):
     k = next(iter(batches.values())).shape[0]
-    index = state.step % k
-    batch = {name: jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+    batch = {name: jax.lax.dynamic_index_in_dim(x, state.step % k, keepdims=False)
              for name, x in batches.items()}
-    return step_fn(state, batch)
+    new_state, metrics = step_fn(state, batch)
+    row = jnp.stack([metrics[name].astype(jnp.float32) for name in STEP_METRICS])
+    return new_state, buffer.at[state.step % buffer.shape[0]].set(row)
 
-  return step_on_transfer
+  return step_in_loop
