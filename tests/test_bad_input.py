@@ -90,4 +90,10 @@ def test_nothing_is_compiled_before_the_error(monkeypatch, tmp_path):
   config = helpers.load_config(**{"batch_size": 6})
   with pytest.raises(config_schema.ConfigError, match="device count"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+  config = helpers.load_config(os.path.join(helpers.REPO, "configs", "mnist1d_cnn.py"))
+  with config.unlocked():
+    config.model.featurs = 32
+  with pytest.raises(workload_lib.UnknownModelFieldError,
+                     match=r"config\.model\.featurs=32 is invalid: .*allowed: .*features"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")

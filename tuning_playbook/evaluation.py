@@ -19,10 +19,9 @@ from tuning_playbook import sharding
 def metrics_from_sums(name: str, loss_sum: float, num_correct: float,
                       num_examples: float) -> dict[str, float]:
   n = max(num_examples, 1.0)
-  accuracy = num_correct / n
   return {f"eval/{name}/loss": loss_sum / n,
-          f"eval/{name}/accuracy": accuracy,
-          f"eval/{name}/error_rate": 1.0 - accuracy,
+          f"eval/{name}/accuracy": num_correct / n,
+          f"eval/{name}/error_rate": (num_examples - num_correct) / n,
           f"eval/{name}/num_correct": num_correct,
           f"eval/{name}/num_examples": num_examples}
 

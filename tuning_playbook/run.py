@@ -22,7 +22,7 @@ from tuning_playbook import train
 from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
-                    records.ConfigMismatchError)
+                    workload_lib.UnknownModelFieldError, records.ConfigMismatchError)
 
 
 def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

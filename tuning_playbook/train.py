@@ -55,6 +55,7 @@ def validate_before_compiling(config: ml_collections.ConfigDict) -> workload_lib
   """All checks that need no compilation: config values, workload, devices."""
   config_schema.validate(config)
   workload = workload_lib.load_workload(config.workload)
+  workload_lib.check_model_config(config, workload)
   config_schema.validate(config, num_devices=jax.device_count())
   if config.batch_size % jax.process_count():
     raise config_schema.ConfigError(

@@ -22,6 +22,10 @@ Optional names, with the defaults used when a module leaves them out:
       so augmentation is reproducible after resume. Default: picks
       `INPUT_KEY` / `LABEL_KEY` and casts inputs to float32.
   INPUT_KEY = "image", LABEL_KEY = "label"
+  default_model_config() -> ml_collections.ConfigDict
+      The model's fields and their defaults. When given, a `config.model`
+      key that is not among them is refused before anything is compiled, and
+      `merged_model_config(config, default_model_config())` gives the fields.
   loss_fn(logits, labels) -> per-example loss (float32[batch])
       Default: softmax cross-entropy on integer labels.
   correct_fn(logits, labels) -> per-example correctness (bool[batch])
@@ -90,6 +94,7 @@ class Workload:
   label_key: str
   loss_fn: Callable[[Any, Any], Any]
   correct_fn: Callable[[Any, Any], Any]
+  default_model_config: Callable[[], ml_collections.ConfigDict] | None = None
 
 
 class UnknownWorkloadError(ValueError):
@@ -143,4 +148,29 @@ def load_workload(name: str) -> Workload:
       label_key=label_key,
       loss_fn=getattr(module, "loss_fn", _default_loss_fn),
       correct_fn=getattr(module, "correct_fn", _default_correct_fn),
+      default_model_config=getattr(module, "default_model_config", None),
   )
+
+
+class UnknownModelFieldError(ValueError):
+  pass
+
+
+def merged_model_config(config: ml_collections.ConfigDict,
+                        defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.model` over `defaults`; a field not in `defaults` is an error."""
+  unknown = sorted(set(config.model.keys()) - set(defaults.keys()))
+  if unknown:
+    raise UnknownModelFieldError(
+        f"config.model.{unknown[0]}={config.model[unknown[0]]!r} is invalid: "
+        f"unknown model field for workload {config.workload!r}; allowed: "
+        f"{', '.join(sorted(defaults.keys()))}")
+  merged = ml_collections.ConfigDict(defaults.to_dict())
+  merged.update(config.model)
+  return merged
+
+
+def check_model_config(config: ml_collections.ConfigDict, workload: Workload) -> None:
+  """Refuses unknown `config.model` fields of a workload that declares its own."""
+  if workload.default_model_config is not None:
+    merged_model_config(config, workload.default_model_config())

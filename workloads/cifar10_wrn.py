@@ -20,6 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tuning_playbook import batch_norm
+from tuning_playbook import workload as workload_lib
 
 SPLITS = {"train": "train[:45000]", "validation": "train[45000:]",
           "test": "test"}
@@ -100,13 +101,7 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.model` over the defaults; an unknown field is an error."""
-  merged = default_model_config()
-  unknown = sorted(set(config.model.keys()) - set(merged.keys()))
-  if unknown:
-    raise ValueError(f"config.model.{unknown[0]} is not a WideResNet field; "
-                     f"allowed: {', '.join(sorted(merged.keys()))}")
-  merged.update(config.model)
-  return merged
+  return workload_lib.merged_model_config(config, default_model_config())
 
 
 def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

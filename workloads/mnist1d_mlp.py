@@ -11,6 +11,8 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from tuning_playbook import workload as workload_lib
+
 from workloads import mnist1d_data
 
 INPUT_KEY = "x"
@@ -40,13 +42,7 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.model` over the defaults; an unknown field is an error."""
-  merged = default_model_config()
-  unknown = sorted(set(config.model.keys()) - set(merged.keys()))
-  if unknown:
-    raise ValueError(f"config.model.{unknown[0]} is not an MLP field; allowed: "
-                     f"{', '.join(sorted(merged.keys()))}")
-  merged.update(config.model)
-  return merged
+  return workload_lib.merged_model_config(config, default_model_config())
 
 
 def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
