@@ -160,3 +160,16 @@ def test_a_job_that_cannot_connect_fails_loudly(tmp_path, data_flag):
   assert result.returncode != 0
   assert f"process 0 (the coordinator at 127.0.0.1:{port}) did not accept" in result.stderr
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("late", "barrier 'probe_late': process(es) [1] did not arrive within 2s"),
+    ("differ", "barrier 'probe_differ': process 0 has '20', but process 1 has '30'"),
+])
+def test_barriers_name_the_process_at_fault(case, expected):
+  command = [sys.executable, "-m", "tests.multihost_barrier_probe", f"--case={case}"]
+  procs = helpers.start_processes(command, 2, 1)
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  assert expected in outputs[0]
+  if case == "differ":
+    assert expected in outputs[1]

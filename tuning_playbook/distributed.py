@@ -68,3 +68,38 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
       return
   logging.info("Process %d of %d; %d local of %d devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+class BarrierError(RuntimeError):
+  """Processes did not all arrive at a barrier in time, or disagree."""
+
+
+def agree(name: str, value: str, timeout_seconds: float) -> None:
+  """A barrier at which every process must bring the same `value`.
+
+  Raises BarrierError naming the processes that did not arrive within the
+  timeout, or those whose value differs from process 0's. Each `name` must be
+  used once per job.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  prefix = f"tuning_playbook/{name}/"
+  client.key_value_set(f"{prefix}{jax.process_index()}", value)
+  try:
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_seconds * 1000))
+    timed_out = False
+  except Exception:  # pylint: disable=broad-except
+    timed_out = True
+  values = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(prefix)}
+  if timed_out:
+    missing = sorted(set(range(jax.process_count())) - set(values))
+    raise BarrierError(
+        f"barrier {name!r}: process(es) {missing} did not arrive within "
+        f"{timeout_seconds}s")
+  differing = {i: v for i, v in values.items() if v != values[0]}
+  if differing:
+    raise BarrierError(f"barrier {name!r}: process 0 has {values[0]!r}, but "
+                       + ", ".join(f"process {i} has {v!r}" for i, v in
+                                   sorted(differing.items())))

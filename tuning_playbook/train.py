@@ -24,6 +24,7 @@ import numpy as np
 
 from tuning_playbook import checkpointing
 from tuning_playbook import config_schema
+from tuning_playbook import distributed
 from tuning_playbook import evaluation
 from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
@@ -151,6 +152,10 @@ class Trainer:
     else:
       self._restore(latest, abstract_state, state_sharding)
 
+    # Every process must resume from the same step (a shared file system that
+    # is not shared, say, would silently split the job).
+    distributed.agree("resume", str(self.step),
+                      timeout_seconds=config.step_watchdog_seconds or 600)
     self.metrics_log = records.StepLog(
         os.path.join(workdir, records.METRICS_FILE), self.is_writer)
     self.grad_log = records.StepLog(
