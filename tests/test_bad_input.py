@@ -97,3 +97,34 @@ def test_nothing_is_compiled_before_the_error(monkeypatch, tmp_path):
                      match=r"config\.model\.featurs=32 is invalid: .*allowed: .*features"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_model_that_cannot_be_built_is_bad_input_and_claims_nothing(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = os.path.join(helpers.REPO, "configs", "mnist1d_cnn.py")
+  result = helpers.run_main(workdir, "--config.model.features=-3",
+                            f"--config.data.data_dir={tmp_path / 'data'}", config=config)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "config.model=" in result.stderr and "'features': -3" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_bad_multihost_flags_exit_2(tmp_path):
+  result = helpers.run_main(str(tmp_path / "run"), "--coordinator_address=127.0.0.1:1",
+                            "--num_processes=2", "--process_id=5")
+  assert result.returncode == 2
+  assert "--process_id=5 must be in [0, 2)" in result.stderr
+
+
+def test_sweep_rejects_an_unknown_override_without_traceback(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, "-m", "tuning_playbook.sweep", "--config=configs/mnist1d_cnn.py",
+       f"--study_dir={tmp_path / 'study'}", "--num_trials=2", "--seed=0",
+       "--config.nope=1"], cwd=helpers.REPO, env=helpers.subprocess_env(),
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert "nope" in result.stderr and "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "study")

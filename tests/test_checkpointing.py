@@ -80,3 +80,28 @@ def test_background_save_error_fails_the_run(monkeypatch, tmp_path):
   summary = helpers.read_json(os.path.join(workdir, "summary.json"))
   assert summary["status"] == "failed"
   assert "disk full" in summary["reason"]
+
+
+def test_ties_keep_the_earliest_best_which_the_summary_names(tmp_path):
+  # Step 1 and 2 tie at the best value; the earliest is the best and is kept.
+  assert _save_sequence(str(tmp_path), [0.1, 0.1, 0.2], num_best=1) == [1, 3]
+  from tuning_playbook import train  # pylint: disable=g-import-not-at-top
+  best = train.BestCheckpoint(METRIC, "min")
+  for step, value in enumerate([0.1, 0.1, 0.2], start=1):
+    best.update(step, value)
+  assert best.step == 1
+
+
+def test_set_aside_checkpoints_are_removed_while_training(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), num_best=1, best_metric=METRIC,
+                                    best_mode="min")
+  for step in range(1, 6):
+    ckpt.save(step, {"w": jnp.full((1000,), float(step))}, {"step": step},
+              {METRIC: 1.0 / step})
+    ckpt._manager.wait_until_finished()  # pylint: disable=protected-access
+    todelete = tmp_path / "todelete"
+    # Only what the save just made obsolete may wait there until the next save.
+    assert len(os.listdir(todelete)) <= 1 if todelete.exists() else True
+  ckpt.wait()
+  assert not (tmp_path / "todelete").exists() or not os.listdir(tmp_path / "todelete")
+  ckpt.close()

@@ -167,3 +167,22 @@ def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):
     assert row.keys() == ref.keys()
     for key in row:
       assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
+
+
+def test_a_failed_summary_is_dropped_when_the_run_starts_again(data_flag, tmp_path):
+  workdir = str(tmp_path / "failed_then_resumed")
+  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=1)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    f.write('{"status": "failed", "reason": "simulated"}')
+  proc = subprocess.Popen(
+      helpers.main_command(workdir, data_flag, *RUN_FLAGS), cwd=helpers.REPO,
+      env=helpers.subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  start_lines = len(helpers.read_jsonl(metrics))
+  while time.time() < deadline and len(helpers.read_jsonl(metrics)) <= start_lines:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # Killed while training: no summary, so a study sees it as interrupted.
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))

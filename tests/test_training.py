@@ -124,7 +124,7 @@ def test_best_n_and_latest_checkpoints_kept(completed_run):
   config, workdir, summary, _ = completed_run
   rows = [r for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if "eval/validation/error_rate" in r]
-  ranked = sorted(rows, key=lambda r: (r["eval/validation/error_rate"], -r["step"]))
+  ranked = sorted(rows, key=lambda r: (r["eval/validation/error_rate"], r["step"]))
   best_steps = {r["step"] for r in ranked[:config.num_best_checkpoints]}
   kept = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
   assert summary["best_step"] in kept

@@ -29,6 +29,15 @@ def rank_key(value: float | None, mode: str) -> float:
   return -value if mode == "min" else value
 
 
+def checkpoint_rank(value: float | None, step: int, mode: str) -> tuple[float, int]:
+  """Larger is better; among equal values the earlier step is better.
+
+  The same order decides which checkpoints are kept and which is the best, so
+  the best checkpoint is always among those kept.
+  """
+  return rank_key(value, mode), -step
+
+
 class Checkpointer:
   """Saves {train state, JSON metadata}; restores the latest to a target."""
 
@@ -40,7 +49,8 @@ class Checkpointer:
     policy = ocp_managers.AnyPreservationPolicy([
         ocp_managers.LatestN(n=1),
         ocp_managers.BestN(
-            get_metric_fn=lambda m: rank_key(m.get(best_metric), best_mode),
+            get_metric_fn=lambda m: checkpoint_rank(
+                m.get(best_metric), m["step"], best_mode),
             reverse=False, n=num_best, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
@@ -69,10 +79,11 @@ class Checkpointer:
            metrics: dict[str, float]) -> None:
     """Starts an asynchronous save; raises any error of an earlier one."""
     self._manager.check_for_errors()
+    self._purge_deleted()  # What earlier saves' retention set aside.
     self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
-        metrics=dict(metrics), force=True)
+        metrics={**metrics, "step": step}, force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` with the shardings of `abstract_state`."""

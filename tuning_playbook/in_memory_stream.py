@@ -61,6 +61,7 @@ class InMemoryTrainStream:
     self.global_batch_size = local_batch_size * process_count
     self._host_offset = local_batch_size * process_index
     self.examples_per_epoch = len(self._labels)
+    self.layout = [self.examples_per_epoch]  # One global order, any host count.
     if self.examples_per_epoch == 0:
       raise ValueError(f"split {split!r} has no examples")
 

@@ -108,6 +108,8 @@ class TrainStream:
     self._shuffle_buffer = shuffle_buffer
     self._cache = cache
     self.examples_per_epoch = num_examples(builder, self._split)
+    # Every host's epoch length: what the data order depends on besides the seed.
+    self.layout = host_split_sizes(builder, split, process_count)
     if self.examples_per_epoch == 0:
       raise ValueError(f"split {split!r} has no examples for host "
                        f"{process_index} of {process_count}")

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tuning_playbook import cli
 from tuning_playbook import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,18 +30,6 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _parse_flags(argv):
-  """Parses flags; a bad config file or override is reported without a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"Error: {e}\nRun with --helpfull for the flags.\n")
-  except (KeyError, OSError, AttributeError, TypeError, ValueError) as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    sys.stderr.write(f"Error: bad --config file or --config.* override: {message}\n")
-  sys.exit(2)
-
-
 class _QuietLibraries(std_logging.Filter):
   """Keeps Orbax's per-save INFO lines out of the progress log."""
 
@@ -53,23 +42,18 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  config = cli.loaded_config(_CONFIG)
   try:
-    config = _CONFIG.value
-    config.keys()  # A config file that failed to load raises here.
-  except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
-    sys.stderr.write(f"Error: --config could not be loaded: {e}\n")
-    sys.exit(2)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                         _PROCESS_ID.value, _INIT_TIMEOUT.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, _INIT_TIMEOUT.value)
+  except (ValueError, distributed.CoordinatorUnreachableError) as e:
+    cli.fail(str(e))
   try:
     summary = run.run_trial(config, _WORKDIR.value)
   except run.BAD_INPUT_ERRORS as e:
-    sys.stderr.write(f"Error: {e}\n")
-    sys.exit(2)
+    cli.fail(str(e))
   logging.info("Finished: %s", summary)
-  if summary.get("status") == "failed":
-    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

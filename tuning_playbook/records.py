@@ -9,7 +9,6 @@ appears once.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Iterable
 
@@ -129,10 +128,14 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def remove_unfinished_summary(workdir: str) -> None:
+  """Drops a "failed" summary when the run starts again: it is not finished."""
+  summary = read_summary(workdir)
+  if summary is not None and summary.get("status") not in ("completed", "diverged"):
+    os.remove(os.path.join(workdir, SUMMARY_FILE))
+
+
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
   atomic_write_text(os.path.join(workdir, SUMMARY_FILE),
                     json.dumps(summary, indent=2) + "\n")
 
-
-def is_finite(x: float | None) -> bool:
-  return x is not None and math.isfinite(x)

@@ -22,7 +22,8 @@ from tuning_playbook import train
 from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
-                    workload_lib.UnknownModelFieldError, records.ConfigMismatchError)
+                    workload_lib.UnknownModelFieldError, records.ConfigMismatchError,
+                    train.ResumeError)
 
 
 def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

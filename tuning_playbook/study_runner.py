@@ -2,7 +2,7 @@
 
   jobs = [TrialJob(study.trial_dir(t), study.command(t, sys.executable))
           for t in study.trials]
-  run_trials(jobs, parallel=2, on_finish=lambda job: ...)
+  run_trials(jobs, parallel=2, on_update=lambda job: ...)
 
 Each trial runs in its own process with its output appended to
 `<trial_dir>/log.txt`. Finished trials (completed, diverged, failed) are

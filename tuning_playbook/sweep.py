@@ -36,6 +36,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tuning_playbook import cli
 from tuning_playbook import search_space as search_space_lib
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_runner
@@ -111,15 +112,16 @@ def main(argv):
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   overrides = dict(config_flags.get_override_values(flags.FLAGS["config"]))
   study_dir = _STUDY_DIR.value
+  config = cli.loaded_config(_CONFIG)
   try:
     studies = study_lib.plan_studies(
-        config_path=config_path, config=_CONFIG.value,
+        config_path=config_path, config=config,
         spec=load_search_space(config_path), study_dir=study_dir,
         num_trials=_NUM_TRIALS.value, seed=_SEED.value,
         config_overrides=overrides, trainer_module=_TRAINER_MODULE.value)
-    study_lib.write_studies(studies, _CONFIG.value)
-  except (study_lib.StudyError, search_space_lib.SearchSpaceError) as e:
-    sys.exit(f"error: {e}")
+    study_lib.write_studies(studies, config)
+  except (study_lib.StudyError, search_space_lib.SearchSpaceError, ValueError) as e:
+    cli.fail(str(e))
   table = _TRACKING_TABLE.value or default_tracking_table(study_dir)
   command = sweep_command(config_path, study_dir,
                           max(len(s.trials) for s in studies), _SEED.value,
@@ -169,4 +171,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "study_dir", "seed"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -38,6 +38,10 @@ from tuning_playbook import workload as workload_lib
 FINISHED = ("completed", "diverged")
 
 
+class ResumeError(ValueError):
+  """The run in the work directory cannot be resumed as configured now."""
+
+
 @dataclasses.dataclass
 class BestCheckpoint:
   """The best eval so far by the configured metric (retrospective selection)."""
@@ -47,8 +51,9 @@ class BestCheckpoint:
   value: float | None = None
 
   def update(self, step: int, value: float) -> None:
-    new = checkpointing.rank_key(value, self.mode)
-    if self.step is None or new > checkpointing.rank_key(self.value, self.mode):
+    new = checkpointing.checkpoint_rank(value, step, self.mode)
+    if self.step is None or new > checkpointing.checkpoint_rank(
+        self.value, self.step, self.mode):
       self.step, self.value = step, value
 
 
@@ -128,7 +133,6 @@ class Trainer:
     self.workdir = workdir
     self.is_writer = jax.process_index() == 0
     mesh = sharding.create_mesh()
-    self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     builder = input_pipeline.prepare_dataset(workload.dataset_builder, config)
     self.stream = _make_train_stream(config, workload, builder)
@@ -138,8 +142,17 @@ class Trainer:
     input_shape, input_dtype = self.stream.element_spec()
     sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
     init_fn = lambda: train_step_lib.create_train_state(model, tx, sample, config.seed)
-    abstract_state = jax.eval_shape(init_fn)
+    try:
+      abstract_state = jax.eval_shape(init_fn)  # Traces the model; compiles nothing.
+    except Exception as e:  # pylint: disable=broad-except
+      raise config_schema.ConfigError(
+          f"config.model={config.model.to_dict()!r} is invalid: workload "
+          f"{config.workload!r} cannot build its model from it: {e}") from e
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    # The run's directory is claimed only once its config is known to work.
+    records.check_or_write_config(workdir, config, write=self.is_writer)
+    if self.is_writer:
+      records.remove_unfinished_summary(workdir)
 
     self.ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), num_best=config.num_best_checkpoints,
@@ -155,7 +168,7 @@ class Trainer:
     # Every process must resume from the same step (a shared file system that
     # is not shared, say, would silently split the job).
     distributed.agree("resume", str(self.step),
-                      timeout_seconds=config.step_watchdog_seconds or 600)
+                      timeout_seconds=max(600.0, config.step_watchdog_seconds))
     self.metrics_log = records.StepLog(
         os.path.join(workdir, records.METRICS_FILE), self.is_writer)
     self.grad_log = records.StepLog(
@@ -197,12 +210,14 @@ class Trainer:
     self.state, meta = self.ckpt.restore(step, target)
     self.step = int(meta["step"])
     self.best.step, self.best.value = meta["best_step"], meta["best_value"]
-    saved = meta["data_position"]["examples_per_epoch"]
-    if saved != self.stream.examples_per_epoch:
-      raise RuntimeError(
-          f"checkpoint {step} was written with {saved} training examples per "
-          f"epoch of the stream, now {self.stream.examples_per_epoch}: the data "
-          "or the process count changed, so the data order cannot be resumed")
+    saved = meta["stream_layout"]
+    if saved != self.stream.layout:
+      raise ResumeError(
+          f"checkpoint {step} in {self.ckpt.directory} was written with training "
+          f"streams of {saved} examples per epoch (one entry per host stream), "
+          f"now {self.stream.layout}: the data or the process count changed, so "
+          "the data order cannot be resumed. Relaunch with the process count "
+          "the run started with, or use a new --workdir.")
     logging.info("Resumed from checkpoint at step %d.", self.step)
 
   def train(self, until_step: int) -> str | None:
@@ -230,6 +245,7 @@ class Trainer:
         if step % log_every and not is_eval and step != until_step:
           continue
         self.report_progress(step)
+        dog.pause()  # Evals and checkpoints are not steps; they may take long.
         reason = self._log(first_unlogged, is_eval)
         first_unlogged = step + 1
         dog.progress(step)
@@ -262,7 +278,8 @@ class Trainer:
       self.best.update(step, value)
       meta = {"step": step, "best_step": self.best.step,
               "best_value": self.best.value,
-              "data_position": self.stream.position(step).to_json()}
+              "data_position": self.stream.position(step).to_json(),
+              "stream_layout": self.stream.layout}
       self.ckpt.save(step, self.state, meta, {config.best_metric: value})
     self.metrics_log.append([row])
     self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
@@ -292,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir` (resuming if it holds a run); returns the summary."""
   workload = validate_before_compiling(config)
   input_pipeline.hide_accelerators_from_tensorflow()
-  records.check_or_write_config(workdir, config, write=jax.process_index() == 0)
+  records.check_or_write_config(workdir, config, write=False)
   previous = records.read_summary(workdir)
   if previous and previous.get("status") in FINISHED:
     logging.info("%s already finished (%s); nothing to do.", workdir,

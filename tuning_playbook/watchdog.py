@@ -1,8 +1,9 @@
 """A step watchdog: no progress for too long dumps every thread's stack and exits.
 
 A hung collective (a host that died, unequal batch counts) otherwise blocks a
-multi-host job forever. The watchdog arms at the first reported step, so the
-first compilation does not count against it.
+multi-host job forever. The watchdog times training steps only: it arms at the
+first reported step (the first compilation does not count) and is paused
+during evals and checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class StepWatchdog:
 
   def progress(self, step: int) -> None:
     self._step, self._last = step, self._clock()
+
+  def pause(self) -> None:
+    """Stops timing until the next `progress` (e.g. during an eval)."""
+    self._last = None
 
   def check(self) -> bool:
     """True (after calling on_timeout) if no progress came within the timeout."""
