@@ -105,3 +105,19 @@ def test_set_aside_checkpoints_are_removed_while_training(tmp_path):
   ckpt.wait()
   assert not (tmp_path / "todelete").exists() or not os.listdir(tmp_path / "todelete")
   ckpt.close()
+
+
+def test_retention_after_a_restart_equals_retention_without_one(tmp_path):
+  values = [0.5, 0.2, 0.3, 0.6, 0.25, 0.7]
+  uninterrupted = _save_sequence(str(tmp_path / "a"), values, num_best=2)
+  directory = str(tmp_path / "b")
+  for lo, hi in ((0, 3), (3, 6)):  # A new manager, as after a kill, at step 4.
+    ckpt = checkpointing.Checkpointer(directory, num_best=2, best_metric=METRIC,
+                                      best_mode="min")
+    for step in range(lo + 1, hi + 1):
+      ckpt.save(step, {"w": jnp.full((3,), float(step))}, {"step": step},
+                {METRIC: values[step - 1]})
+      ckpt.wait()
+    kept = ckpt.all_steps()
+    ckpt.close()
+  assert kept == uninterrupted == [2, 5, 6]

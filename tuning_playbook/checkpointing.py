@@ -54,7 +54,13 @@ class Checkpointer:
             reverse=False, n=num_best, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, create=True, cleanup_tmp_directories=True,
+        preservation_policy=policy,
+        # Orbax writes a checkpoint's metrics to disk only when best_fn is set;
+        # without them a restarted manager would rank old checkpoints as
+        # metric-less and delete the best ones.
+        best_fn=lambda m: checkpoint_rank(m.get(best_metric), m["step"], best_mode),
+        best_mode="max",
+        create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=True, todelete_subdir=_TODELETE)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
