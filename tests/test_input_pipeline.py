@@ -93,8 +93,11 @@ def test_host_seeds_differ_and_are_stable():
   assert input_pipeline.host_seed(0, 0) != input_pipeline.host_seed(0, 1)
   assert input_pipeline.host_seed(0, 0) != input_pipeline.host_seed(1, 0)
   assert input_pipeline.host_seed(5, 1) == input_pipeline.host_seed(5, 1)
-  perm = in_memory_stream.epoch_permutation(1234, 7, 10)
-  np.testing.assert_array_equal(perm, in_memory_stream.epoch_permutation(1234, 7, 10))
+  # Golden values: the data order of a seed must not change between releases.
+  np.testing.assert_array_equal(in_memory_stream.epoch_permutation(1234, 7, 10),
+                                [3, 1, 6, 4, 8, 9, 0, 2, 7, 5])
+  np.testing.assert_array_equal(in_memory_stream.epoch_permutation(0, 0, 10),
+                                [1, 5, 8, 2, 6, 4, 7, 0, 3, 9])
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])

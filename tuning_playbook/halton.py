@@ -23,9 +23,9 @@ from typing import Iterable
 
 import numpy as np
 
+from tuning_playbook.stable_hash import hash64
+
 _MASK64 = (1 << 64) - 1
-_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-_HASH_START = 0x243F6A8885A308D3
 # Stream tags keep the random numbers of different uses independent.
 _STREAM_DIGIT_PERMUTATION = 1
 _STREAM_PSEUDO_RANDOM = 2
@@ -33,23 +33,6 @@ _STREAM_PSEUDO_RANDOM = 2
 # point is an exact integer divided by a power of the base: one correctly
 # rounded division, bit-identical everywhere and always < 1.
 _MANTISSA_BITS = 53
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-  """The SplitMix64 output function (Steele, Lea & Flood 2014) on uint64."""
-  with np.errstate(over="ignore"):
-    z = x + np.uint64(_GOLDEN_GAMMA)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def hash64(*words) -> np.ndarray:
-  """Hashes non-negative integers (or arrays of them, broadcast) to uint64."""
-  h = np.uint64(_HASH_START)
-  for word in words:
-    h = _splitmix64(h ^ np.asarray(word, dtype=np.uint64))
-  return h
 
 
 def _check_seed(seed: int) -> int:

@@ -4,9 +4,9 @@ Used for workloads without a custom `preprocess` (nothing per example but
 picking and casting two features), where tf.data's per-example cost would
 exceed the cost of a training step of a small model.
 
-The order is global: one permutation of the split per epoch, a hash of
-(seed, epoch, example index) spelled out here (splitmix64) so it is the same
-on every machine and NumPy version. Global batch s is positions
+The order is global: one permutation of the split per epoch, a stable hash
+of (seed, epoch, example index) (`stable_hash`), the same on every machine
+and NumPy version. Global batch s is positions
 [s * batch, (s + 1) * batch) of that stream, and each host takes its own
 contiguous slice of it. The data a step trains on therefore does not depend
 on the number of hosts, and resuming at step s needs no iterator state.
@@ -19,24 +19,11 @@ from typing import Iterator
 import numpy as np
 
 from tuning_playbook import input_pipeline
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-  """The splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
-  with np.errstate(over="ignore"):
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-    return x ^ (x >> np.uint64(31))
-
+from tuning_playbook import stable_hash
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order of a host's n examples in `epoch` (int64 indices)."""
-  with np.errstate(over="ignore"):
-    key = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(epoch)))
-    scores = splitmix64(np.arange(n, dtype=np.uint64) ^ key)
+  """The order of the n examples in `epoch` (int64 indices)."""
+  scores = stable_hash.hash64(seed, epoch, np.arange(n, dtype=np.uint64))
   return np.argsort(scores, kind="stable")
 
 
