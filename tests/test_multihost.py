@@ -173,3 +173,22 @@ def test_barriers_name_the_process_at_fault(case, expected):
   assert expected in outputs[0]
   if case == "differ":
     assert expected in outputs[1]
+
+
+def test_hosts_read_disjoint_shards_of_every_split(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  command = [sys.executable, "-m", "tests.multihost_input_probe",
+             f"--data_dir={tmp_path / 'data'}"]
+  reports = []
+  procs = helpers.start_processes(command, 3, 1)
+  for p in procs:
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    line = next(l for l in out.splitlines() if l.startswith("INDICES "))
+    reports.append(json.loads(line[len("INDICES "):]))
+  train = [set(r["train"]) for r in reports]
+  assert sum(len(r["train"]) for r in reports) == 203  # Each example once per epoch.
+  assert not (train[0] & train[1] or train[0] & train[2] or train[1] & train[2])
+  assert set().union(*train) == set(range(203))
+  assert len({r["eval_batches"] for r in reports}) == 1  # Same count on every host.
+  assert sorted(i for r in reports for i in r["eval_seen"]) == list(range(61))
