@@ -40,7 +40,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 
-POLICIES = ("global", "ghost", "per_device")
+from tuning_playbook import config_schema
+
+POLICIES = config_schema.BATCH_NORM_POLICIES
 
 
 class BatchNorm(nn.Module):

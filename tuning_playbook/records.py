@@ -18,6 +18,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 GRAD_NORMS_FILE = "grad_norms.jsonl"
 SUMMARY_FILE = "summary.json"
+# A run with one of these statuses is done: relaunching it changes nothing.
+FINISHED_STATUSES = ("completed", "diverged")
 
 
 class ConfigMismatchError(ValueError):
@@ -131,7 +133,7 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
 def remove_unfinished_summary(workdir: str) -> None:
   """Drops a "failed" summary when the run starts again: it is not finished."""
   summary = read_summary(workdir)
-  if summary is not None and summary.get("status") not in ("completed", "diverged"):
+  if summary is not None and summary.get("status") not in FINISHED_STATUSES:
     os.remove(os.path.join(workdir, SUMMARY_FILE))
 
 

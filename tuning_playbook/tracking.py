@@ -37,7 +37,8 @@ LOCK_FILE = ".lock"
 LOG_FILE = "log.txt"
 RESULTS_FILE = "results.csv"
 TRACKING_TABLE_FILE = "studies.csv"
-FINISHED = ("completed", "diverged", "failed")
+# A trial with one of these statuses has ended (a failed one may be retried).
+ENDED_STATUSES = ("completed", "diverged", "failed")
 INFEASIBLE = ("diverged", "failed")
 RESULT_COLUMNS = ("trial_id", "status", "reason")
 RESULT_METRIC_COLUMNS = ("best_step", "best_metric", "best_value",
@@ -108,7 +109,7 @@ def trial_record(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
     return record
   summary = _read_json(os.path.join(trial_dir, SUMMARY_FILE))
   runner = _read_json(os.path.join(trial_dir, RUNNER_FILE)) or {}
-  if isinstance(summary, dict) and summary.get("status") in FINISHED:
+  if isinstance(summary, dict) and summary.get("status") in ENDED_STATUSES:
     for key in record:
       if key in summary:
         record[key] = summary[key]
@@ -201,7 +202,7 @@ def study_row(study: study_lib.Study, records: Sequence[Mapping[str, Any]],
       "num_trials": len(records),
       "num_completed": len(completed),
       "num_infeasible": sum(r["status"] in INFEASIBLE for r in records),
-      "num_unfinished": sum(r["status"] not in FINISHED for r in records),
+      "num_unfinished": sum(r["status"] not in ENDED_STATUSES for r in records),
       "best_trial": best["trial_id"] if best else None,
       "best_metric": (best and best["best_metric"]) or study.base_config.get(
           "best_metric"),

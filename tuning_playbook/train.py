@@ -35,9 +35,6 @@ from tuning_playbook import train_step as train_step_lib
 from tuning_playbook import watchdog
 from tuning_playbook import workload as workload_lib
 
-FINISHED = ("completed", "diverged")
-
-
 class ResumeError(ValueError):
   """The run in the work directory cannot be resumed as configured now."""
 
@@ -311,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   input_pipeline.hide_accelerators_from_tensorflow()
   records.check_or_write_config(workdir, config, write=False)
   previous = records.read_summary(workdir)
-  if previous and previous.get("status") in FINISHED:
+  if previous and previous.get("status") in records.FINISHED_STATUSES:
     logging.info("%s already finished (%s); nothing to do.", workdir,
                  previous["status"])
     return previous

@@ -24,14 +24,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tuning_playbook import dimension as dimension_lib
 from tuning_playbook import study as study_lib
 from tuning_playbook.analysis import trial_data
 
 STUDY_FILE = study_lib.STUDY_FILE
 RESULTS_FILE = "results.csv"
 TRIALS_DIR = study_lib.TRIALS_DIR
-NUMERIC_SCALES = ("linear", "log", "reverse_log", "int", "int_linear", "int_log")
-INT_SCALES = ("int", "int_linear", "int_log")
+NUMERIC_SCALES = dimension_lib.NUMERIC_SCALES  # The scales the sampler writes.
+INT_SCALES = ("int_linear", "int_log")
 LOG_SCALES = ("log", "int_log")
 INFEASIBLE_STATUSES = trial_data.INFEASIBLE_STATUSES
 UNFINISHED = trial_data.UNFINISHED
