@@ -4,6 +4,7 @@ sweep with one study per scientific value, and a real small study."""
 import html.parser
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,8 @@ from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHROMIUM = "/usr/bin/chromium"
+# The names tests/install_browser.sh checks for before installing Debian's.
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SECTIONS = {"findings": "Findings", "axis": "1. Basic hyperparameter axis plots",
             "isolation": "2. Isolation plots", "curves": "3. Training curves",
             "gradients": "4. Gradient norms", "search_space": "5. Search-space checks",
@@ -132,9 +134,19 @@ def test_cli_refuses_a_directory_without_a_study(tmp_path):
   assert "no study.json" in result.stderr
 
 
-def chromium(*args, user_data_dir, timeout=120):
+def find_chromium() -> str:
+  """The first Chromium on PATH; fails, naming the installer, if there is none."""
+  for name in BROWSERS:
+    path = shutil.which(name)
+    if path:
+      return path
+  pytest.fail(f"no Chromium on PATH (looked for {', '.join(BROWSERS)}): "
+              "run `bash tests/install_browser.sh`")
+
+
+def chromium(browser, *args, user_data_dir, timeout=120):
   return subprocess.run(
-      [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+      [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
        "--no-first-run", "--disable-background-networking",
        "--disable-component-update", "--disable-sync",
        f"--user-data-dir={user_data_dir}", *args],
@@ -155,13 +167,13 @@ class _BodyAttrs(html.parser.HTMLParser):
 
 
 def test_report_in_headless_chromium(tmp_path):
-  assert os.path.exists(CHROMIUM), "run .ci/install_browser.sh"
+  browser = find_chromium()
   study_dir = fx.clean_study(str(tmp_path / "study"))
   result = report.write_report(study_dir)
   url = "file://" + os.path.abspath(result.index_html)
   profile = tempfile.mkdtemp(dir=tmp_path)
 
-  dom = chromium("--virtual-time-budget=10000", "--dump-dom", url,
+  dom = chromium(browser, "--virtual-time-budget=10000", "--dump-dom", url,
                  user_data_dir=profile)
   assert dom.returncode == 0, dom.stderr[-2000:]
   attrs = body_attributes(dom.stdout)
@@ -169,7 +181,7 @@ def test_report_in_headless_chromium(tmp_path):
   assert int(attrs["data-images-total"]) == len(result.images) >= 12
 
   shot = str(tmp_path / "screenshot.png")
-  run = chromium(f"--screenshot={shot}", "--window-size=1400,3000", url,
+  run = chromium(browser, f"--screenshot={shot}", "--window-size=1400,3000", url,
                  user_data_dir=profile)
   assert run.returncode == 0, run.stderr[-2000:]
   with Image.open(shot) as img:
@@ -182,7 +194,7 @@ def test_report_in_headless_chromium(tmp_path):
 
   # The check sees a missing image.
   os.remove(os.path.join(result.report_dir, "coverage.png"))
-  dom = chromium("--virtual-time-budget=10000", "--dump-dom", url,
+  dom = chromium(browser, "--virtual-time-budget=10000", "--dump-dom", url,
                  user_data_dir=profile)
   attrs = body_attributes(dom.stdout)
   assert attrs["data-images-status"] == "failed"

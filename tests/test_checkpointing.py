@@ -121,3 +121,21 @@ def test_retention_after_a_restart_equals_retention_without_one(tmp_path):
     kept = ckpt.all_steps()
     ckpt.close()
   assert kept == uninterrupted == [2, 5, 6]
+
+
+def test_rapid_async_saves_never_race_the_deleter(tmp_path):
+  # Under a worsening metric every save sets an older step aside in todelete/
+  # while the next save may already be starting.
+  num_saves = 30
+  ckpt = checkpointing.Checkpointer(str(tmp_path), num_best=2, best_metric=METRIC,
+                                    best_mode="min")
+  for step in range(1, num_saves + 1):
+    ckpt.save(step, {"w": jnp.full((16,), float(step))}, {"step": step},
+              {METRIC: float(step)})
+  kept = ckpt.all_steps()
+  ckpt.close()
+  expected = [1, 2, num_saves]  # Best-2 ∪ latest.
+  assert kept == expected
+  assert sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()) == expected
+  todelete = tmp_path / "todelete"
+  assert not todelete.exists() or not os.listdir(todelete)

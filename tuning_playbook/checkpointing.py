@@ -6,6 +6,10 @@ configured eval metric. A NaN/Inf metric ranks worst; the stored metric value
 itself is left as it is. Checkpoints are written to a temporary directory and
 renamed when complete, and deletions are renames into `todelete/` that are
 purged afterwards, so a kill at any moment leaves only whole checkpoints.
+
+Orbax renames into `todelete/` from the thread that finalizes an asynchronous
+save. `todelete/` is therefore purged only when no save is in flight: before
+the manager exists, after `wait_until_finished()`, and after `close()`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from typing import Any
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
@@ -36,6 +42,21 @@ def checkpoint_rank(value: float | None, step: int, mode: str) -> tuple[float, i
   the best checkpoint is always among those kept.
   """
   return rank_key(value, mode), -step
+
+
+def _remove_tree(path: str) -> None:
+  """Removes `path` recursively; missing entries are fine, other errors logged."""
+
+  def on_error(func, failed_path, exc):
+    del func  # Unused.
+    error = exc if isinstance(exc, BaseException) else exc[1]  # exc_info < 3.12.
+    if not isinstance(error, FileNotFoundError):
+      logging.warning("Could not remove %s: %s", failed_path, error)
+
+  if sys.version_info >= (3, 12):
+    shutil.rmtree(path, onexc=on_error)  # pylint: disable=unexpected-keyword-arg
+  else:
+    shutil.rmtree(path, onerror=on_error)
 
 
 class Checkpointer:
@@ -61,16 +82,19 @@ class Checkpointer:
         best_fn=lambda m: checkpoint_rank(m.get(best_metric), m["step"], best_mode),
         best_mode="max",
         create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=True, todelete_subdir=_TODELETE)
+        enable_async_checkpointing=True, todelete_subdir=_TODELETE,
+        # Deletions then run in the save's finalize thread, which
+        # wait_until_finished() joins; a background deleter would be joined
+        # only by close() and could rename into todelete/ during a purge.
+        enable_background_delete=False)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
 
-  def _purge_deleted(self):
+  def _purge_deleted(self) -> None:
+    """Removes `todelete/`; callers make sure no save is in flight."""
     if jax.process_index() != 0:
       return
-    todelete = os.path.join(self.directory, _TODELETE)
-    if os.path.isdir(todelete):
-      shutil.rmtree(todelete, ignore_errors=True)
+    _remove_tree(os.path.join(self.directory, _TODELETE))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -83,7 +107,12 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
            metrics: dict[str, float]) -> None:
-    """Starts an asynchronous save; raises any error of an earlier one."""
+    """Starts an asynchronous save; raises any error of an earlier one.
+
+    Waits for the previous save first, as Orbax would, so that its deletions
+    are done before `todelete/` is purged.
+    """
+    self._manager.wait_until_finished()
     self._manager.check_for_errors()
     self._purge_deleted()  # What earlier saves' retention set aside.
     self._manager.save(
@@ -106,4 +135,6 @@ class Checkpointer:
     self._purge_deleted()
 
   def close(self) -> None:
+    """Waits for pending saves and their deletions, then purges them."""
     self._manager.close()
+    self._purge_deleted()
