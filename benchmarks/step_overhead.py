@@ -26,6 +26,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from tuning_playbook import cpu_devices
 from tuning_playbook import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,6 +37,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 15, "Timed rounds of each loop.")
 
 def main(argv):
   del argv
+  cpu_devices.configure_thread_pool()
   config = _CONFIG.value
   steps, rounds = _STEPS.value, _ROUNDS.value
   total = steps * (2 * rounds + 1) + 1

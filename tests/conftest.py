@@ -8,7 +8,7 @@ if "jax" not in __import__("sys").modules:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}"
-        # Collectives on simulated devices can starve the 2-core thread pool.
-        " --xla_cpu_multi_thread_eigen=false").strip()
+        f"{flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
+  from tuning_playbook import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.configure_thread_pool()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -35,8 +35,10 @@ def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> li
 
 def subprocess_env(num_devices: int = 1) -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={num_devices}"
-                      " --xla_cpu_multi_thread_eigen=false")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  # The trainer sizes the CPU thread pool for its simulated devices itself.
+  for name in ("PJRT_NPROC", "NPROC"):
+    env.pop(name, None)
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env

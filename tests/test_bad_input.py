@@ -3,6 +3,7 @@
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from tests import helpers
@@ -105,9 +106,31 @@ def test_a_model_that_cannot_be_built_is_bad_input_and_claims_nothing(tmp_path):
   result = helpers.run_main(workdir, "--config.model.features=-3",
                             f"--config.data.data_dir={tmp_path / 'data'}", config=config)
   assert result.returncode == 2, result.stderr[-2000:]
-  assert "config.model=" in result.stderr and "'features': -3" in result.stderr
+  assert ("config.model.features=-3 is invalid: workload 'mnist1d_cnn' needs an "
+          "int > 0") in result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_a_model_field_of_the_wrong_type_is_bad_input(tmp_path):
+  config = helpers.load_config(os.path.join(helpers.REPO, "configs", "mnist1d_mlp.py"))
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict({"width": "wide"})  # No typed default.
+  with pytest.raises(workload_lib.ModelConfigError,
+                     match=r"config\.model\.width='wide' is invalid: .*expects a int"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_defect_in_model_code_is_reported_with_its_traceback(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = helpers.run_main(workdir, "--config.workload=tests.broken_workload",
+                            f"--config.data.data_dir={tmp_path / 'data'}")
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" in result.stderr
+  assert "broken_workload.py" in result.stderr
+  assert "RuntimeError: defect in BrokenModel.__call__" in result.stderr
+  assert "is invalid" not in result.stderr  # Not blamed on the config.
 
 
 def test_bad_multihost_flags_exit_2(tmp_path):

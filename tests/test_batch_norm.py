@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tuning_playbook import batch_norm
+from tuning_playbook import cpu_devices
 
 EPS = 1e-5
 MOMENTUM = 0.9
@@ -145,6 +146,7 @@ def test_from_config_sets_fields():
 
 def _sharded_main():
   """Runs in a subprocess with four CPU devices."""
+  cpu_devices.configure_thread_pool()
   assert jax.device_count() == 4, jax.devices()
   cases = [  # (policy, global batch, virtual batch size, group size)
       ("global", 32, 0, 32),
@@ -180,10 +182,7 @@ def _sharded_main():
 
 
 def test_statistics_under_jit_sharded_over_four_devices():
-  # Intra-op threads off: on few cores, a collective waiting on a pool thread
-  # can starve the other devices of threads.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-             "--xla_cpu_multi_thread_eigen=false",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, __file__], env=env,
                           capture_output=True, text=True, timeout=300,

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 import pytest
 
 from tests import helpers
+from tuning_playbook import termination
+from tuning_playbook import watchdog
 
 RUN_FLAGS = ("--config.max_train_steps=40", "--config.eval_every_steps=10",
              "--config.log_every_steps=5", "--config.model.use_batch_norm=True",
@@ -128,26 +131,61 @@ def test_two_process_checkpoint_resumes_on_one_process(two_by_two, data_flag, tm
     assert rows[-1][key] == pytest.approx(ref[-1][key], rel=1e-3, abs=1e-6)
 
 
-def test_hung_peer_trips_the_step_watchdog(data_flag, tmp_path):
-  workdir = str(tmp_path / "hung")
+def _start_long_job(workdir, data_flag, *extra):
+  """A 2 x 2 job that trains for long; returns once it has logged."""
   command = helpers.main_command(workdir, data_flag, *RUN_FLAGS,
-                                 "--config.step_watchdog_seconds=6",
                                  "--config.max_train_steps=100000",
-                                 "--config.eval_every_steps=50000")
+                                 "--config.eval_every_steps=50000", *extra)
   procs = helpers.start_processes(command, 2, 2)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   while not os.path.exists(metrics) and time.time() < deadline:
     time.sleep(0.05)
+  assert os.path.exists(metrics), "the job never logged"
+  return procs
+
+
+def test_a_stopped_peer_trips_the_default_watchdog(data_flag, tmp_path):
+  """The automatic watchdog (the default) with a short floor, not a fixed limit."""
+  procs = _start_long_job(str(tmp_path / "hung"), data_flag,
+                          "--config.watchdog_floor_seconds=3")
   procs[1].send_signal(signal.SIGSTOP)  # A host that stops answering.
+  start = time.time()
   try:
     _, err = procs[0].communicate(timeout=120)
   finally:
     procs[1].send_signal(signal.SIGKILL)
     helpers.wait_all(procs)
-  assert procs[0].returncode == 42
-  assert "Step watchdog: no training progress" in err
-  assert "Thread" in err or "File" in err  # The stack dump.
+  assert procs[0].returncode == watchdog.WATCHDOG_EXIT_CODE, err[-3000:]
+  assert re.search(r"Watchdog: waited \d+s for (train step \d+|the metrics of "
+                   r"steps \d+\.\.\d+) \(limit \d+s: max\(watchdog_floor_seconds=3", err)
+  assert "Thread 0x" in err and "File " in err  # Every thread's stack.
+  print(f"\nstopped peer detected after {time.time() - start:.1f}s")
+
+
+def test_sigterm_ends_processes_blocked_in_a_collective(data_flag, tmp_path):
+  procs = _start_long_job(str(tmp_path / "sigterm"), data_flag)
+  procs[1].send_signal(signal.SIGSTOP)
+  time.sleep(3)  # Process 0 is now waiting for process 1 in a collective.
+  assert procs[0].poll() is None
+  outputs = []
+  try:
+    for p in procs:
+      start = time.time()
+      p.send_signal(signal.SIGTERM)
+      p.send_signal(signal.SIGCONT)
+      _, err = p.communicate(timeout=10)
+      outputs.append((p.returncode, time.time() - start, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    helpers.wait_all(procs)
+  for rc, seconds, err in outputs:
+    assert rc == termination.TERMINATED_EXIT_CODE, err[-3000:]
+    assert "Received SIGTERM" in err and "Thread 0x" in err and "File " in err
+    assert seconds < 10
+  print(f"\nSIGTERM to exit: {outputs[0][1]:.2f}s (blocked), {outputs[1][1]:.2f}s")
 
 
 def test_a_job_that_cannot_connect_fails_loudly(tmp_path, data_flag):

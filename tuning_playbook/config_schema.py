@@ -53,8 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 0.0  # 0 disables clipping by global norm.
   # A training loss above this (or NaN/Inf) marks the trial as diverged.
   c.divergence_loss_threshold = 1e6
-  # Abort with stack dumps if a step makes no progress for this long (0: off).
-  c.step_watchdog_seconds = 0.0
+  # Watchdog: a train step, log fetch, eval or checkpoint that takes too long
+  # (a hung or dead peer) dumps every stack and exits with status 42.
+  # < 0: automatic, max(watchdog_floor_seconds, 10 x the longest of its kind
+  # so far; the first of a kind, which compiles, may take 10 x the floor);
+  # > 0: this many seconds for each; 0: off.
+  c.step_watchdog_seconds = -1.0
+  c.watchdog_floor_seconds = 300.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "nesterov"
@@ -161,8 +166,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if not config.divergence_loss_threshold > 0:
     _fail("divergence_loss_threshold", config.divergence_loss_threshold,
           "must be > 0")
-  if config.step_watchdog_seconds < 0:
-    _fail("step_watchdog_seconds", config.step_watchdog_seconds, "must be >= 0")
+  if not config.watchdog_floor_seconds > 0:
+    _fail("watchdog_floor_seconds", config.watchdog_floor_seconds, "must be > 0")
   _validate_optimizer(config)
   _validate_batch_norm(config, num_devices)
   if config.data.batches_per_transfer < 1:

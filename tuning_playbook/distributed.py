@@ -6,8 +6,10 @@ form one job (used by the multi-process tests).
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from typing import Mapping
 
 from absl import logging
 import jax
@@ -15,6 +17,55 @@ import jax
 
 class CoordinatorUnreachableError(RuntimeError):
   """Process 0 (the coordinator) did not answer in time."""
+
+
+class ClusterJoinError(RuntimeError):
+  """The environment shows a multi-process cluster, but joining it failed."""
+
+
+_JAX_COORDINATION_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_IP",
+                               "JAX_COORDINATOR_PORT", "JAX_NUM_PROCESSES",
+                               "JAX_PROCESS_ID")
+
+
+def _count(environ: Mapping[str, str], name: str) -> int:
+  value = environ.get(name, "").strip()
+  return int(value) if value.isdigit() else 0
+
+
+def cluster_evidence(environ: Mapping[str, str] = os.environ) -> list[str]:
+  """What in the environment says this process is one of several.
+
+  The JAX coordination variables, a SLURM step or Open MPI job with more than
+  one task, a multi-host TPU slice (its worker list, or JAX's TPU detection).
+  """
+  evidence = [f"{name}={environ[name]}" for name in _JAX_COORDINATION_VARIABLES
+              if environ.get(name)]
+  slurm_tasks = max(_count(environ, "SLURM_STEP_NUM_TASKS"),
+                    _count(environ, "SLURM_NTASKS"))
+  if environ.get("SLURM_JOB_ID") and slurm_tasks > 1:
+    evidence.append(f"SLURM job {environ['SLURM_JOB_ID']} with {slurm_tasks} tasks")
+  if _count(environ, "OMPI_COMM_WORLD_SIZE") > 1:
+    evidence.append(f"Open MPI job of {environ['OMPI_COMM_WORLD_SIZE']} ranks")
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if len(hosts) > 1:
+    evidence.append(f"TPU slice of {len(hosts)} hosts (TPU_WORKER_HOSTNAMES)")
+  if environ is os.environ:
+    evidence += _jax_detected_tpu_clusters()
+  return evidence
+
+
+def _jax_detected_tpu_clusters() -> list[str]:
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    found = []
+    for cluster in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+      if "Tpu" in cluster.__name__ and not cluster.opt_in_only_method:
+        if cluster.is_env_present():
+          found.append(f"Cloud TPU VM ({cluster.__name__})")
+    return found
+  except Exception:  # pylint: disable=broad-except
+    return []  # Detection is best effort; the variables above still apply.
 
 
 def wait_for_coordinator(address: str, timeout_seconds: float) -> None:
@@ -39,7 +90,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
 
   With a coordinator address, all three values are required and a failure to
   connect raises (a job never silently runs alone). Without one, JAX's cluster
-  detection applies (Cloud TPU, SLURM, ...); if none is found, one process runs.
+  detection applies (Cloud TPU, SLURM, ...); if it fails, one process runs,
+  unless the environment shows a cluster (`cluster_evidence`): then it raises
+  ClusterJoinError, since N lone processes would share one work directory.
   """
   explicit = bool(coordinator_address)
   if explicit and (num_processes < 1 or process_id < 0):
@@ -63,7 +116,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
   else:
     try:
       jax.distributed.initialize(initialization_timeout=timeout_seconds)
-    except (ValueError, RuntimeError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      evidence = cluster_evidence()
+      if evidence:
+        raise ClusterJoinError(
+            f"the environment shows a multi-process job ({'; '.join(evidence)}), "
+            f"but joining it failed: {type(e).__name__}: {e}. Refusing to run as "
+            "a lone process; pass --coordinator_address/--num_processes/"
+            "--process_id explicitly, or fix the cluster set-up.") from e
       logging.info("No multi-process cluster detected (%s); running one process.", e)
       return
   logging.info("Process %d of %d; %d local of %d devices.", jax.process_index(),

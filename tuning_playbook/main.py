@@ -16,7 +16,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from tuning_playbook import cli
+from tuning_playbook import cpu_devices
 from tuning_playbook import distributed
+from tuning_playbook import termination
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/<name>.py).", lock_config=True)
@@ -43,11 +45,15 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   config = cli.loaded_config(_CONFIG)
+  cpu_devices.configure_thread_pool()  # Before the backend starts.
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value, _INIT_TIMEOUT.value)
-  except (ValueError, distributed.CoordinatorUnreachableError) as e:
+  except ValueError as e:
     cli.fail(str(e))
+  except (distributed.CoordinatorUnreachableError, distributed.ClusterJoinError) as e:
+    sys.exit(f"Error: {e}")
+  termination.install_sigterm_exit()  # After JAX's own SIGTERM handler.
   try:
     summary = run.run_trial(config, _WORKDIR.value)
   except run.BAD_INPUT_ERRORS as e:

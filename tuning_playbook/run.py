@@ -22,7 +22,7 @@ from tuning_playbook import train
 from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
-                    workload_lib.UnknownModelFieldError, records.ConfigMismatchError,
+                    workload_lib.ModelConfigError, records.ConfigMismatchError,
                     train.ResumeError)
 
 
@@ -34,7 +34,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     raise
   except Exception as e:  # pylint: disable=broad-except
     logging.exception("Trial failed.")
-    summary = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
+    summary = {"status": records.FAILED, "reason": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc(), "best_step": None,
                "best_metric": config.best_metric, "best_mode": config.best_mode,
                "best_value": None, "final_step": None,

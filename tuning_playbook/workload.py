@@ -24,8 +24,11 @@ Optional names, with the defaults used when a module leaves them out:
   INPUT_KEY = "image", LABEL_KEY = "label"
   default_model_config() -> ml_collections.ConfigDict
       The model's fields and their defaults. When given, a `config.model`
-      key that is not among them is refused before anything is compiled, and
-      `merged_model_config(config, default_model_config())` gives the fields.
+      key that is not among them, or a value of another type, is refused
+      before anything is compiled; `merged_model_config(config,
+      default_model_config(), checks)` gives the fields and checks their
+      values, so a wrong field is reported as bad config (exit 2) while an
+      error in the model's own code is reported with its traceback.
   loss_fn(logits, labels) -> per-example loss (float32[batch])
       Default: softmax cross-entropy on integer labels.
   correct_fn(logits, labels) -> per-example correctness (bool[batch])
@@ -152,13 +155,30 @@ def load_workload(name: str) -> Workload:
   )
 
 
-class UnknownModelFieldError(ValueError):
+class ModelConfigError(ValueError):
+  """A `config.model` field is unknown or has a value the workload cannot use."""
+
+
+class UnknownModelFieldError(ModelConfigError):
   pass
 
 
+FieldCheck = tuple[Callable[[Any], bool], str]  # (is_allowed(value), allowed text)
+
+_NUMBER_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,),
+                 tuple: (tuple, list), list: (tuple, list)}
+
+
 def merged_model_config(config: ml_collections.ConfigDict,
-                        defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.model` over `defaults`; a field not in `defaults` is an error."""
+                        defaults: ml_collections.ConfigDict,
+                        checks: Mapping[str, FieldCheck] | None = None,
+                        ) -> ml_collections.ConfigDict:
+  """`config.model` over `defaults`, checked; raises ModelConfigError naming the field.
+
+  A field not in `defaults`, a value whose type differs from the default's
+  (an int where a float is expected is fine), or one that fails its entry in
+  `checks` (e.g. `{"width": (lambda w: w > 0, "an int > 0")}`) is refused.
+  """
   unknown = sorted(set(config.model.keys()) - set(defaults.keys()))
   if unknown:
     raise UnknownModelFieldError(
@@ -166,11 +186,31 @@ def merged_model_config(config: ml_collections.ConfigDict,
         f"unknown model field for workload {config.workload!r}; allowed: "
         f"{', '.join(sorted(defaults.keys()))}")
   merged = ml_collections.ConfigDict(defaults.to_dict())
+  for name in config.model.keys():
+    value, default = config.model[name], defaults[name]
+    allowed_types = _NUMBER_TYPES.get(type(default))
+    wrong_bool = isinstance(value, bool) and not isinstance(default, bool)
+    if allowed_types and (wrong_bool or not isinstance(value, allowed_types)):
+      raise ModelConfigError(
+          f"config.model.{name}={value!r} is invalid: workload "
+          f"{config.workload!r} expects a {type(default).__name__} "
+          f"(default {default!r})")
   merged.update(config.model)
+  for name, (is_allowed, allowed) in (checks or {}).items():
+    if not is_allowed(merged[name]):
+      raise ModelConfigError(
+          f"config.model.{name}={merged[name]!r} is invalid: workload "
+          f"{config.workload!r} needs {allowed}")
   return merged
 
 
 def check_model_config(config: ml_collections.ConfigDict, workload: Workload) -> None:
-  """Refuses unknown `config.model` fields of a workload that declares its own."""
+  """Checks `config.model` before compiling: builds the model (no tracing).
+
+  A workload reports a wrong field by raising ModelConfigError (through
+  `merged_model_config`); any other error in its code propagates with its own
+  traceback, since it is a defect of the workload, not of the config.
+  """
   if workload.default_model_config is not None:
     merged_model_config(config, workload.default_model_config())
+  workload.create_model(config)

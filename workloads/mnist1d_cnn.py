@@ -59,7 +59,11 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.model` over the defaults; an unknown field is an error."""
-  return workload_lib.merged_model_config(config, default_model_config())
+  return workload_lib.merged_model_config(config, default_model_config(), {
+      "features": (lambda f: f > 0, "an int > 0"),
+      "kernel_sizes": (lambda ks: len(ks) > 0 and all(
+          isinstance(k, int) and k > 0 for k in ks), "a non-empty list of ints > 0"),
+      "dropout_rate": (lambda r: 0 <= r < 1, "a rate in [0, 1)")})
 
 
 def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

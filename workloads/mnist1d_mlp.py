@@ -42,7 +42,10 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.model` over the defaults; an unknown field is an error."""
-  return workload_lib.merged_model_config(config, default_model_config())
+  return workload_lib.merged_model_config(config, default_model_config(), {
+      "width": (lambda w: w > 0, "an int > 0"),
+      "depth": (lambda d: d >= 0, "an int >= 0"),
+      "dropout_rate": (lambda r: 0 <= r < 1, "a rate in [0, 1)")})
 
 
 def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

@@ -16,6 +16,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from tuning_playbook import cpu_devices
 from tuning_playbook import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config.",
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["config", "trace_dir"])
 
 def main(argv):
   del argv
+  cpu_devices.configure_thread_pool()
   config = _CONFIG.value
   total = _WARMUP.value + _TRACED.value
   with config.unlocked():
