@@ -22,15 +22,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from tuning_playbook import atomic_files
+from tuning_playbook import records
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-
-
-def _write_json(path, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f)
-  os.replace(path + ".tmp", path)
 
 
 def _error_rate(config):
@@ -43,12 +40,13 @@ def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
-  summary_path = os.path.join(workdir, "summary.json")
+  summary_path = os.path.join(workdir, records.SUMMARY_FILE)
   if os.path.exists(summary_path):
     with open(summary_path) as f:
-      if json.load(f)["status"] in ("completed", "diverged"):
+      if json.load(f)["status"] in records.FINISHED_STATUSES:
         return
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  atomic_files.write_json(os.path.join(workdir, records.CONFIG_FILE),
+                          config.to_dict())
   ckpt_path = os.path.join(workdir, "checkpoint.json")
   start = 0
   if os.path.exists(ckpt_path):
@@ -66,16 +64,16 @@ def main(argv):
   for step in range(start + 1, config.max_train_steps + 1):
     time.sleep(sleep)
     if diverge and step >= 2:
-      _write_json(summary_path, dict(
-          summary, status="diverged", best_step=None, best_value=None,
+      atomic_files.write_json(summary_path, dict(
+          summary, status=records.DIVERGED, best_step=None, best_value=None,
           final_step=step, best_checkpoint=None,
           reason=f"train/loss is NaN at step {step}"))
       return
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    with open(os.path.join(workdir, records.METRICS_FILE), "a") as f:
       f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\n")
-    _write_json(ckpt_path, {"step": step})
-  _write_json(summary_path, dict(
-      summary, status="completed", best_step=config.max_train_steps,
+    atomic_files.write_json(ckpt_path, {"step": step})
+  atomic_files.write_json(summary_path, dict(
+      summary, status=records.COMPLETED, best_step=config.max_train_steps,
       best_value=_error_rate(config), final_step=config.max_train_steps,
       best_checkpoint=os.path.join(workdir, "checkpoint.json"), reason=None))
 

@@ -11,11 +11,15 @@ import pytest
 from scipy import stats
 
 from tuning_playbook import config_schema
+from tuning_playbook import dimension
 from tuning_playbook import search_space as ss
+from tuning_playbook import search_space_file
 from tuning_playbook import study
 from tuning_playbook import study_presets
+from tuning_playbook.analysis import study_data
 
 HERE = os.path.dirname(__file__)
+REPO = os.path.dirname(os.path.abspath(HERE))
 
 
 def _load_config_module(name):
@@ -294,3 +298,142 @@ def test_golden_trials_of_tiny_study():
         assert got[key] == pytest.approx(value, rel=1e-12, abs=0)
       else:
         assert got[key] == value
+
+
+_LR, _B1, _EPS, _B2 = ("optimizer.learning_rate", "optimizer.beta1",
+                       "optimizer.epsilon", "optimizer.beta2")
+
+
+@pytest.mark.parametrize("num_trials,tuned", [
+    (8, [_LR]),  # < 10 trials: only the learning rate.
+    (16, [_LR, _B1]),  # 10-25: learning rate and beta1.
+    (32, [_LR, _B1, _EPS]),  # 25+: and epsilon.
+    (128, [_LR, _B1, _EPS, _B2]),  # Substantially more: and beta2.
+])
+def test_adam_config_tunes_the_playbook_set_for_its_budget(num_trials, tuned):
+  path = os.path.join(REPO, "configs", "mnist1d_mlp.py")
+  config = _load_config_module_at(path).get_config()
+  assert config.optimizer.name == "adam"
+  spec = search_space_file.load(path, config, num_trials)
+  names = [d.name for d in ss.parse(spec).dimensions]
+  assert names == tuned + ["optimizer.warmup_steps", "optimizer.weight_decay"]
+
+
+def _load_config_module_at(path):
+  spec = importlib.util.spec_from_file_location("_config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_default_space_follows_the_resolved_config():
+  path = os.path.join(REPO, "configs", "mnist1d_cnn.py")
+  config = _load_config_module_at(path).get_config()
+  config.max_train_steps = 300
+  space = ss.parse(search_space_file.load(path, config, 8))
+  warmup = {d.name: d for d in space.dimensions}["optimizer.warmup_steps"]
+  assert (warmup.min, warmup.max) == (0, 30)
+  assert config.max_train_steps == 300  # The search space got a copy.
+  config.optimizer.name = "adam"
+  names = [d.name for d in ss.parse(
+      search_space_file.load(path, config, 16)).dimensions]
+  assert names[:2] == [_LR, _B1] and _EPS not in names
+  with pytest.raises(ValueError, match="num_trials"):
+    search_space_file.load(path, config, None)  # Adam needs a budget.
+
+
+@pytest.mark.parametrize("signature,received", [
+    ("()", []),
+    ("(config)", ["config 300"]),
+    ("(num_trials)", [12]),
+    ("(config, num_trials)", ["config 300", 12]),
+    ("(config=None, num_trials=None)", ["config 300", 12]),
+    ("(*args)", ["config 300", 12]),
+])
+def test_get_search_space_is_called_with_what_it_accepts(tmp_path, signature,
+                                                         received):
+  path = tmp_path / "space.py"
+  path.write_text(f"""
+def get_search_space{signature}:
+  args = list(locals().get("args") or locals().values())
+  for i, arg in enumerate(args):
+    if hasattr(arg, "max_train_steps"):
+      args[i] = f"config {{arg.max_train_steps}}"
+      arg.max_train_steps = 1  # Must not reach the trials.
+  lr = {{"scale": "log", "min": 1e-3, "max": 1.0}}
+  return {{"description": repr(args),
+          "nuisance": {{"optimizer.learning_rate": lr}}}}
+""")
+  config = config_schema.base_config()
+  config.max_train_steps = 300
+  spec = search_space_file.load(f"{path}:arg", config, 12)
+  assert spec["description"] == repr(received)
+  assert config.max_train_steps == 300
+
+
+def test_zero_argument_config_files_still_define_their_study():
+  for name in ("tiny_study", "optimizer_study"):
+    path = os.path.join(HERE, "configs", f"{name}.py")
+    config = _load_config_module(name).get_config()
+    spec = search_space_file.load(path, config, 4)
+    assert spec == _load_config_module(name).get_search_space()
+
+
+@pytest.mark.parametrize("spec,where", [
+    ({"nuisance": {"max_train_steps": {"scale": "int_log", "min": 100,
+                                       "max": 1000}}},
+     "nuisance.max_train_steps:"),
+    ({"nuisance": {"length": {"values": [{"max_train_steps": 100},
+                                         {"max_train_steps": 200}]}}},
+     "nuisance.length (sets max_train_steps):"),
+    ({"nuisance": {"o": {"values": ["a", "b"], "conditional": {"a": {
+        "max_train_steps": {"values": [100, 200]}}}}}},
+     "nuisance.max_train_steps[o=a] (sets max_train_steps):"),
+    ({"scientific_mode": "joint", "scientific": {"max_train_steps": {
+        "scale": "int_linear", "min": 100, "max": 200}}},
+     "scientific.max_train_steps:"),
+])
+def test_searching_max_train_steps_is_refused_with_the_playbook_reason(
+    spec, where):
+  with pytest.raises(ss.SearchSpaceError) as error:
+    ss.parse(spec)
+  message = str(error.value)
+  assert message.startswith(where), message
+  assert ('The playbook ("Deciding how long to train when training is not '
+          'compute-bound"): "Never tune the `max_train_steps` number in a '
+          'study. Pick a value and use it for all trials."') in message
+
+
+def test_scientific_training_lengths_are_compared_not_tuned():
+  space = ss.parse({"scientific": {"max_train_steps": {"values": [100, 200]}},
+                    "nuisance": {_LR: {"scale": "log", "min": 1e-3,
+                                       "max": 1.0}}})
+  studies = ss.split_scientific(space)
+  assert [s.scientific for _, s in studies] == [{"max_train_steps": 100},
+                                                {"max_train_steps": 200}]
+
+
+def test_analysis_reads_the_dimensions_the_sampler_wrote(tmp_path):
+  specs = {"a": {"scale": "linear", "min": -1.0, "max": 2.0},
+           "b": {"scale": "log", "min": 1e-5, "max": 1e-1},
+           "c": {"scale": "reverse_log", "min": 0.5, "max": 0.999},
+           "d": {"scale": "int_linear", "min": 0, "max": 40},
+           "e": {"scale": "int_log", "min": 16, "max": 512},
+           "f": {"values": ["x", "y"]}}
+  space = _nuisance(**specs)
+  with open(tmp_path / "study.json", "w") as f:
+    json.dump({"search_space": space.to_json(), "trials": []}, f)
+  read = study_data.load_study(str(tmp_path)).dimensions
+  assert study_data.Dimension is dimension.Dimension
+  assert list(read.values()) == list(space.dimensions)
+  for dim in space.dimensions[:5]:
+    lo, hi = specs[dim.name]["min"], specs[dim.name]["max"]
+    assert read[dim.name].position(lo) == 0 and read[dim.name].position(hi) == 1
+    for u in (0.1, 0.5, 0.9):
+      value = dim.value(u)
+      assert read[dim.name].value_at(read[dim.name].position(value)) == (
+          pytest.approx(value, rel=1e-12))
+      if dim.scale not in dimension.INT_SCALES:  # Integers are rounded down.
+        assert read[dim.name].position(value) == pytest.approx(u, abs=1e-12)
+        assert read[dim.name].value_at(u) == value
+  assert read["f"].position("x") is None

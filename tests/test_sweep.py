@@ -174,6 +174,80 @@ def test_invalid_trial_value_is_refused_before_writing(tmp_path):
   assert not (tmp_path / "study").exists()
 
 
+def test_search_space_follows_the_overrides_of_the_sweep(tmp_path):
+  study_dir = tmp_path / "study"
+  args = ("--num_trials=8", "--config.max_train_steps=300", "--print_commands")
+  out = _sweep(study_dir, *args, config="configs/mnist1d_cnn.py",
+               fake=False).stdout
+  record = _read_json(study_dir / "study.json")
+  # Warmup spans 0 to 10% of the overridden training length, not of 4000.
+  assert record["search_space"]["optimizer.warmup_steps"] == {
+      "role": "nuisance", "scale": "int_linear", "min": 0, "max": 30}
+  assert record["base_config"]["max_train_steps"] == 300
+  assert record["config_overrides"] == {"max_train_steps": 300}
+  warmups = [t["params"]["optimizer.warmup_steps"] for t in record["trials"]]
+  assert all(0 <= w <= 30 for w in warmups) and len(set(warmups)) == 8
+  rows = _read_csv(study_dir / "results.csv")
+  assert out.strip().splitlines() == [r["command"] for r in rows]
+  for trial, row in zip(record["trials"], rows):
+    config = _read_json(study_dir / "trials" / trial["trial_id"] /
+                        "config.json")
+    assert config["max_train_steps"] == 300
+    assert config["optimizer"]["warmup_steps"] == trial["params"][
+        "optimizer.warmup_steps"]
+    assert "--config.max_train_steps=300" in shlex.split(row["command"])
+  before = (study_dir / "study.json").read_bytes()
+
+  # The same overrides resume the study; changed ones are refused, listed.
+  _sweep(study_dir, *args, config="configs/mnist1d_cnn.py", fake=False)
+  assert (study_dir / "study.json").read_bytes() == before
+  result = _sweep(study_dir, "--num_trials=8", "--config.max_train_steps=400",
+                  config="configs/mnist1d_cnn.py", fake=False,
+                  expect_ok=False)
+  assert result.returncode == 2
+  for difference in ("config_overrides.max_train_steps: 300 -> 400",
+                     "base_config.max_train_steps: 300 -> 400",
+                     "search_space.optimizer.warmup_steps"):
+    assert difference in result.stderr
+  assert (study_dir / "study.json").read_bytes() == before
+
+
+def test_adam_study_tunes_what_its_budget_allows(tmp_path):
+  _sweep(tmp_path / "s16", "--num_trials=16", config="configs/mnist1d_mlp.py",
+         fake=False)
+  space = _read_json(tmp_path / "s16" / "study.json")["search_space"]
+  assert list(space) == ["optimizer.learning_rate", "optimizer.beta1",
+                         "optimizer.warmup_steps", "optimizer.weight_decay"]
+  assert space["optimizer.warmup_steps"]["max"] == 600
+  # A larger budget would tune epsilon too: refused, saying why.
+  result = _sweep(tmp_path / "s16", "--num_trials=32",
+                  config="configs/mnist1d_mlp.py", fake=False,
+                  expect_ok=False)
+  assert result.returncode == 2
+  assert "search_space.optimizer.epsilon: '<absent>'" in result.stderr
+  assert "16 trials recorded, num_trials=32 asked" in result.stderr
+
+
+def test_searching_max_train_steps_is_refused_and_keeps_the_study(tmp_path):
+  study_dir = tmp_path / "study"
+  _sweep(study_dir, "--num_trials=3")
+  before = (study_dir / "study.json").read_bytes()
+  trials = sorted(os.listdir(study_dir / "trials"))
+  config = _write_config(tmp_path / "length.py", {"nuisance": {
+      "max_train_steps": {"scale": "int_log", "min": 10, "max": 40}}})
+  for directory in (study_dir, tmp_path / "fresh"):
+    result = _sweep(directory, "--num_trials=4", config=config,
+                    expect_ok=False)
+    assert result.returncode == 2
+    assert "nuisance.max_train_steps" in result.stderr
+    assert ('"Never tune the `max_train_steps` number in a study. Pick a '
+            'value and use it for all trials."') in result.stderr
+    assert "Traceback" not in result.stderr
+  assert (study_dir / "study.json").read_bytes() == before
+  assert sorted(os.listdir(study_dir / "trials")) == trials
+  assert not (tmp_path / "fresh").exists()
+
+
 def test_changed_definition_is_refused_and_extension_keeps_trials(tmp_path):
   study_dir = tmp_path / "study"
   _sweep(study_dir, "--num_trials=4")

@@ -1,7 +1,13 @@
 """Search spaces: what a study varies, on which scale, and in what role.
 
-A config file defines its study with `get_search_space()`, returning a dict
-(or ConfigDict) like:
+A config file defines its study with `get_search_space(config, num_trials)`:
+the sweep passes the config as resolved (every `--config.*` override applied),
+so ranges can follow it (warmup as a fraction of `config.max_train_steps`),
+and the trial budget (None for a grid's natural size), so the tuned
+hyperparameters can follow it (study_presets.adam_nuisance).
+A file may also define `get_search_space(config)`, `get_search_space(num_trials)`
+or `get_search_space()`; it gets what it asks for. It returns a dict (or
+ConfigDict) like:
 
   {
       "name": "nesterov_vs_adam",
@@ -31,7 +37,11 @@ Keys are dotted config paths (nested sections work too). Scales: `linear`,
 categorical. A categorical whose values are dicts sets several keys at once.
 `conditional` maps a categorical value to parameters that exist only for it;
 each is its own dimension, so a same-named parameter under two values is two
-distinct hyperparameters.
+distinct hyperparameters. The scale math lives in tuning_playbook/dimension.py.
+
+`max_train_steps` is never tuned (the playbook: "Never tune the
+`max_train_steps` number in a study"): only a scientific categorical, such as
+study_presets.warmup_study's schedules, may set it.
 
 Scientific parameters get one study per value (`scientific_mode="separate"`,
 in `<study_dir>/<param>=<value>/`, all with the same seed so trial i sits at
@@ -50,6 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tuning_playbook import config_paths
 from tuning_playbook import dimension as dimension_lib
 from tuning_playbook import halton
 
@@ -68,6 +79,11 @@ MAX_GRID_DIMS = 2
 # stratified in each coordinate of base b.
 SKIP = 0
 SAMPLER_VERSION = 1
+TRAINING_LENGTH_KEY = "max_train_steps"
+# The playbook, "Deciding how long to train when training is not
+# compute-bound".
+TRAINING_LENGTH_RULE = ("Never tune the `max_train_steps` number in a study. "
+                        "Pick a value and use it for all trials.")
 
 
 class SearchSpaceError(ValueError):
@@ -175,31 +191,10 @@ def _to_plain(value: Any) -> Any:
 def _numeric_bounds(path: str, scale: str, spec: Mapping[str, Any]):
   if "min" not in spec or "max" not in spec:
     raise SearchSpaceError(f"{path}: scale {scale!r} needs 'min' and 'max'")
-  lo, hi = spec["min"], spec["max"]
-  for bound, x in (("min", lo), ("max", hi)):
-    if (isinstance(x, bool) or not isinstance(x, (int, float))
-        or not math.isfinite(x)):
-      raise SearchSpaceError(f"{path}.{bound}={x!r}: must be a finite number")
-  if not lo < hi:
-    raise SearchSpaceError(
-        f"{path}: min={lo!r} must be < max={hi!r} (list a single value under "
-        "'fixed' instead)")
-  if scale.startswith("int_"):
-    if not (float(lo).is_integer() and float(hi).is_integer()):
-      raise SearchSpaceError(f"{path}: scale {scale!r} needs integer bounds")
-    lo, hi = int(lo), int(hi)
-  if scale in ("log",) and lo <= 0:
-    raise SearchSpaceError(f"{path}: scale 'log' needs min > 0, got {lo!r}")
-  if scale == "int_log" and lo < 1:
-    raise SearchSpaceError(
-        f"{path}: scale 'int_log' needs min >= 1, got {lo!r}")
-  if scale == "reverse_log" and hi >= 1:
-    raise SearchSpaceError(
-        f"{path}: scale 'reverse_log' samples 1 - x log-uniformly and needs "
-        f"max < 1, got {hi!r}")
-  if scale == "linear":
-    lo, hi = float(lo), float(hi)
-  return lo, hi
+  try:
+    return dimension_lib.check_bounds(scale, spec["min"], spec["max"])
+  except ValueError as e:
+    raise SearchSpaceError(f"{path}: {e}") from e
 
 
 def _parse_param(path: str, spec: Mapping[str, Any], role: str,
@@ -226,9 +221,9 @@ def _parse_param(path: str, spec: Mapping[str, Any], role: str,
       if not all(isinstance(v, Mapping) and v for v in values):
         raise SearchSpaceError(
             f"{path}: values must be all dicts of overrides or all plain")
-      values = tuple(_flatten_overrides(v) for v in values)
-    dim = Dimension(name, path, role, "categorical", values=values,
-                    condition=condition, grid_points=grid_points)
+      values = tuple(config_paths.flatten(v) for v in values)
+    dim = Dimension(name, "categorical", values=values, role=role,
+                    param=path, condition=condition, grid_points=grid_points)
   else:
     scale = spec["scale"]
     if scale not in NUMERIC_SCALES:
@@ -236,8 +231,8 @@ def _parse_param(path: str, spec: Mapping[str, Any], role: str,
           f"{path}.scale={scale!r}: allowed: {', '.join(NUMERIC_SCALES)} "
           "(or 'values' for a categorical)")
     lo, hi = _numeric_bounds(path, scale, spec)
-    dim = Dimension(name, path, role, scale, lo, hi, condition=condition,
-                    grid_points=grid_points)
+    dim = Dimension(name, scale, lo, hi, role=role, param=path,
+                    condition=condition, grid_points=grid_points)
   dims = [dim]
   conditional = _to_plain(spec.get("conditional") or {})
   if conditional and dim.scale != "categorical":
@@ -250,19 +245,6 @@ def _parse_param(path: str, spec: Mapping[str, Any], role: str,
       dims.extend(_parse_param(child, child_spec, "nuisance",
                                condition + ((dim.name, value),)))
   return dims
-
-
-def _flatten_overrides(mapping: Mapping[str, Any]) -> dict[str, Any]:
-  """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}."""
-  out = {}
-  for key, value in mapping.items():
-    value = _to_plain(value)
-    if isinstance(value, Mapping):
-      out.update({f"{key}.{k}": v
-                  for k, v in _flatten_overrides(value).items()})
-    else:
-      out[key] = value
-  return out
 
 
 def _check_conflicts(space: SearchSpace) -> None:
@@ -281,8 +263,26 @@ def _check_conflicts(space: SearchSpace) -> None:
     raise SearchSpaceError(f"{key} is both fixed and searched")
 
 
+def _check_training_length(space: SearchSpace) -> None:
+  """Only a scientific categorical (a schedule studied as such) may vary the
+  training length; a tuned one would be refused by the playbook."""
+  for dim in space.dimensions:
+    if (TRAINING_LENGTH_KEY in dim.config_keys()
+        and not (dim.role == "scientific" and dim.scale == "categorical")):
+      where = (dim.name if dim.name == TRAINING_LENGTH_KEY
+               else f"{dim.name} (sets {TRAINING_LENGTH_KEY})")
+      raise SearchSpaceError(
+          f"{dim.role}.{where}: {TRAINING_LENGTH_KEY} cannot be searched. The "
+          "playbook (\"Deciding how long to train when training is not "
+          f"compute-bound\"): \"{TRAINING_LENGTH_RULE}\" Set it with "
+          f"--config.{TRAINING_LENGTH_KEY}=N or under 'fixed' and refine it "
+          "from the best step that retrospective checkpoint selection finds "
+          "(python -m tuning_playbook.analyze), or compare listed lengths as "
+          "a scientific hyperparameter with 'values'.")
+
+
 def parse(spec: Mapping[str, Any]) -> SearchSpace:
-  """Checks a `get_search_space()` result and returns its SearchSpace."""
+  """Checks a `get_search_space(...)` result and returns its SearchSpace."""
   spec = _to_plain(spec)
   if not isinstance(spec, Mapping):
     raise SearchSpaceError(
@@ -302,7 +302,7 @@ def parse(spec: Mapping[str, Any]) -> SearchSpace:
         f"scientific_mode={mode!r}: allowed: {', '.join(SCIENTIFIC_MODES)}")
   scientific = _flatten(_to_plain(spec.get("scientific") or {}), "scientific")
   nuisance = _flatten(_to_plain(spec.get("nuisance") or {}), "nuisance")
-  fixed = _flatten_overrides(_to_plain(spec.get("fixed") or {}))
+  fixed = config_paths.flatten(_to_plain(spec.get("fixed") or {}))
   for key in set(scientific) & set(nuisance):
     raise SearchSpaceError(f"{key} is both scientific and nuisance")
   dims = []
@@ -313,6 +313,7 @@ def parse(spec: Mapping[str, Any]) -> SearchSpace:
                       str(spec.get("name", "")),
                       str(spec.get("description", "")))
   _check_conflicts(space)
+  _check_training_length(space)
   if len({d.name for d in dims}) != len(dims):
     raise SearchSpaceError("a parameter is defined twice under one condition")
   if mode == "separate":

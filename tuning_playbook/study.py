@@ -1,7 +1,8 @@
 """A study on disk: `study.json`, one config per trial, one command per trial.
 
   studies = study.plan_studies(config_path="configs/mnist1d_cnn.py",
-                               config=config, spec=get_search_space(),
+                               config=config,
+                               spec=get_search_space(config, 64),
                                study_dir="runs/lr", num_trials=64, seed=0)
   study.write_studies(studies, config)
   studies[0].command(studies[0].trials[0])
@@ -24,12 +25,14 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from tuning_playbook import atomic_files
+from tuning_playbook import config_paths
 from tuning_playbook import config_schema
+from tuning_playbook import records
 from tuning_playbook import search_space as search_space_lib
 
 STUDY_FILE = "study.json"
 TRIALS_DIR = "trials"
-TRIAL_CONFIG_FILE = "config.json"
 DEFAULT_TRAINER = "tuning_playbook.main"
 # The fields of study.json that decide what every trial is; a study directory
 # refuses to be planned again with any of them changed.
@@ -123,19 +126,6 @@ def _plain(obj: Any) -> Any:
   return json.loads(json.dumps(obj, default=str))
 
 
-def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"optimizer.name": "adam", ...}: every field by dotted path, as JSON."""
-  out = {}
-  def visit(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, (ml_collections.ConfigDict, dict)):
-        visit(value, f"{prefix}{key}.")
-      else:
-        out[f"{prefix}{key}"] = value
-  visit(config, "")
-  return _plain(out)
-
-
 def check_config_keys(keys: Sequence[str],
                       config: ml_collections.ConfigDict) -> None:
   """Raises StudyError naming the first key that is not a config field."""
@@ -210,6 +200,8 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
 
   `config` is the config with `config_overrides` (the sweep's own
   `--config.*` flags) already applied; they are passed on to every trial.
+  `spec` must be computed from that same config (and `num_trials`), so that
+  study.json, the trial configs and the relaunch check all see one config.
   """
   space = search_space_lib.parse(spec)
   overrides = dict(config_overrides or {})
@@ -221,7 +213,7 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise StudyError(f"seed={seed!r}: must be an integer >= 0")
   stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  base = flatten_config(config)
+  base = _plain(config_paths.flatten(config))
   studies = []
   for slug, sub in search_space_lib.split_scientific(space):
     directory = os.path.join(study_dir, slug) if slug else study_dir
@@ -244,10 +236,16 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
     if existing is not None:
       diffs = _differences(existing, record)
       if diffs:
+        budget = ""
+        if (any(d.startswith("search_space") for d in diffs)
+            and existing.get("num_trials") != num_trials):
+          budget = (f" (the config's get_search_space(config, num_trials) "
+                    f"may depend on the budget: {existing.get('num_trials')} "
+                    f"trials recorded, num_trials={num_trials} asked)")
         raise StudyError(
             f"{directory} already holds a study with a different definition; "
             "choose a new --study_dir to keep the earlier results. "
-            "Differences: " + "; ".join(diffs))
+            "Differences: " + "; ".join(diffs) + budget)
       kept = [Trial(t["trial_id"], t["params"]) for t in existing["trials"]]
     new_indices = range(len(kept), max(wanted, len(kept)))
     new = [Trial(trial_id(i), p)
@@ -261,14 +259,6 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
         base_config=base, trials=tuple(kept + new),
         trainer_module=trainer_module))
   return studies
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def write_studies(studies: Sequence[Study],
@@ -286,13 +276,15 @@ def write_studies(studies: Sequence[Study],
       resolved[s.trial_dir(t)] = cfg
   for s in studies:
     os.makedirs(os.path.join(s.study_dir, TRIALS_DIR), exist_ok=True)
-    _write_json(os.path.join(s.study_dir, STUDY_FILE), s.to_json())
+    atomic_files.write_json(os.path.join(s.study_dir, STUDY_FILE), s.to_json(),
+                            default=str)
     for t in s.trials:
       directory = s.trial_dir(t)
-      path = os.path.join(directory, TRIAL_CONFIG_FILE)
+      path = os.path.join(directory, records.CONFIG_FILE)
       if not os.path.exists(path):
         os.makedirs(directory, exist_ok=True)
-        _write_json(path, resolved[directory].to_dict())
+        atomic_files.write_json(path, resolved[directory].to_dict(),
+                                default=str)
 
 
 def load_study(study_dir: str, trainer_module: str = DEFAULT_TRAINER) -> Study:

@@ -1,10 +1,11 @@
 """Search spaces the playbook recommends, for config files to return.
 
-  # configs/my_config.py
+  # configs/my_config.py: the sweep passes the config with every --config.*
+  # override applied, and --num_trials.
   from tuning_playbook import study_presets
 
-  def get_search_space():
-    return study_presets.default_search_space(get_config())
+  def get_search_space(config, num_trials):
+    return study_presets.default_search_space(config, num_trials)
 
   # Adam's hyperparameters by trial budget ("How should Adam's
   # hyperparameters be tuned?"):
@@ -79,14 +80,20 @@ def weight_decay_nuisance(weight_decay: Range = (1e-5, 1e-2)) -> dict[str, Any]:
 
 
 def default_search_space(config: ml_collections.ConfigDict,
-                         num_trials: int = 64) -> dict[str, Any]:
+                         num_trials: int | None = None) -> dict[str, Any]:
   """The nuisance hyperparameters of `config.optimizer.name`, with warmup
   and weight decay; the optimizer itself stays fixed.
 
-  `num_trials` picks Adam's hyperparameters by budget (see adam_nuisance).
+  Warmup spans 0 to 10% of `config.max_train_steps`. `num_trials`, the trial
+  budget of the study, picks Adam's hyperparameters (see adam_nuisance); the
+  other optimizers do not need it.
   """
   name = config.optimizer.name
   if name in ("adam", "nadam"):
+    if num_trials is None:
+      raise ValueError(f"optimizer.name={name!r}: which of Adam's "
+                       "hyperparameters to tune depends on the trial budget; "
+                       "give num_trials")
     nuisance = adam_nuisance(num_trials)
   elif name in ("momentum", "nesterov"):
     nuisance = momentum_nuisance()

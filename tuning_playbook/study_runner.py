@@ -23,7 +23,6 @@ import ctypes
 import dataclasses
 import datetime
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,8 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from tuning_playbook import atomic_files
+from tuning_playbook import records
 from tuning_playbook import tracking
 
 _PR_SET_PDEATHSIG = 1
@@ -50,11 +51,7 @@ def _now() -> str:
 
 
 def _write_runner_file(trial_dir: str, **fields) -> None:
-  path = os.path.join(trial_dir, tracking.RUNNER_FILE)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(fields, f, indent=2)
-  os.replace(tmp, path)
+  atomic_files.write_json(os.path.join(trial_dir, tracking.RUNNER_FILE), fields)
 
 
 def _die_with_parent_fn() -> Callable[[], None] | None:
@@ -97,8 +94,8 @@ class _Running:
 
 def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
   status = tracking.trial_record(trial_dir, check_lock=False)["status"]
-  return not (status in ("completed", "diverged")
-              or (status == "failed" and not retry_failed))
+  return not (status in records.FINISHED_STATUSES
+              or (status == records.FAILED and not retry_failed))
 
 
 def _launch(job: TrialJob, lock_fd: int, cwd: str | None,

@@ -6,7 +6,9 @@ r"""Creates, runs and records a study from the search space of a config file.
 writes `runs/cnn_lr/study.json` (the search space and every trial's params),
 `runs/cnn_lr/trials/<trial_id>/config.json`, `runs/cnn_lr/results.csv`, and
 the study's row of the tracking table (`runs/studies.csv` by default). The
-config file defines `get_search_space()` (see tuning_playbook/search_space.py).
+config file defines `get_search_space(config, num_trials)` (see
+tuning_playbook/search_space.py): the sweep calls it with the config as
+resolved (every `--config.*` override applied) and --num_trials.
 
   --run --parallel=4       runs the trials with 4 local workers, each as
                            `python -m tuning_playbook.main` in its trial
@@ -17,14 +19,14 @@ config file defines `get_search_space()` (see tuning_playbook/search_space.py).
   --config.<key>=<value>   overrides applied to every trial.
 
 A larger --num_trials with the same seed extends the study; a different seed,
-search space, config or override is refused, to keep earlier results. Trial
+search space, config or override is refused, to keep earlier results (a
+search space that depends on the budget may differ at a larger one). Trial
 commands name the config and study paths as given, so they run from the
 directory the sweep was launched in.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import signal
@@ -38,12 +40,14 @@ from ml_collections import config_flags
 
 from tuning_playbook import cli
 from tuning_playbook import search_space as search_space_lib
+from tuning_playbook import search_space_file
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_runner
 from tuning_playbook import tracking
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file; its get_search_space() defines the study.",
+    "config", None,
+    "Config file; its get_search_space(config, num_trials) defines the study.",
     lock_config=True)
 _STUDY_DIR = flags.DEFINE_string("study_dir", None, "Directory of the study.")
 _NUM_TRIALS = flags.DEFINE_integer(
@@ -64,22 +68,6 @@ _TRAINER_MODULE = flags.DEFINE_string(
     "Module run as `python -m <module> --config=... --workdir=...`.")
 _RETRY_FAILED = flags.DEFINE_bool(
     "retry_failed", False, "Run failed trials again (diverged ones stay).")
-
-
-def load_search_space(config_path: str) -> Mapping[str, Any]:
-  """Calls `get_search_space()` of the config file (`path[:arg]`)."""
-  path = config_path.split(":", 1)[0]
-  module_spec = importlib.util.spec_from_file_location(
-      "_study_config_" + os.path.splitext(os.path.basename(path))[0], path)
-  if module_spec is None:
-    raise study_lib.StudyError(f"cannot load config file {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_search_space"):
-    raise study_lib.StudyError(
-        f"{path} defines no get_search_space(); see "
-        "tuning_playbook/search_space.py for what it returns")
-  return module.get_search_space()
 
 
 def default_tracking_table(study_dir: str) -> str:
@@ -116,7 +104,8 @@ def main(argv):
   try:
     studies = study_lib.plan_studies(
         config_path=config_path, config=config,
-        spec=load_search_space(config_path), study_dir=study_dir,
+        spec=search_space_file.load(config_path, config, _NUM_TRIALS.value),
+        study_dir=study_dir,
         num_trials=_NUM_TRIALS.value, seed=_SEED.value,
         config_overrides=overrides, trainer_module=_TRAINER_MODULE.value)
     study_lib.write_studies(studies, config)

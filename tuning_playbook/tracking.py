@@ -29,17 +29,15 @@ import math
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+from tuning_playbook import atomic_files
+from tuning_playbook import records as records_lib
 from tuning_playbook import study as study_lib
 
-SUMMARY_FILE = "summary.json"
 RUNNER_FILE = "runner.json"
 LOCK_FILE = ".lock"
 LOG_FILE = "log.txt"
 RESULTS_FILE = "results.csv"
 TRACKING_TABLE_FILE = "studies.csv"
-# A trial with one of these statuses has ended (a failed one may be retried).
-ENDED_STATUSES = ("completed", "diverged", "failed")
-INFEASIBLE = ("diverged", "failed")
 RESULT_COLUMNS = ("trial_id", "status", "reason")
 RESULT_METRIC_COLUMNS = ("best_step", "best_metric", "best_value",
                          "final_step", "max_train_steps", "command")
@@ -47,7 +45,8 @@ TRACKING_COLUMNS = ("study", "study_dir", "config", "description",
                     "num_trials", "num_completed", "num_infeasible",
                     "num_unfinished", "best_trial", "best_metric",
                     "best_value", "updated", "command")
-_TRAINER_OUTPUTS = ("metrics.jsonl", "grad_norms.jsonl", "checkpoints")
+_TRAINER_OUTPUTS = (records_lib.METRICS_FILE, records_lib.GRAD_NORMS_FILE,
+                    records_lib.CHECKPOINTS_DIR)
 _REASON_CHARS = 300
 
 
@@ -107,22 +106,23 @@ def trial_record(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
   if check_lock and is_locked(trial_dir):
     record["status"] = "running"
     return record
-  summary = _read_json(os.path.join(trial_dir, SUMMARY_FILE))
+  summary = _read_json(os.path.join(trial_dir, records_lib.SUMMARY_FILE))
   runner = _read_json(os.path.join(trial_dir, RUNNER_FILE)) or {}
-  if isinstance(summary, dict) and summary.get("status") in ENDED_STATUSES:
+  if (isinstance(summary, dict)
+      and summary.get("status") in records_lib.ENDED_STATUSES):
     for key in record:
       if key in summary:
         record[key] = summary[key]
-    if record["status"] == "failed" and not record["reason"]:
+    if record["status"] == records_lib.FAILED and not record["reason"]:
       record["reason"] = last_log_line(trial_dir) or "failed"
     return record
   if runner.get("status") == "exited":
     code = runner.get("returncode")
-    record["status"] = "failed"
+    record["status"] = records_lib.FAILED
     if runner.get("error"):
       record["reason"] = runner["error"]
     elif code == 0:
-      record["reason"] = f"exited 0 without writing {SUMMARY_FILE}"
+      record["reason"] = f"exited 0 without writing {records_lib.SUMMARY_FILE}"
     else:
       last = last_log_line(trial_dir)
       record["reason"] = _exit_reason(code) + (f": {last}" if last else "")
@@ -141,15 +141,10 @@ def _param_columns(study: study_lib.Study) -> dict[str, str]:
   return {n: n if n not in reserved else f"param:{n}" for n in names}
 
 
-def _atomic_write_csv(path: str, columns: Sequence[str],
-                      rows: Sequence[Mapping[str, Any]]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(columns))
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({c: _cell(row.get(c)) for c in columns})
-  os.replace(tmp, path)
+def _write_csv(path: str, columns: Sequence[str],
+               rows: Sequence[Mapping[str, Any]]) -> None:
+  atomic_files.write_csv(path, columns,
+                         ({c: _cell(row.get(c)) for c in columns} for row in rows))
 
 
 def _cell(value: Any) -> Any:
@@ -173,7 +168,7 @@ def write_results(study: study_lib.Study) -> list[dict[str, Any]]:
     rows.append(row)
   columns = (list(RESULT_COLUMNS) + list(param_columns.values())
              + list(RESULT_METRIC_COLUMNS))
-  _atomic_write_csv(os.path.join(study.study_dir, RESULTS_FILE), columns, rows)
+  _write_csv(os.path.join(study.study_dir, RESULTS_FILE), columns, rows)
   return rows
 
 
@@ -185,7 +180,7 @@ def _is_number(value: Any) -> bool:
 def study_row(study: study_lib.Study, records: Sequence[Mapping[str, Any]],
               command: str) -> dict[str, Any]:
   """The tracking-table row of a study, from its trial records."""
-  completed = [r for r in records if r["status"] == "completed"]
+  completed = [r for r in records if r["status"] == records_lib.COMPLETED]
   default_mode = study.base_config.get("best_mode", "min")
   best = None
   for r in completed:
@@ -201,8 +196,10 @@ def study_row(study: study_lib.Study, records: Sequence[Mapping[str, Any]],
       "description": study.description,
       "num_trials": len(records),
       "num_completed": len(completed),
-      "num_infeasible": sum(r["status"] in INFEASIBLE for r in records),
-      "num_unfinished": sum(r["status"] not in ENDED_STATUSES for r in records),
+      "num_infeasible": sum(r["status"] in records_lib.INFEASIBLE_STATUSES
+                            for r in records),
+      "num_unfinished": sum(r["status"] not in records_lib.ENDED_STATUSES
+                            for r in records),
       "best_trial": best["trial_id"] if best else None,
       "best_metric": (best and best["best_metric"]) or study.base_config.get(
           "best_metric"),
@@ -241,4 +238,4 @@ def update_tracking_table(table_path: str, row: Mapping[str, Any]) -> None:
         break
     else:
       rows.append(dict(row))
-    _atomic_write_csv(table_path, TRACKING_COLUMNS, rows)
+    _write_csv(table_path, TRACKING_COLUMNS, rows)

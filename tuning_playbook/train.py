@@ -24,6 +24,7 @@ import numpy as np
 
 from tuning_playbook import checkpointing
 from tuning_playbook import config_schema
+from tuning_playbook import cpu_devices
 from tuning_playbook import distributed
 from tuning_playbook import evaluation
 from tuning_playbook import in_memory_stream
@@ -139,12 +140,9 @@ class Trainer:
     input_shape, input_dtype = self.stream.element_spec()
     sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
     init_fn = lambda: train_step_lib.create_train_state(model, tx, sample, config.seed)
-    try:
-      abstract_state = jax.eval_shape(init_fn)  # Traces the model; compiles nothing.
-    except Exception as e:  # pylint: disable=broad-except
-      raise config_schema.ConfigError(
-          f"config.model={config.model.to_dict()!r} is invalid: workload "
-          f"{config.workload!r} cannot build its model from it: {e}") from e
+    # Traces the model; compiles nothing. `config.model` was checked before:
+    # an error here is in the workload's code and keeps its traceback.
+    abstract_state = jax.eval_shape(init_fn)
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
     # The run's directory is claimed only once its config is known to work.
     records.check_or_write_config(workdir, config, write=self.is_writer)
@@ -152,9 +150,11 @@ class Trainer:
       records.remove_unfinished_summary(workdir)
 
     self.ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), num_best=config.num_best_checkpoints,
+        os.path.join(workdir, records.CHECKPOINTS_DIR), num_best=config.num_best_checkpoints,
         best_metric=config.best_metric, best_mode=config.best_mode)
     self.best = BestCheckpoint(config.best_metric, config.best_mode)
+    self.watchdog = watchdog.Watchdog(config.step_watchdog_seconds,
+                                      floor_seconds=config.watchdog_floor_seconds)
     latest = self.ckpt.latest_step()
     if latest is None:
       self.state = jax.jit(init_fn, out_shardings=state_sharding)()
@@ -164,8 +164,8 @@ class Trainer:
 
     # Every process must resume from the same step (a shared file system that
     # is not shared, say, would silently split the job).
-    distributed.agree("resume", str(self.step),
-                      timeout_seconds=max(600.0, config.step_watchdog_seconds))
+    distributed.agree("resume", str(self.step), timeout_seconds=max(
+        600.0, config.step_watchdog_seconds, config.watchdog_floor_seconds))
     self.metrics_log = records.StepLog(
         os.path.join(workdir, records.METRICS_FILE), self.is_writer)
     self.grad_log = records.StepLog(
@@ -227,25 +227,23 @@ class Trainer:
     first_unlogged = self.step + 1
     # Between log steps nothing may move between host and devices on this
     # thread: an accidental per-step sync raises instead of slowing training.
-    with watchdog.StepWatchdog(config.step_watchdog_seconds) as dog, \
-        jax.transfer_guard("disallow"):
+    dog = self.watchdog
+    with dog, jax.transfer_guard("disallow"):
       step = self.step
       while step < until_step:
+        dog.begin("step", "train step {}", step + 1)
         if self._transfer is None or step % k == 0:
           self._transfer = next(self.batches)
         self.state, self.metrics_buffer = self.train_step(
             self.state, self._transfer, self.metrics_buffer)
         step += 1
         self.step = step
-        dog.progress(step)
         is_eval = step % eval_every == 0 or step == last_step
         if step % log_every and not is_eval and step != until_step:
           continue
         self.report_progress(step)
-        dog.pause()  # Evals and checkpoints are not steps; they may take long.
         reason = self._log(first_unlogged, is_eval)
         first_unlogged = step + 1
-        dog.progress(step)
         if reason is not None:
           logging.warning("Diverged: %s", reason)
           return reason
@@ -258,6 +256,7 @@ class Trainer:
 
   def _log_allowed(self, first: int, is_eval: bool) -> str | None:
     step, config = self.step, self.config
+    self.watchdog.begin("log", "the metrics of steps {}..{}", first, step)
     buffer = np.asarray(jax.device_get(self.metrics_buffer))
     rows = buffer[[(s - 1) % len(buffer) for s in range(first, step + 1)]]
     fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
@@ -267,6 +266,7 @@ class Trainer:
     row = _window_row(step, fetched)
     reason = _divergence(first, fetched, config.divergence_loss_threshold)
     if reason is None and is_eval:
+      self.watchdog.begin("eval", "the eval and checkpoint at step {}", step)
       # The moving averages evaluated and saved must be the same everywhere.
       sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
       with self.report_progress.timed("eval"):
@@ -284,12 +284,14 @@ class Trainer:
 
   def finish(self, reason: str | None) -> dict[str, Any]:
     """Waits for pending checkpoints, then writes and returns the summary."""
-    self.ckpt.wait()
-    self.ckpt.close()
+    with self.watchdog:
+      self.watchdog.begin("finish", "the last checkpoint writes (Orbax)")
+      self.ckpt.wait()
+      self.ckpt.close()
     self.writer.flush()
     best = self.best
     summary = {
-        "status": "completed" if reason is None else "diverged",
+        "status": records.COMPLETED if reason is None else records.DIVERGED,
         "reason": reason, "best_step": best.step,
         "best_metric": self.config.best_metric, "best_mode": self.config.best_mode,
         "best_value": best.value, "final_step": self.step,
@@ -304,6 +306,7 @@ class Trainer:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a run); returns the summary."""
+  cpu_devices.configure_thread_pool()
   workload = validate_before_compiling(config)
   input_pipeline.hide_accelerators_from_tensorflow()
   records.check_or_write_config(workdir, config, write=False)

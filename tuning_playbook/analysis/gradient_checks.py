@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from tuning_playbook import records
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt, percent, trial_list
@@ -61,7 +62,7 @@ def stats(trial: study_data.Trial,
   steps, norms = steps[keep], norms[keep]
   if not len(norms):
     return None
-  from_step_log = "grad_norms.jsonl" in trial.present_files
+  from_step_log = records.GRAD_NORMS_FILE in trial.present_files
   threshold = float(np.percentile(norms, thresholds.clip_percentile))
   median = float(np.median(norms))
   configured = trial.grad_clip_norm

@@ -15,6 +15,7 @@ from matplotlib.backends import backend_agg
 from matplotlib.figure import Figure
 import numpy as np
 
+from tuning_playbook import atomic_files
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import isolation
@@ -30,7 +31,8 @@ DPI = 90
 def save(fig: Figure, path: str) -> None:
   """Writes `fig` as a PNG through the Agg backend."""
   backend_agg.FigureCanvasAgg(fig)
-  fig.savefig(path, format="png", dpi=DPI)
+  with atomic_files.replacing(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=DPI)
 
 
 def _figure(width: float = 6.4, height: float = 4.2) -> tuple[Figure, Any]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import re
 from typing import Any
 
+from tuning_playbook import atomic_files
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import curve_checks
 from tuning_playbook.analysis import curve_plots
@@ -313,16 +313,14 @@ def write_report(study_dir: str, report_dir: str | None = None,
     by_id[SECTION_OF_KIND.get(finding.kind, "search_space")].findings.append(finding)
 
   index = os.path.join(report_dir, INDEX_FILE)
-  with open(index, "w") as f:
-    f.write(report_html.render(study, sections, analysis.findings))
+  atomic_files.write_text(index, report_html.render(study, sections,
+                                                    analysis.findings))
   findings_path = os.path.join(report_dir, FINDINGS_FILE)
   payload = {"study": study.name, "study_dir": os.path.abspath(study_dir),
              "objective": {"metric": study.objective.metric,
                            "mode": study.objective.mode},
              "num_trials": len(study.trials),
              "findings": [f.to_json() for f in analysis.findings]}
-  with open(findings_path, "w") as f:
-    json.dump(payload, f, indent=2, allow_nan=False)
-    f.write("\n")
+  atomic_files.write_json(findings_path, payload, allow_nan=False)
   return ReportResult(report_dir, index, findings_path, analysis.findings,
                       writer.files)

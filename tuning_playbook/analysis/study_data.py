@@ -17,7 +17,6 @@ import collections
 import csv
 import dataclasses
 import json
-import math
 import os
 import shlex
 from typing import Any, Sequence
@@ -25,16 +24,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from tuning_playbook import dimension as dimension_lib
+from tuning_playbook import records
 from tuning_playbook import study as study_lib
+from tuning_playbook import tracking
 from tuning_playbook.analysis import trial_data
 
 STUDY_FILE = study_lib.STUDY_FILE
-RESULTS_FILE = "results.csv"
+RESULTS_FILE = tracking.RESULTS_FILE
 TRIALS_DIR = study_lib.TRIALS_DIR
 NUMERIC_SCALES = dimension_lib.NUMERIC_SCALES  # The scales the sampler writes.
-INT_SCALES = ("int_linear", "int_log")
-LOG_SCALES = ("log", "int_log")
-INFEASIBLE_STATUSES = trial_data.INFEASIBLE_STATUSES
+INT_SCALES = dimension_lib.INT_SCALES
+INFEASIBLE_STATUSES = records.INFEASIBLE_STATUSES
 UNFINISHED = trial_data.UNFINISHED
 Trial = trial_data.Trial
 
@@ -65,47 +65,8 @@ class Objective:
     return f"eval/{split}/{self.split_metric[1]}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Dimension:
-  """One hyperparameter of the search space."""
-  name: str
-  scale: str
-  min: float | None = None
-  max: float | None = None
-  values: tuple[Any, ...] | None = None
-  role: str = "nuisance"
-  param: str = ""  # Config path, when it differs from the name.
-  condition: tuple[tuple[str, Any], ...] = ()  # (parent dimension, its value).
-
-  @property
-  def numeric(self) -> bool:
-    return self.scale in NUMERIC_SCALES
-
-  def position(self, value: Any) -> float | None:
-    """Where `value` lies in [min, max], in [0, 1] along the dimension's scale."""
-    if not self.numeric or value is None or self.min is None or self.max is None:
-      return None
-    try:
-      v, lo, hi = float(value), float(self.min), float(self.max)
-      if self.scale in LOG_SCALES:
-        v, lo, hi = math.log(v), math.log(lo), math.log(hi)
-      elif self.scale == "reverse_log":
-        v, lo, hi = -math.log(1 - v), -math.log(1 - lo), -math.log(1 - hi)
-    except (TypeError, ValueError):
-      return None
-    if hi == lo:
-      return 0.5
-    return (v - lo) / (hi - lo)
-
-  def value_at(self, position: float) -> float:
-    """The inverse of `position` (a float, not rounded for int scales)."""
-    lo, hi = float(self.min), float(self.max)
-    if self.scale in LOG_SCALES:
-      return math.exp(math.log(lo) + position * (math.log(hi) - math.log(lo)))
-    if self.scale == "reverse_log":
-      a, b = -math.log(1 - lo), -math.log(1 - hi)
-      return 1 - math.exp(-(a + position * (b - a)))
-    return lo + position * (hi - lo)
+# One hyperparameter of the search space, as the sampler defines it.
+Dimension = dimension_lib.Dimension
 
 
 @dataclasses.dataclass
@@ -158,15 +119,10 @@ def _label(value: Any) -> Any:
 
 
 def _dimension(name: str, spec: Any) -> Dimension:
-  spec = spec if isinstance(spec, dict) else {}
-  values = spec.get("values")
-  condition = spec.get("condition") or {}
-  return Dimension(
-      name=name, scale=str(spec.get("scale", "categorical" if values else "linear")),
-      min=spec.get("min"), max=spec.get("max"),
-      values=tuple(_label(v) for v in values) if isinstance(values, list) else None,
-      role=str(spec.get("role", "nuisance")), param=str(spec.get("param") or name),
-      condition=tuple(condition.items()) if isinstance(condition, dict) else ())
+  dim = Dimension.from_json(name, spec)
+  if dim.values is None:
+    return dim
+  return dataclasses.replace(dim, values=tuple(_label(v) for v in dim.values))
 
 
 _ABSENT = object()

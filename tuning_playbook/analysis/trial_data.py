@@ -1,6 +1,7 @@
 """One trial's run directory: config.json, summary.json, metrics.jsonl,
-grad_norms.jsonl (and log.txt). Missing or torn files never raise: what could
-not be read is listed in `Trial.problems`.
+grad_norms.jsonl (and log.txt). Missing or damaged files never raise: what
+could not be read is listed in `Trial.problems`. A JSON-lines log with an
+unreadable line is read as every row that can be read, and the line named.
 
   trial = trial_data.load_trial("D/trials/0003", "0003", params)
   steps, errors = trial.series("eval/validation/error_rate")
@@ -17,10 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-RECORD_FILES = ("config.json", "metrics.jsonl", "grad_norms.jsonl",
-                "summary.json", "log.txt")
-INFEASIBLE_STATUSES = ("diverged", "failed")
+from tuning_playbook import records
+from tuning_playbook import tracking
+
+RECORD_FILES = (records.CONFIG_FILE, records.METRICS_FILE,
+                records.GRAD_NORMS_FILE, records.SUMMARY_FILE, tracking.LOG_FILE)
 UNFINISHED = "unfinished"
+_LISTED_LINES = 5
 
 
 def finite(x: Any) -> bool:
@@ -38,24 +42,29 @@ def read_json(path: str) -> tuple[Any, str | None]:
 
 
 def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], str | None]:
-  """Rows of a JSON-lines file; stops at the first torn or bad line."""
-  if not os.path.exists(path):
-    return [], None
-  rows = []
+  """The step rows of a JSON-lines file, and what could not be read.
+
+  Every readable row is used; unreadable lines are named in the problem, a
+  torn last line (a write cut short) apart from the others.
+  """
+  name = os.path.basename(path)
   try:
-    with open(path) as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except ValueError:
-          return rows, f"{os.path.basename(path)}: unreadable line {n}, rest ignored"
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-          rows.append(row)
+    contents = records.scan_jsonl(path)
   except OSError as e:
-    return rows, f"{os.path.basename(path)} unreadable ({e})"
-  return rows, None
+    return [], f"{name} unreadable ({e})"
+  rows = [r for r in contents.rows if finite(r.get("step"))]
+  problems = []
+  if contents.bad_lines:
+    numbers = [str(n) for n, _ in contents.bad_lines]
+    first, excerpt = contents.bad_lines[0]
+    listed = ", ".join(numbers[:_LISTED_LINES]) + (
+        ", ..." if len(numbers) > _LISTED_LINES else "")
+    problems.append(f"unreadable line{'s' if len(numbers) > 1 else ''} "
+                    f"{listed} skipped (line {first}: {excerpt!r})")
+  if contents.torn_line is not None:
+    problems.append(f"unreadable line {contents.torn_line} dropped (a torn "
+                    "last line: a write cut short)")
+  return rows, (f"{name}: " + "; ".join(problems)) if problems else None
 
 
 def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -118,13 +127,13 @@ class Trial:
 
   @property
   def feasible(self) -> bool:
-    return self.status == "completed" and self.best_value is not None
+    return self.status == records.COMPLETED and self.best_value is not None
 
   @property
   def infeasible(self) -> bool:
     """Diverged, failed, or completed without a finite objective."""
-    return self.status in INFEASIBLE_STATUSES or (
-        self.status == "completed" and self.best_value is None)
+    return self.status in records.INFEASIBLE_STATUSES or (
+        self.status == records.COMPLETED and self.best_value is None)
 
   @property
   def reason(self) -> str:
@@ -146,7 +155,8 @@ class Trial:
     Falls back to the per-log-interval means in metrics.jsonl when
     grad_norms.jsonl is absent.
     """
-    rows, problem = _read_jsonl(os.path.join(self.run_dir, "grad_norms.jsonl"))
+    rows, problem = _read_jsonl(
+        os.path.join(self.run_dir, records.GRAD_NORMS_FILE))
     if problem:
       self.problems.append(problem)
     if rows:
@@ -161,11 +171,11 @@ def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:
                   if os.path.exists(os.path.join(run_dir, f)))
   if not os.path.isdir(run_dir):
     problems.append("no run directory")
-  summary, problem = read_json(os.path.join(run_dir, "summary.json"))
+  summary, problem = read_json(os.path.join(run_dir, records.SUMMARY_FILE))
   problems += [problem] if problem else []
-  config, problem = read_json(os.path.join(run_dir, "config.json"))
+  config, problem = read_json(os.path.join(run_dir, records.CONFIG_FILE))
   problems += [problem] if problem else []
-  metrics, problem = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+  metrics, problem = _read_jsonl(os.path.join(run_dir, records.METRICS_FILE))
   problems += [problem] if problem else []
   if os.path.isdir(run_dir):
     missing = [f for f in RECORD_FILES[:4] if f not in present]
