@@ -9,6 +9,7 @@ import threading
 import ml_collections
 import pytest
 
+from tests import helpers
 from tuning_playbook import atomic_files
 from tuning_playbook import config_paths
 from tuning_playbook import records
@@ -270,3 +271,22 @@ def test_config_differences_name_the_dotted_field():
   assert records.config_differences(old, new) == [
       "batch_size: '<absent>' -> 32",
       "optimizer.learning_rate: 0.1 -> 0.2"]
+
+
+def test_resume_refuses_a_log_with_a_bad_middle_line_and_keeps_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = ("--config.max_train_steps=20", f"--config.data.data_dir={tmp_path / 'data'}")
+  assert helpers.run_main(workdir, *flags).returncode == 0
+  os.remove(os.path.join(workdir, records.SUMMARY_FILE))  # As if killed at the end.
+  path = os.path.join(workdir, records.METRICS_FILE)
+  with open(path) as f:
+    lines = f.readlines()
+  lines[1] = lines[1][:25] + "\n"
+  with open(path, "w") as f:
+    f.writelines(lines)
+  before = open(path, "rb").read()
+  result = helpers.run_main(workdir, *flags)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert f"{path}" in result.stderr and "line 2" in result.stderr
+  assert open(path, "rb").read() == before
+  assert not os.path.exists(os.path.join(workdir, records.SUMMARY_FILE))

@@ -1,7 +1,8 @@
 """One trial with its failure policy: bad input vs. a failed run.
 
-Bad input (an invalid config, unknown workload, or a work directory holding
-another config) raises before anything is compiled or written. Any other
+Bad input (an invalid config, unknown workload, a work directory holding
+another config, or records it cannot read) raises before anything is compiled
+or written. Any other
 error marks the trial "failed" in summary.json (the sweep records it as
 infeasible) and exits non-zero.
 """
@@ -23,7 +24,7 @@ from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
                     workload_lib.ModelConfigError, records.ConfigMismatchError,
-                    train.ResumeError)
+                    records.RecordsError, train.ResumeError)
 
 
 def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
