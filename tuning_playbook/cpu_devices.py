@@ -1,13 +1,16 @@
-"""Simulated CPU devices: a CPU thread pool large enough for their collectives.
+"""Simulated CPU devices: thread pools large enough for their collectives.
 
-XLA:CPU runs each device's program on a pool of `PJRT_NPROC` threads (default:
-the number of cores). A device that reaches an all-reduce blocks its thread
-until every device has arrived; with fewer threads than the collective needs,
-the devices still computing cannot get one, and the rendezvous aborts after
-40 s ("Expected 4 threads to join the rendezvous, but only 3 of them arrived").
-On a 2-core machine that is every data-parallel step on 2 or more simulated
-devices, in one process or several. `configure_thread_pool()` sizes the pool
-before the CPU backend starts; real accelerators are not affected.
+XLA:CPU sizes its two thread pools (the one that launches and runs each
+device's program, and the intra-op pool its continuations run on) to
+max(cores, devices): just enough to launch one collective. With asynchronous
+dispatch, a device's next launch also holds a pool thread while it waits for
+that device's in-flight slot, and a device that reaches an all-reduce holds
+its thread until every device has arrived. On a 2-core machine with 2 or more
+simulated devices the last device's program then finds no free thread, and
+the rendezvous aborts after 40 s ("Expected 4 threads to join the rendezvous,
+but only 3 of them arrived"); across processes (gloo) it waits forever.
+`configure_thread_pool()` raises the pool size through `PJRT_NPROC` before the
+CPU backend starts; real accelerators are not affected.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def simulated_device_count(environ: MutableMapping[str, str] = os.environ) -> in
 
 
 def required_pool_size(num_devices: int) -> int:
-  """Threads that keep every device's collective live (2 per device, + 2 spare)."""
+  """Threads for one collective plus one waiting launch per device, + 2 spare."""
   return 2 * num_devices + 2
 
 
