@@ -49,6 +49,7 @@ class TrialSpec:
   grads: str = "smooth"  # smooth | spiky | decaying
   grad_clip_norm: float = 0.0
   noise: float = 0.002
+  input_wait: float = 0.02  # Mean share of each log interval spent waiting for input.
 
 
 def dimension_value(name: str, position: float) -> float:
@@ -135,7 +136,9 @@ def write_trial(run_dir: str, spec: TrialSpec, seed: int) -> dict[str, Any]:
     i = int(s) - 1
     row = {"step": int(s), "train/loss": float(loss[i]),
            "train/grad_norm": float(norms[max(0, i - EVAL_EVERY + 1):i + 1].mean()),
-           "train/learning_rate": params["optimizer.learning_rate"]}
+           "train/learning_rate": params["optimizer.learning_rate"],
+           "perf/input_wait_fraction": float(np.clip(
+               spec.input_wait * (1 + 0.2 * rng.standard_normal()), 0, 1))}
     k = int(s) // EVAL_EVERY - 1
     if spec.shape == "diverged" and s > last - EVAL_EVERY:
       row["eval/validation/error_rate"] = float("nan")

@@ -56,6 +56,12 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f]
 
 
+def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Metrics rows less their wall-clock measurements (`perf/*`), which differ
+  between runs that are otherwise identical."""
+  return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)

@@ -304,3 +304,44 @@ def test_bootstrap_resamples_with_replacement():
   # P(no 1.0 among 4 draws) = 0.75 ** 4.
   assert np.mean(four > 1.0) == pytest.approx(0.75 ** 4, abs=0.03)
   assert bootstrap.budgets(10) == [1, 2, 3, 4, 6, 8, 10]
+
+
+def test_input_bound_trials_are_named_with_their_wait_share(tmp_path):
+  study_dir = build(tmp_path, "input_bound", [1, 4], input_wait=0.5)
+  study, findings = analyse(study_dir)
+  (finding,) = by_kind(findings)["input_bound"]
+  assert finding.severity == "warning"
+  assert set(finding.details["trials"]) == {"0001", "0004"}
+  for trial_id in ("0001", "0004"):
+    wait = finding.details["trials"][trial_id]
+    fractions = [r["perf/input_wait_fraction"] for r in study.trials[int(trial_id)].metrics]
+    assert wait["mean"] == pytest.approx(np.mean(fractions))
+    assert wait["max"] == pytest.approx(np.max(fractions))
+    assert wait["threshold"] == THRESHOLDS.input_wait_fraction
+    assert f"{trial_id} ({100 * wait['mean']:.0f}% (max" in finding.message
+  assert "data.prefetch_batches" in finding.message
+  json.dumps(finding.to_json(), allow_nan=False)
+  # The leaderboard shows every trial's wait share, the finding sits beside it.
+  result = report.write_report(study_dir)
+  with open(result.index_html) as f:
+    page = f.read()
+  leaderboard = page[page.index('id="leaderboard"'):]
+  assert "input wait" in leaderboard and "Input-bound: 0001" in leaderboard
+  share = finding.details["trials"]["0004"]["mean"]
+  assert f"{100 * share:.0f}% (max" in leaderboard
+
+
+def test_a_trial_threshold_from_its_config_wins(tmp_path):
+  study_dir = build(tmp_path, "strict", [2], input_wait=0.1)
+  _, findings = analyse(study_dir)
+  assert "input_bound" not in by_kind(findings)  # 10% < the default 20%.
+  path = os.path.join(study_dir, "trials", "0002", "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  config["input_bound_warning_fraction"] = 0.05
+  with open(path, "w") as f:
+    json.dump(config, f)
+  _, findings = analyse(study_dir)
+  (finding,) = by_kind(findings)["input_bound"]
+  assert list(finding.details["trials"]) == ["0002"]
+  assert finding.details["thresholds"] == [0.05]

@@ -1,6 +1,7 @@
 """The benchmark and the profiling tool run end to end on a tiny config."""
 
 import glob
+import json
 import re
 import subprocess
 import sys
@@ -35,3 +36,30 @@ def test_trace_steps_writes_a_trace(tmp_path):
                  "--traced_steps=3"], tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert glob.glob(str(trace_dir / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+def test_profile_steps_of_a_run_and_the_trace_summary(tmp_path):
+  workdir = tmp_path / "run"
+  result = helpers.run_main(str(workdir), f"--config.data.data_dir={tmp_path / 'data'}",
+                            "--config.profile_steps=3:5", "--config.max_train_steps=10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  profile = workdir / "profile"
+  assert glob.glob(str(profile / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert glob.glob(str(profile / "plugins" / "profile" / "*" / "perfetto_trace.json.gz"))
+  assert helpers.read_json(str(profile / "steps.json"))["first_step"] == 3
+  summarize = [sys.executable, "xprof/summarize_trace.py", f"--trace_dir={profile}"]
+  text = subprocess.run(summarize, cwd=helpers.REPO, env=helpers.subprocess_env(1),
+                        capture_output=True, text=True, timeout=120)
+  assert text.returncode == 0, text.stderr[-3000:]
+  assert "steps found: 3 executions of jit_step_in_loop (steps 3..5)" in text.stdout
+  as_json = subprocess.run(summarize + ["--json"], cwd=helpers.REPO,
+                           env=helpers.subprocess_env(1), capture_output=True,
+                           text=True, timeout=120)
+  summary = json.loads(as_json.stdout)
+  assert summary["steps"]["count"] == 3 and summary["steps"]["labels"] == [3, 4, 5]
+  timed = {name: c["time_us"] for name, c in summary["categories"].items() if c["time_us"] > 0}
+  assert {"dot", "copy"} <= set(timed)
+  for name in timed:
+    assert re.search(rf"^  {name} +\d+\.\d{{3}} ", text.stdout, re.M)
+  idle = summary["idle_between_steps"]
+  assert idle["gaps"] == 2 and idle["total_us"] >= 0 and 0 <= idle["fraction"] < 1

@@ -27,6 +27,8 @@ the whole batch, which also counts the spread between group means). With one
 group both are the usual batch moments. Evaluation normalizes with the moving
 averages, so eval batches (padded or not) never enter any moment. `init`
 accepts any batch size and leaves the moving averages at mean 0, variance 1.
+Moments, moving averages, scale and bias are float32 whatever the input dtype
+(a bfloat16 model's activations, say); the output has the input's dtype.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ WEIGHT_DECAY_TYPES = ("decoupled", "l2")
 EVAL_SPLITS = ("validation", "train", "test")
 EVAL_METRICS = ("loss", "error_rate", "accuracy", "num_correct", "num_examples")
 BATCH_NORM_POLICIES = ("global", "ghost", "per_device")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,22 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: this many seconds for each; 0: off.
   c.step_watchdog_seconds = -1.0
   c.watchdog_floor_seconds = 300.0
+  # The dtype of the model's computation (activations, matmuls, convolutions),
+  # for the workloads that honour it (`workload.compute_dtype(config)`).
+  # Parameters, optimizer state, gradients, logits given to the loss, loss
+  # reductions and normalization statistics (the framework's BatchNorm,
+  # Flax's LayerNorm) stay float32 whatever it is. "auto": bfloat16 on TPUs
+  # and GPUs, float32 on CPUs (whose bfloat16 arithmetic is emulated, slower
+  # than float32).
+  c.compute_dtype = "float32"  # float32 | bfloat16 | auto
+  # Warn (log, summary.json, study report) when the loop waits for its next
+  # batch more than this fraction of a log interval's wall time.
+  c.input_bound_warning_fraction = 0.2
+  # "START:END": trace steps START..END (both included) into <workdir>/profile
+  # (tuning_playbook/profiling.py); "" is off. Process 0 only, unless
+  # profile_all_processes.
+  c.profile_steps = ""
+  c.profile_all_processes = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "nesterov"
@@ -86,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # "" means the TFDS default.
   c.data.shuffle_buffer = 50_000
+  # Tokens per example of a sequence workload (inputs and labels are cut or
+  # padded to it); 0 for workloads without sequences.
+  c.data.max_length = 0
   # Keep data in memory: tf.data's cache, or, for workloads without a custom
   # `preprocess`, the whole training split as arrays (no tf.data per step).
   c.data.cache = True
@@ -94,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
   # train step picks its batch from it on the device. Larger k means fewer
   # transfers and less host work per step, and k batches of device memory.
   c.data.batches_per_transfer = 1
+  # Random batches of the workload's shapes instead of its data set (which is
+  # then neither downloaded nor read): measures throughput without data. Needs
+  # the workload's `synthetic_spec`; metrics are those of random labels.
+  c.data.synthetic = False
 
   c.model = ml_collections.ConfigDict()
   return c
@@ -168,6 +192,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
           "must be > 0")
   if not config.watchdog_floor_seconds > 0:
     _fail("watchdog_floor_seconds", config.watchdog_floor_seconds, "must be > 0")
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    _fail("compute_dtype", config.compute_dtype,
+          f"allowed: {', '.join(COMPUTE_DTYPES)}")
+  if not 0 < config.input_bound_warning_fraction <= 1:
+    _fail("input_bound_warning_fraction", config.input_bound_warning_fraction,
+          "must be in (0, 1] (1: never warn)")
+  profile_step_range(config)
   _validate_optimizer(config)
   _validate_batch_norm(config, num_devices)
   if config.data.batches_per_transfer < 1:
@@ -176,6 +207,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("data.prefetch_batches", config.data.prefetch_batches, "must be >= 1")
   if config.data.shuffle_buffer < 1:
     _fail("data.shuffle_buffer", config.data.shuffle_buffer, "must be >= 1")
+  if config.data.max_length < 0:
+    _fail("data.max_length", config.data.max_length,
+          "must be >= 0 (0: not a sequence workload)")
+
+
+def profile_step_range(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(START, END) of `config.profile_steps` = "START:END"; None when off."""
+  value = config.profile_steps
+  if not value:
+    return None
+  parts = value.split(":") if isinstance(value, str) else []
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    _fail("profile_steps", value, "must be \"START:END\" (two step numbers) or "
+          "\"\" (off)")
+  start, end = int(parts[0]), int(parts[1])
+  if not 1 <= start <= end <= config.max_train_steps:
+    _fail("profile_steps", value, "needs 1 <= START <= END <= "
+          f"max_train_steps={config.max_train_steps}")
+  return start, end
 
 
 def _validate_optimizer(config):

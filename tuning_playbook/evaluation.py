@@ -3,6 +3,11 @@
 All splits share one global eval batch shape, so the eval step compiles once;
 padded rows weigh 0, and per-batch sums are fetched together after the last
 batch and added in float64, so the metrics equal the exact full-split values.
+
+Loss, accuracy and error rate are means over the targets scored: examples, or
+for a per-position workload (a language model, say) the weighted positions
+(tokens), whose count is reported as num_targets. num_examples always counts
+examples.
 """
 
 from __future__ import annotations
@@ -17,13 +22,19 @@ from tuning_playbook import sharding
 
 
 def metrics_from_sums(name: str, loss_sum: float, num_correct: float,
-                      num_examples: float) -> dict[str, float]:
-  n = max(num_examples, 1.0)
-  return {f"eval/{name}/loss": loss_sum / n,
-          f"eval/{name}/accuracy": num_correct / n,
-          f"eval/{name}/error_rate": (num_examples - num_correct) / n,
-          f"eval/{name}/num_correct": num_correct,
-          f"eval/{name}/num_examples": num_examples}
+                      num_examples: float,
+                      num_targets: float | None = None) -> dict[str, float]:
+  """A split's metrics; the means are over num_targets when given."""
+  targets = num_examples if num_targets is None else num_targets
+  n = max(targets, 1.0)
+  metrics = {f"eval/{name}/loss": loss_sum / n,
+             f"eval/{name}/accuracy": num_correct / n,
+             f"eval/{name}/error_rate": (targets - num_correct) / n,
+             f"eval/{name}/num_correct": num_correct,
+             f"eval/{name}/num_examples": num_examples}
+  if num_targets is not None:
+    metrics[f"eval/{name}/num_targets"] = num_targets
+  return metrics
 
 
 class Evaluator:
@@ -47,7 +58,7 @@ class Evaluator:
         sums.append(self.compiled_step(state, batch))
       fetched = jax.device_get(sums)
       total = {k: float(np.sum([np.float64(s[k]) for s in fetched]))
-               for k in ("loss_sum", "num_correct", "num_examples")}
+               for k in fetched[0]}
       if round(total["num_examples"]) != split.total_examples:
         raise RuntimeError(
             f"eval split {split.name!r} weighed {total['num_examples']} "

@@ -5,6 +5,13 @@ each step's metrics on the device, and fetches them every `log_every_steps`
 (and at evals) in one transfer. Evals run every `eval_every_steps` and at the
 last step; each eval is followed by a checkpoint, so a resumed run repeats
 exactly the steps an uninterrupted run takes.
+
+Each log row also holds the interval's throughput (`perf/*`, see
+throughput.py): examples/s, FLOP/s and MFU from XLA's cost analysis of the
+compiled step, and the share of the interval the loop waited for its next
+batch (input-bound above `input_bound_warning_fraction`). The interval clock
+starts after the step is compiled and restarts after each log, so compilation,
+evals and checkpoints are not in it.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -30,8 +38,11 @@ from tuning_playbook import evaluation
 from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
 from tuning_playbook import optimizers
+from tuning_playbook import profiling
 from tuning_playbook import records
 from tuning_playbook import sharding
+from tuning_playbook import synthetic_data
+from tuning_playbook import throughput
 from tuning_playbook import train_step as train_step_lib
 from tuning_playbook import watchdog
 from tuning_playbook import workload as workload_lib
@@ -58,8 +69,10 @@ class BestCheckpoint:
 def validate_before_compiling(config: ml_collections.ConfigDict) -> workload_lib.Workload:
   """All checks that need no compilation: config values, workload, devices."""
   config_schema.validate(config)
-  workload = workload_lib.load_workload(config.workload)
+  workload = workload_lib.load_workload(config.workload, config)
   workload_lib.check_model_config(config, workload)
+  if config.data.synthetic:
+    synthetic_data.workload_spec(config, workload)
   config_schema.validate(config, num_devices=jax.device_count())
   if config.batch_size % jax.process_count():
     raise config_schema.ConfigError(
@@ -92,6 +105,14 @@ def _divergence(first_step: int, window: list[dict[str, Any]],
 
 def _make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSplit]:
   local_batch = config_schema.resolved_eval_batch_size(config) // jax.process_count()
+  if config.data.synthetic:
+    # Random labels score the same on any number of examples: one batch of
+    # the training size (or eval_batch_size, when set) is enough.
+    global_batch = config.eval_batch_size or config.batch_size
+    return synthetic_data.make_eval_splits(
+        synthetic_data.workload_spec(config, workload), seed=config.seed,
+        local_batch_size=global_batch // jax.process_count(), process_index=jax.process_index(),
+        process_count=jax.process_count())
   common = dict(local_batch_size=local_batch, process_index=jax.process_index(),
                 process_count=jax.process_count(), cache=config.data.cache)
   validation = input_pipeline.make_eval_split(
@@ -105,10 +126,14 @@ def _make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSpli
 
 
 def _make_train_stream(config, workload, builder):
-  """In-memory arrays when nothing runs per example, else tf.data."""
+  """Random batches for synthetic data; in-memory arrays when nothing runs
+  per example; else tf.data."""
   common = dict(seed=config.seed,
                 local_batch_size=config.batch_size // jax.process_count(),
                 process_index=jax.process_index(), process_count=jax.process_count())
+  if config.data.synthetic:
+    return synthetic_data.SyntheticTrainStream(
+        synthetic_data.workload_spec(config, workload), **common)
   if config.data.cache and not workload.custom_preprocess:
     return in_memory_stream.InMemoryTrainStream(
         builder, workload.splits["train"], input_key=workload.input_key,
@@ -132,10 +157,14 @@ class Trainer:
     self.is_writer = jax.process_index() == 0
     mesh = sharding.create_mesh()
     replicated = sharding.replicated(mesh)
-    builder = input_pipeline.prepare_dataset(workload.dataset_builder, config)
+    builder = (None if config.data.synthetic else
+               input_pipeline.prepare_dataset(workload.dataset_builder, config))
     self.stream = _make_train_stream(config, workload, builder)
 
     model = workload.create_model(config)
+    self.compute_dtype = workload_lib.compute_dtype(config).name
+    logging.info("The model computes in %s (config.compute_dtype=%r).",
+                 self.compute_dtype, config.compute_dtype)
     tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
     input_shape, input_dtype = self.stream.element_spec()
     sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
@@ -174,7 +203,7 @@ class Trainer:
     self.grad_log.truncate_after(self.step)
 
     self.step_fn = train_step_lib.make_train_step(
-        model, tx, workload.loss_fn, config.grad_clip_norm)
+        model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn)
     stacked_sharding = sharding.stacked_batch_sharding(mesh)
     self.train_step = jax.jit(
         train_step_lib.for_loop(self.step_fn),
@@ -184,7 +213,8 @@ class Trainer:
         np.zeros((config.log_every_steps, len(train_step_lib.STEP_METRICS)),
                  np.float32), replicated)
     self.evaluator = evaluation.Evaluator(
-        train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn),
+        train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn,
+                                      workload.weights_fn),
         _make_eval_splits(config, workload, builder), mesh, state_sharding)
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_writer)
@@ -199,6 +229,14 @@ class Trainer:
         sharding.stack_batches(self.stream.iterate(self._transfer_start), k),
         stacked_sharding, size=config.data.prefetch_batches)
     self._transfer = None
+    self._compiled = False
+    self.throughput = throughput.ThroughputMonitor(
+        config.batch_size, config.input_bound_warning_fraction,
+        device_kind=jax.devices()[0].device_kind, device_count=jax.device_count())
+    self.profiler = profiling.StepProfiler(
+        config_schema.profile_step_range(config)
+        if self.is_writer or config.profile_all_processes else None,
+        profiling.profile_dir(workdir, jax.process_index()), self.step)
 
   def _restore(self, step: int, abstract_state, state_sharding) -> None:
     target = jax.tree.map(
@@ -224,46 +262,86 @@ class Trainer:
     k = config.data.batches_per_transfer
     eval_every, log_every = config.eval_every_steps, config.log_every_steps
     last_step = config.max_train_steps
+    profile_start = self.profiler.start_after
+    profile_stop = self.profiler.stop_after
     first_unlogged = self.step + 1
+    clock = time.perf_counter
     # Between log steps nothing may move between host and devices on this
     # thread: an accidental per-step sync raises instead of slowing training.
     dog = self.watchdog
     with dog, jax.transfer_guard("disallow"):
       step = self.step
+      # The log interval's start, and its seconds spent waiting for input
+      # with nothing left for the devices to do.
+      started, waited = clock(), 0.0
       while step < until_step:
         dog.begin("step", "train step {}", step + 1)
         if self._transfer is None or step % k == 0:
+          wait_began = clock()
           self._transfer = next(self.batches)
+          # Dispatch is asynchronous: a wait while the devices still run
+          # earlier steps costs nothing. It counts once they have finished
+          # them all (a query, not a sync).
+          if self.metrics_buffer.is_ready():
+            waited += clock() - wait_began
+          if not self._compiled:
+            self._compile_step()
+            # Pipeline start-up and compilation are not the run's throughput.
+            started, waited = clock(), 0.0
+        if step == profile_start:
+          started += self.profiler.start(self.state)
         self.state, self.metrics_buffer = self.train_step(
             self.state, self._transfer, self.metrics_buffer)
         step += 1
         self.step = step
+        if step == profile_stop:
+          started += self.profiler.stop(self.state)
         is_eval = step % eval_every == 0 or step == last_step
         if step % log_every and not is_eval and step != until_step:
           continue
         self.report_progress(step)
-        reason = self._log(first_unlogged, is_eval)
+        reason = self._log(first_unlogged, is_eval, started, waited)
         first_unlogged = step + 1
+        started, waited = clock(), 0.0
         if reason is not None:
           logging.warning("Diverged: %s", reason)
           return reason
     return None
 
-  def _log(self, first: int, is_eval: bool) -> str | None:
-    """Fetches the metrics of steps first..step (one transfer), evaluates, checkpoints."""
-    with jax.transfer_guard("allow"):
-      return self._log_allowed(first, is_eval)
+  def _compile_step(self) -> None:
+    """Compiles the train step for the first transfer; reads its FLOPs.
 
-  def _log_allowed(self, first: int, is_eval: bool) -> str | None:
+    The jitted step's cache keeps this compilation: its calls reuse it.
+    """
+    compiled = self.train_step.lower(
+        self.state, self._transfer, self.metrics_buffer).compile()
+    self.throughput.set_step_flops(throughput.step_flops(compiled, jax.device_count()))
+    self._compiled = True
+
+  def _log(self, first: int, is_eval: bool, started: float,
+           input_wait: float) -> str | None:
+    """Fetches the metrics of steps first..step (one transfer), evaluates, checkpoints.
+
+    `started` is the clock at the interval's start, `input_wait` its seconds
+    spent waiting for batches.
+    """
+    with jax.transfer_guard("allow"):
+      return self._log_allowed(first, is_eval, started, input_wait)
+
+  def _log_allowed(self, first: int, is_eval: bool, started: float,
+                   input_wait: float) -> str | None:
     step, config = self.step, self.config
     self.watchdog.begin("log", "the metrics of steps {}..{}", first, step)
     buffer = np.asarray(jax.device_get(self.metrics_buffer))
+    # The fetch waited for the interval's last step: its time is all the steps'.
+    seconds = time.perf_counter() - started
     rows = buffer[[(s - 1) % len(buffer) for s in range(first, step + 1)]]
     fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
     self.grad_log.append(
         {"step": first + i, "train/grad_norm": m["train/grad_norm"],
          "train/loss": m["train/loss"]} for i, m in enumerate(fetched))
     row = _window_row(step, fetched)
+    row.update(self.throughput.interval(first, step, seconds, input_wait))
     reason = _divergence(first, fetched, config.divergence_loss_threshold)
     if reason is None and is_eval:
       self.watchdog.begin("eval", "the eval and checkpoint at step {}", step)
@@ -284,6 +362,7 @@ class Trainer:
 
   def finish(self, reason: str | None) -> dict[str, Any]:
     """Waits for pending checkpoints, then writes and returns the summary."""
+    self.profiler.close(self.state, self.step)
     with self.watchdog:
       self.watchdog.begin("finish", "the last checkpoint writes (Orbax)")
       self.ckpt.wait()
@@ -299,6 +378,9 @@ class Trainer:
         "best_checkpoint": (self.ckpt.step_path(best.step)
                             if best.step is not None else None),
     }
+    summary.update(self.throughput.summary())
+    summary["perf"]["compute_dtype"] = self.compute_dtype
+    self.throughput.log_input_bound()
     if self.is_writer:
       records.write_summary(self.workdir, summary)
     return summary

@@ -54,10 +54,33 @@ def _variables(state: TrainState, params) -> dict[str, Any]:
   return variables
 
 
+def float32_logits(logits: Any) -> Any:
+  """`logits` with floating-point leaves in float32, whatever the compute dtype."""
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+      else x, logits)
+
+
+def mean_loss(loss: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """The batch's loss: `mean(loss)`, or `sum(loss * w) / sum(w)` with weights.
+
+  Under jit both sums run over the global batch (XLA adds the cross-device
+  reductions), so the result is the masked mean of the whole batch for any
+  number of devices and hosts, not a mean of per-device means.
+  """
+  if weights is None:
+    return jnp.mean(loss)
+  weights = jnp.broadcast_to(weights.astype(jnp.float32), loss.shape)
+  total = jnp.sum(jnp.where(weights > 0, loss * weights, 0.0))
+  return total / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+
+
 def make_train_step(model, tx: optax.GradientTransformation,
-                    loss_fn: Callable, grad_clip_norm: float) -> Callable:
+                    loss_fn: Callable, grad_clip_norm: float,
+                    weights_fn: Callable | None = None) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
+  The loss is `mean_loss(loss_fn(logits, labels), weights_fn(labels))`.
   Metrics hold the unclipped global gradient norm, the loss, whether the step
   was clipped and the learning rate used, as scalars for this one step.
   """
@@ -70,7 +93,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
       outputs, new_model_state = model.apply(
           _variables(state, params), batch["inputs"], train=True,
           rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-      loss = jnp.mean(loss_fn(outputs, batch["label"]))
+      outputs = float32_logits(outputs)
+      weights = None if weights_fn is None else weights_fn(batch["label"])
+      loss = mean_loss(loss_fn(outputs, batch["label"]), weights)
       return loss, new_model_state
 
     (loss, new_model_state), grads = jax.value_and_grad(
@@ -96,19 +121,36 @@ def make_train_step(model, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model, loss_fn: Callable, correct_fn: Callable) -> Callable:
-  """Returns `eval_step(state, batch) -> sums` weighted by `batch["weight"]`."""
+def make_eval_step(model, loss_fn: Callable, correct_fn: Callable,
+                   weights_fn: Callable | None = None) -> Callable:
+  """Returns `eval_step(state, batch) -> sums` weighted by `batch["weight"]`.
+
+  Sums: loss_sum, num_correct and num_examples (rows of weight 1, padding
+  excluded). With a `weights_fn` or a per-position loss (rank > 1) each
+  position weighs its row's weight times `weights_fn(labels)`, and
+  num_targets, the total weight of the positions scored, is added.
+  """
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
     outputs = model.apply(_variables(state, state.params), batch["inputs"],
                           train=False)
+    outputs = float32_logits(outputs)
     weight = batch["weight"]
     loss = loss_fn(outputs, batch["label"]).astype(jnp.float32)
     correct = correct_fn(outputs, batch["label"]).astype(jnp.float32)
-    # Padded rows may hold anything; `where` keeps a NaN there out of the sums.
-    return {"loss_sum": jnp.sum(jnp.where(weight > 0, loss * weight, 0.0)),
-            "num_correct": jnp.sum(correct * weight),
+    per_position = weights_fn is not None or loss.ndim > 1
+    position_weight = weight.reshape(weight.shape + (1,) * (loss.ndim - 1))
+    if weights_fn is not None:
+      position_weight = position_weight * weights_fn(batch["label"]).astype(
+          jnp.float32)
+    # Padding may hold anything; `where` keeps a NaN there out of the sums.
+    sums = {"loss_sum": jnp.sum(jnp.where(position_weight > 0,
+                                          loss * position_weight, 0.0)),
+            "num_correct": jnp.sum(correct * position_weight),
             "num_examples": jnp.sum(weight)}
+    if per_position:
+      sums["num_targets"] = jnp.sum(position_weight)
+    return sums
 
   return eval_step
 

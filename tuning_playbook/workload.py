@@ -19,8 +19,10 @@ Optional names, with the defaults used when a module leaves them out:
   preprocess(example, *, train, seed) -> {"inputs": ..., "label": ...}
       tf.data function per example; `seed` is a stateless-RNG seed (int64[2])
       that is a deterministic function of (config.seed, host, example position),
-      so augmentation is reproducible after resume. Default: picks
-      `INPUT_KEY` / `LABEL_KEY` and casts inputs to float32.
+      so augmentation is reproducible after resume. A preprocess that also
+      takes a keyword `config` is given the run's config (a sequence length,
+      say). Default: picks `INPUT_KEY` / `LABEL_KEY` and casts inputs to
+      float32.
   INPUT_KEY = "image", LABEL_KEY = "label"
   default_model_config() -> ml_collections.ConfigDict
       The model's fields and their defaults. When given, a `config.model`
@@ -29,15 +31,44 @@ Optional names, with the defaults used when a module leaves them out:
       default_model_config(), checks)` gives the fields and checks their
       values, so a wrong field is reported as bad config (exit 2) while an
       error in the model's own code is reported with its traceback.
-  loss_fn(logits, labels) -> per-example loss (float32[batch])
-      Default: softmax cross-entropy on integer labels.
-  correct_fn(logits, labels) -> per-example correctness (bool[batch])
-      Default: argmax(logits) == labels.
+  loss_fn(logits, labels) -> loss per example (float32[batch]), or per
+      position (float32[batch, ...]: per token, for a language model)
+      A loss_fn that also takes a keyword `config` is given the run's config
+      (a label smoothing, say). Default: softmax cross-entropy on integer
+      labels (of any rank).
+  correct_fn(logits, labels) -> correctness of the same shape as the loss
+      Default: argmax(logits, -1) == labels.
+  weights_fn(labels) -> float32 weights of the loss's shape (or broadcastable)
+      How much each position counts: 0 masks it (padding tokens). The
+      training loss is then sum(loss * w) / sum(w) over the global batch, the
+      same for any number of devices and hosts; eval loss, accuracy and
+      error rate are means over the positions weighted by `w` (times 0 for
+      the eval's padding rows), whose total is `eval/<split>/num_targets`
+      (tokens), while `num_examples` still counts examples. Default: none,
+      every example counts once (the plain mean).
+  synthetic_spec(config) -> {"inputs": jax.ShapeDtypeStruct,
+                             "label": jax.ShapeDtypeStruct, "num_classes": int}
+      Per-example shapes and dtypes of the model inputs and the labels (an
+      integer dtype; a shape such as (seq_len,) for a language model), and the
+      number of classes. Needed only for `config.data.synthetic=True`, which
+      trains and evaluates on random batches of these shapes without touching
+      the data set (see `tuning_playbook/synthetic_data.py`). Default: none;
+      asking for synthetic data is then a config error.
+
+Mixed precision: `compute_dtype(config)` is the dtype the model computes in
+(`config.compute_dtype`). A workload honours it by passing `dtype=` to its
+Flax layers (parameters stay float32, Flax's default `param_dtype`) and
+casting the inputs to it where the model takes them. The framework casts the
+logits to float32 before `loss_fn` and `correct_fn`, and the framework's
+BatchNorm keeps its statistics in float32.
 
 Example (`workloads/my_mlp.py`)::
 
   import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
   import tensorflow_datasets as tfds
+  from tuning_playbook import workload as workload_lib
 
   def dataset_builder(config):
     builder = tfds.builder("mnist", data_dir=config.data.data_dir or None)
@@ -48,16 +79,26 @@ Example (`workloads/my_mlp.py`)::
             "test": "test"}
 
   def create_model(config):
-    return MLP(width=config.model.width)
+    return MLP(width=config.model.width,
+               dtype=workload_lib.compute_dtype(config))
+
+  def synthetic_spec(config):
+    return {"inputs": jax.ShapeDtypeStruct((28, 28, 1), jnp.float32),
+            "label": jax.ShapeDtypeStruct((), jnp.int32), "num_classes": 10}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 from typing import Any, Callable, Mapping
 
 import ml_collections
+import numpy as np
+
+from tuning_playbook import config_schema
 
 DEFAULT_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 WORKLOADS_PACKAGE = "workloads"
@@ -98,6 +139,10 @@ class Workload:
   loss_fn: Callable[[Any, Any], Any]
   correct_fn: Callable[[Any, Any], Any]
   default_model_config: Callable[[], ml_collections.ConfigDict] | None = None
+  # `weights_fn(labels) -> weights` (see the module docstring), or None.
+  weights_fn: Callable[[Any], Any] | None = None
+  # `synthetic_spec(config) -> dict` (see the module docstring), or None.
+  synthetic_spec: Callable[[ml_collections.ConfigDict], dict[str, Any]] | None = None
 
 
 class UnknownWorkloadError(ValueError):
@@ -112,8 +157,17 @@ def available_workloads() -> list[str]:
                 if not m.name.startswith("_") and not m.name.endswith("_data"))
 
 
-def load_workload(name: str) -> Workload:
-  """Imports `workloads/<name>.py` (or a dotted module path) as a `Workload`."""
+def _takes_config(fn: Callable) -> bool:
+  return "config" in inspect.signature(fn).parameters
+
+
+def load_workload(name: str,
+                  config: ml_collections.ConfigDict | None = None) -> Workload:
+  """Imports `workloads/<name>.py` (or a dotted module path) as a `Workload`.
+
+  With `config`, a preprocess or loss_fn that takes a keyword `config` is
+  bound to it.
+  """
   if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
     raise UnknownWorkloadError(
         f"config.workload={name!r} is not a module name; available: "
@@ -140,6 +194,11 @@ def load_workload(name: str) -> Workload:
   custom_preprocess = hasattr(module, "preprocess")
   preprocess = (module.preprocess if custom_preprocess
                 else _make_default_preprocess(input_key, label_key))
+  if config is not None and _takes_config(preprocess):
+    preprocess = functools.partial(preprocess, config=config)
+  loss_fn = getattr(module, "loss_fn", _default_loss_fn)
+  if config is not None and _takes_config(loss_fn):
+    loss_fn = functools.partial(loss_fn, config=config)
   return Workload(
       name=name,
       dataset_builder=module.dataset_builder,
@@ -149,10 +208,30 @@ def load_workload(name: str) -> Workload:
       custom_preprocess=custom_preprocess,
       input_key=input_key,
       label_key=label_key,
-      loss_fn=getattr(module, "loss_fn", _default_loss_fn),
+      loss_fn=loss_fn,
       correct_fn=getattr(module, "correct_fn", _default_correct_fn),
       default_model_config=getattr(module, "default_model_config", None),
+      weights_fn=getattr(module, "weights_fn", None),
+      synthetic_spec=getattr(module, "synthetic_spec", None),
   )
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> np.dtype:
+  """The dtype the model computes in: `config.compute_dtype`, with "auto"
+  resolved to bfloat16 on TPUs and GPUs and to float32 on CPUs.
+
+  Pass it as `dtype=` to Flax layers; parameters stay float32.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if config.compute_dtype not in config_schema.COMPUTE_DTYPES:
+    raise config_schema.ConfigError(
+        f"config.compute_dtype={config.compute_dtype!r} is invalid: allowed: "
+        f"{', '.join(config_schema.COMPUTE_DTYPES)}")
+  if config.compute_dtype == "auto":
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu"
+                     else jnp.bfloat16)
+  return jnp.dtype(config.compute_dtype)
 
 
 class ModelConfigError(ValueError):

@@ -5,12 +5,13 @@ with 16k, 32k, 64k channels. BatchNorm statistics follow `config.batch_norm`.
 The last 5000 training images are the validation split. Training images are
 zero-padded by 4 pixels, randomly cropped back to 32x32 and randomly flipped.
 
-config.model fields (defaults below): depth, width, dropout_rate.
+config.model fields (defaults below): depth, width, dropout_rate. The layers
+compute in `config.compute_dtype`; BatchNorm statistics are float32.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -54,11 +55,12 @@ class WideBlock(nn.Module):
   strides: int
   norm: Callable[..., nn.Module]
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32  # Of the computation; parameters are float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv = lambda f, k, s: nn.Conv(f, (k, k), strides=(s, s), use_bias=False,
-                                   kernel_init=_conv_init)
+                                   kernel_init=_conv_init, dtype=self.dtype)
     y = nn.relu(self.norm()(x, train=train))
     shortcut = x
     if x.shape[-1] != self.features or self.strides != 1:
@@ -77,6 +79,7 @@ class WideResNet(nn.Module):
   norm: Callable[..., nn.Module] = batch_norm.BatchNorm
   dropout_rate: float = 0.0
   num_classes: int = NUM_CLASSES
+  dtype: Any = jnp.float32  # Of the computation; parameters are float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -84,15 +87,16 @@ class WideResNet(nn.Module):
       raise ValueError(f"config.model.depth={self.depth}: must be 6n + 4, "
                        "n >= 1 (10, 16, 22, 28, 40, ...)")
     blocks_per_group = (self.depth - 4) // 6
-    x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+    x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init,
+                dtype=self.dtype)(x.astype(self.dtype))
     for group, features in enumerate((16, 32, 64)):
       for block in range(blocks_per_group):
         strides = 2 if group > 0 and block == 0 else 1
         x = WideBlock(features * self.width, strides, self.norm,
-                      self.dropout_rate)(x, train=train)
+                      self.dropout_rate, self.dtype)(x, train=train)
     x = nn.relu(self.norm()(x, train=train))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -118,4 +122,11 @@ def create_model(config: ml_collections.ConfigDict) -> WideResNet:
   fields = model_config(config)
   return WideResNet(depth=fields.depth, width=fields.width,
                     norm=batch_norm.from_config(config.batch_norm),
-                    dropout_rate=fields.dropout_rate)
+                    dropout_rate=fields.dropout_rate,
+                    dtype=workload_lib.compute_dtype(config))
+
+
+def synthetic_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  del config  # The shapes are fixed.
+  return {"inputs": jax.ShapeDtypeStruct(IMAGE_SHAPE, jnp.float32),
+          "label": jax.ShapeDtypeStruct((), jnp.int32), "num_classes": NUM_CLASSES}

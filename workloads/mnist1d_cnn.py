@@ -5,15 +5,17 @@ linear classifier: about 94% test accuracy in the paper, in minutes on a CPU.
 
 config.model fields (defaults below): features, kernel_sizes, dropout_rate,
 batch_norm (True inserts `tuning_playbook.batch_norm.BatchNorm`, configured by
-`config.batch_norm`, after each convolution).
+`config.batch_norm`, after each convolution). The layers compute in
+`config.compute_dtype`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import tensorflow_datasets as tfds
 
@@ -33,19 +35,21 @@ class CNN(nn.Module):
   dropout_rate: float = 0.0
   norm: Callable[..., nn.Module] | None = None
   num_classes: int = NUM_CLASSES
+  dtype: Any = jnp.float32  # Of the computation; parameters are float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = x[..., None]  # [batch, length] -> [batch, length, channels=1]
+    # [batch, length] -> [batch, length, channels=1]
+    x = x[..., None].astype(self.dtype)
     for kernel_size in self.kernel_sizes:
       x = nn.Conv(self.features, (kernel_size,), strides=2,
-                  padding=((1, 1),))(x)
+                  padding=((1, 1),), dtype=self.dtype)(x)
       if self.norm is not None:
         x = self.norm()(x, train=train)
       x = nn.relu(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -74,4 +78,10 @@ def create_model(config: ml_collections.ConfigDict) -> CNN:
   fields = model_config(config)
   norm = batch_norm.from_config(config.batch_norm) if fields.batch_norm else None
   return CNN(features=fields.features, kernel_sizes=tuple(fields.kernel_sizes),
-             dropout_rate=fields.dropout_rate, norm=norm)
+             dropout_rate=fields.dropout_rate, norm=norm,
+             dtype=workload_lib.compute_dtype(config))
+
+
+def synthetic_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  del config  # The shapes are fixed.
+  return mnist1d_data.synthetic_spec()

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Any
 
 from etils import epath
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -82,6 +84,12 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, xs, ys):
     for i, (x, y) in enumerate(zip(xs, ys)):
       yield i, {"x": x.astype(np.float32), "y": int(y)}
+
+
+def synthetic_spec() -> dict[str, Any]:
+  """Shapes of an example for `config.data.synthetic` (workload interface)."""
+  return {"inputs": jax.ShapeDtypeStruct((SEQUENCE_LENGTH,), np.float32),
+          "label": jax.ShapeDtypeStruct((), np.int32), "num_classes": NUM_CLASSES}
 
 
 def builder(data_dir: str | None) -> tfds.core.DatasetBuilder:

@@ -1,13 +1,16 @@
 """MNIST-1D with a ReLU MLP (Greydanus 2020: about 68% test accuracy).
 
 config.model fields (defaults below): width, depth (hidden layers),
-dropout_rate.
+dropout_rate. The layers compute in `config.compute_dtype`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import tensorflow_datasets as tfds
 
@@ -25,14 +28,15 @@ class MLP(nn.Module):
   depth: int = 2
   dropout_rate: float = 0.0
   num_classes: int = mnist1d_data.NUM_CLASSES
+  dtype: Any = jnp.float32  # Of the computation; parameters are float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = x.reshape((x.shape[0], -1))
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for _ in range(self.depth):
-      x = nn.relu(nn.Dense(self.width)(x))
+      x = nn.relu(nn.Dense(self.width, dtype=self.dtype)(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -55,4 +59,10 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
 def create_model(config: ml_collections.ConfigDict) -> MLP:
   fields = model_config(config)
   return MLP(width=fields.width, depth=fields.depth,
-             dropout_rate=fields.dropout_rate)
+             dropout_rate=fields.dropout_rate,
+             dtype=workload_lib.compute_dtype(config))
+
+
+def synthetic_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  del config  # The shapes are fixed.
+  return mnist1d_data.synthetic_spec()

@@ -6,7 +6,9 @@
 Builds the trial exactly as `tuning_playbook.main` does (in a temporary work
 directory), trains past compilation, then traces `traced_steps` steps with
 `jax.profiler.trace`. Open the trace with TensorBoard's profiler plugin
-(`tensorboard --logdir=/tmp/trace`) or in Perfetto.
+(`tensorboard --logdir=/tmp/trace`) or in Perfetto; `xprof/summarize_trace.py
+--trace_dir=/tmp/trace` prints its time per op category. To trace steps of a
+real run instead, set `--config.profile_steps=START:END`.
 """
 
 import tempfile

@@ -68,6 +68,9 @@ class Thresholds:
   good_region: float = 0.2
   miss_probability: float = 0.05
   bootstrap_samples: int = 2000
+  # Input-bound: mean share of the log intervals spent waiting for the next
+  # batch above this (a trial's own input_bound_warning_fraction wins).
+  input_wait_fraction: float = 0.2
 
 
 def jsonable(value: Any) -> Any:

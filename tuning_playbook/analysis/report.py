@@ -23,6 +23,7 @@ from tuning_playbook.analysis import plots
 from tuning_playbook.analysis import report_html
 from tuning_playbook.analysis import search_space_checks
 from tuning_playbook.analysis import study_data
+from tuning_playbook.analysis import throughput_checks
 from tuning_playbook.analysis.report_html import Code, Image, Link, Section
 
 REPORT_DIR = "report"
@@ -35,7 +36,7 @@ SECTION_OF_KIND = {
     "curves_missing": "curves",
     "clipping_threshold": "gradients", "aggressive_clipping": "gradients",
     "gradient_outliers": "gradients", "not_enough_trials": "sampling",
-    "sampling": "sampling",
+    "sampling": "sampling", "input_bound": "leaderboard",
 }
 
 
@@ -223,7 +224,7 @@ def _sampling_section(study, writer, result) -> Section:
       tables=[(["trials", "25th percentile", "median", "75th percentile"], rows)])
 
 
-def _leaderboard_section(study, report_dir) -> Section:
+def _leaderboard_section(study, report_dir, thresholds) -> Section:
   dims = list(study.dimensions) or sorted({k for t in study.trials for k in t.values})
   order = {"feasible": 0, "infeasible": 1, "unfinished": 2}
   feasible_rank = {t.trial_id: i for i, t in enumerate(study.feasible_trials())}
@@ -238,17 +239,21 @@ def _leaderboard_section(study, report_dir) -> Section:
     links = [Link(f, os.path.relpath(os.path.join(t.run_dir, f), report_dir))
              for f in t.present_files]
     status = t.status + (f": {t.reason[:80]}" if t.reason else "")
+    wait = throughput_checks.input_wait(t, thresholds)
     rows.append([str(rank + 1) if rank is not None else "", t.trial_id, status,
                  _fmt(t.best_value), _fmt(t.best_step) + fraction,
-                 _fmt(t.final_step)] + [_fmt(t.values.get(d)) for d in dims]
+                 _fmt(t.final_step), wait.text() if wait else ""]
+                + [_fmt(t.values.get(d)) for d in dims]
                 + [links or "no records", Code(t.command)])
   header = (["rank", "trial", "status", f"best {study.objective.metric}", "best step",
-             "final step"] + dims + ["records", "reproduce"])
+             "final step", "input wait"] + dims + ["records", "reproduce"])
   return Section(
       "leaderboard", "7. Leaderboard",
       "Every trial, best first (infeasible and unfinished trials last), with its "
       "hyperparameters, records and the command that reruns it (relaunching "
-      "resumes from its last checkpoint).",
+      "resumes from its last checkpoint). Input wait: the mean (and worst) "
+      "share of a log interval the loop waited for its next batch with "
+      "nothing left for the devices to run.",
       tables=[(header, rows)])
 
 
@@ -287,7 +292,8 @@ def analyse(study: study_data.Study,
   found = (search_space_checks.check(study, thresholds)
            + curve_checks.check(study, flags, best_ids, thresholds)
            + gradient_checks.check(stats, thresholds)
-           + bootstrap.check(study, result, thresholds))
+           + bootstrap.check(study, result, thresholds)
+           + throughput_checks.check(study, thresholds))
   return Analysis(study, groups, flags, stats, result, found)
 
 
@@ -307,7 +313,7 @@ def write_report(study_dir: str, report_dir: str | None = None,
       _gradient_section(study, writer, analysis.gradient_stats),
       _search_space_section(study, writer, thresholds),
       _sampling_section(study, writer, analysis.bootstrap),
-      _leaderboard_section(study, report_dir)]
+      _leaderboard_section(study, report_dir, thresholds)]
   by_id = {s.id: s for s in sections}
   for finding in analysis.findings:
     by_id[SECTION_OF_KIND.get(finding.kind, "search_space")].findings.append(finding)

@@ -148,6 +148,18 @@ class Trial:
     """(steps, values) of a metric from metrics.jsonl."""
     return _series(self.metrics, key)
 
+  @property
+  def input_wait_fractions(self) -> np.ndarray:
+    """Share of each log interval the loop waited for input (finite values)."""
+    _, values = self.series("perf/input_wait_fraction")
+    return values[np.isfinite(values)]
+
+  @property
+  def input_bound_threshold(self) -> float | None:
+    """The run's `input_bound_warning_fraction`, if its config has one."""
+    value = (self.config or {}).get("input_bound_warning_fraction")
+    return float(value) if finite(value) else None
+
   @functools.cached_property
   def grad_norms(self) -> tuple[np.ndarray, np.ndarray]:
     """(steps, unclipped global gradient norm) at step resolution.
