@@ -91,7 +91,13 @@ def lm_forward_macs(model: dict, length: int) -> float:
 
 def analytic_train_flops(config: dict) -> float:
   """3 x forward multiply-adds x 2 FLOPs, for the whole global batch."""
-  name, model = config["workload"], config["model"]
+  import importlib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  name = config["workload"]
+  # config.model holds only the fields a config sets; the workload adds its
+  # defaults.
+  module = importlib.import_module(f"workloads.{name}")
+  model = module.model_config(ml_collections.ConfigDict(config)).to_dict()
   if name == "imagenet_resnet50":
     macs = resnet_forward_macs(model)
   elif name == "imagenet_vit":
