@@ -12,6 +12,13 @@ already on the devices, and blocks once at the end of the round. The last
 line printed is `ratio=<framework steps/s / bare steps/s>`: the median over
 rounds of each round's ratio (a round times both loops back to back, so slow
 phases of a shared machine hit both).
+
+Before that, a whole run of the config at its own cadence (`max_train_steps`,
+`eval_every_steps`, the last eval and checkpoint; `--cadence_steps` shortens
+it) reports the share of its wall time spent inside evals and inside
+checkpoint calls (starting a save, and the final wait for the last ones):
+`eval_fraction=...` and `checkpoint_fraction=...`. Compilation counts in the
+wall time, not in either share.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
 from tuning_playbook import train
 
@@ -33,6 +41,48 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/mnist1d_cnn.py", "Training config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps_per_round", 300, "Steps per timed round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 15, "Timed rounds of each loop.")
+_CADENCE_STEPS = flags.DEFINE_integer(
+    "cadence_steps", None,
+    "Steps of the run at the config's eval cadence (default: the config's "
+    "whole run; 0 skips it).")
+
+
+def _timed(fn, totals: dict[str, float], key: str):
+  """`fn`, adding the seconds each call takes to totals[key]."""
+  def wrapper(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      totals[key] += time.perf_counter() - start
+  return wrapper
+
+
+def cadence_fractions(config, workload, steps: int) -> dict[str, float]:
+  """Wall seconds of a run of `steps` at the config's eval cadence, and the
+  shares of it inside evals and inside checkpoint calls."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if steps != config_schema.total_train_steps(config):
+      # A shortened run keeps the warmup's share of the steps.
+      share = config.optimizer.warmup_steps / config_schema.total_train_steps(config)
+      config.optimizer.warmup_steps = int(steps * share)
+      config.max_train_steps = steps - (
+          config.optimizer.warmup_steps
+          if config.optimizer.warmup_mode == "prepended" else 0)
+  totals = {"eval": 0.0, "checkpoint": 0.0}
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    trainer = train.Trainer(config, workdir, workload)
+    trainer.evaluator.evaluate = _timed(trainer.evaluator.evaluate, totals, "eval")
+    trainer.ckpt.save = _timed(trainer.ckpt.save, totals, "checkpoint")
+    trainer.ckpt.wait = _timed(trainer.ckpt.wait, totals, "checkpoint")
+    trainer.finish(trainer.train(trainer.total_steps))
+    wall = time.perf_counter() - start
+  return {"wall_seconds": wall, "steps": trainer.total_steps,
+          "eval_every_steps": config.eval_every_steps,
+          "eval_fraction": totals["eval"] / wall,
+          "checkpoint_fraction": totals["checkpoint"] / wall}
 
 
 def main(argv):
@@ -40,6 +90,10 @@ def main(argv):
   cpu_devices.configure_thread_pool()
   config = _CONFIG.value
   steps, rounds = _STEPS.value, _ROUNDS.value
+  cadence_steps = (_CADENCE_STEPS.value if _CADENCE_STEPS.value is not None
+                   else config_schema.total_train_steps(config))
+  cadence = (cadence_fractions(config, train.validate_before_compiling(config),
+                               cadence_steps) if cadence_steps else None)
   total = steps * (2 * rounds + 1) + 1
   with config.unlocked():
     config.max_train_steps = total
@@ -86,6 +140,11 @@ def main(argv):
   print("bare steps/s per round:      " + " ".join(f"{x:.1f}" for x in bare))
   print(f"median steps/s: framework {statistics.median(framework):.1f}, "
         f"bare {statistics.median(bare):.1f}")
+  if cadence is not None:
+    print(f"cadence run: {cadence['steps']} steps, eval every "
+          f"{cadence['eval_every_steps']}, {cadence['wall_seconds']:.1f} s")
+    print(f"eval_fraction={cadence['eval_fraction']:.4f}")
+    print(f"checkpoint_fraction={cadence['checkpoint_fraction']:.4f}")
   print(f"ratio={ratio:.3f}")
   sys.stdout.flush()
 

@@ -8,7 +8,8 @@ workloads/imagenet_data.py); `--config.data.synthetic=True` runs without it.
 The 90-epoch ViT-S/16 recipe of Beyer et al. (2022) (big_vision
 configs/vit_s16_i1k.py) without RandAugment and Mixup, which this input
 pipeline lacks: batch 1024, Adam (beta2 0.999), learning rate 1e-3 after
-10,000 warmup steps, cosine decay to 0 at 90 epochs (111,477 steps), gradient
+10,000 warmup steps prepended to 101,477 steps of cosine decay to 0
+(max_train_steps): 90 epochs in all (111,477 steps), gradient
 clipping at global norm 1, global average pooling, fixed sin-cos position
 embeddings, no dropout, bfloat16 computation. big_vision's weight decay 1e-4
 is scaled by the schedule but not by the learning rate; this framework's
@@ -34,6 +35,10 @@ def epochs_to_steps(epochs: float, batch_size: int = BATCH_SIZE) -> int:
   return math.ceil(epochs * TRAIN_EXAMPLES / batch_size)
 
 
+TOTAL_STEPS = epochs_to_steps(90)
+WARMUP_STEPS = 10_000
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = config_schema.base_config()
   config.workload = "imagenet_vit"
@@ -42,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
        "dropout_rate": 0.0, "label_smoothing": 0.0})
   config.compute_dtype = "auto"  # bfloat16 on TPUs and GPUs, float32 on CPUs.
   config.batch_size = BATCH_SIZE
-  config.max_train_steps = epochs_to_steps(90)
+  # The decay's steps; the warmup is prepended to them.
+  config.max_train_steps = TOTAL_STEPS - WARMUP_STEPS
   config.eval_every_steps = 2500
   config.log_every_steps = 100
   config.grad_clip_norm = 1.0
@@ -50,10 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 1e-3
   config.optimizer.beta1 = 0.9
   config.optimizer.beta2 = 0.999
-  # 10,000 of the 111,477 steps, and the same share of a
+  # 10,000 steps per 101,477 of decay, and the same share of a
   # --config.max_train_steps.
   config.optimizer.warmup_steps = (
-      config.get_ref("max_train_steps") * 10_000 // epochs_to_steps(90))
+      config.get_ref("max_train_steps") * WARMUP_STEPS
+      // (TOTAL_STEPS - WARMUP_STEPS))
   config.optimizer.schedule = "cosine"
   config.optimizer.weight_decay = 0.1
   config.optimizer.weight_decay_type = "decoupled"

@@ -50,6 +50,7 @@ class TrialSpec:
   grad_clip_norm: float = 0.0
   noise: float = 0.002
   input_wait: float = 0.02  # Mean share of each log interval spent waiting for input.
+  loss: str = "falling"  # Per-step training loss: see training_loss.
 
 
 def dimension_value(name: str, position: float) -> float:
@@ -79,6 +80,27 @@ def validation_curve(spec: TrialSpec, steps: np.ndarray,
   noise = {"noisy": 0.03, "early": 0.0005}.get(spec.shape, spec.noise)
   y = y + rng.normal(0, noise, len(t))
   return np.clip(y, 0.0, 1.0)
+
+
+def training_loss(spec: TrialSpec, steps: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+  """Per-step training loss.
+
+  falling      2.3 -> 0.05 with small uniform noise (every shape's default)
+  rising       falls to ~0.4, then climbs by 0.6 from 40% of training on
+  noisy_flat   flat at 1.0 with large (lognormal, spiky) minibatch noise
+  warmup_bump  falling, with a bump of +1.0 over the first 5% of training
+  """
+  t = steps / MAX_STEPS
+  if spec.loss == "noisy_flat":
+    return 1.0 * np.exp(rng.normal(0, 0.4, len(t)))
+  loss = 2.3 * np.exp(-steps / 150) + 0.05 + 0.02 * rng.random(len(steps))
+  if spec.loss == "rising":
+    loss = (2.3 * np.exp(-steps / 150) + 0.4 + 1.5 * np.maximum(0, t - 0.4) ** 1.5
+            + 0.05 * rng.standard_normal(len(t)))
+  elif spec.loss == "warmup_bump":
+    loss = loss + 1.0 * np.sin(np.pi * np.clip(t / 0.05, 0, 1))
+  return loss
 
 
 def grad_norm_series(spec: TrialSpec, steps: np.ndarray,
@@ -125,7 +147,7 @@ def write_trial(run_dir: str, spec: TrialSpec, seed: int) -> dict[str, Any]:
   train_err = np.clip(val - 0.03, 0, 1)
   steps = np.arange(1, last + 1)
   norms = grad_norm_series(spec, steps, rng)
-  loss = 2.3 * np.exp(-steps / 150) + 0.05 + 0.02 * rng.random(len(steps))
+  loss = training_loss(spec, steps, rng)
   if spec.shape == "diverged":
     loss[-20:], norms[-20:] = np.nan, np.inf
   _jsonl(os.path.join(run_dir, "grad_norms.jsonl"),

@@ -8,6 +8,10 @@ and reads its behaviour from the environment:
   FAKE_TRAINER_DIVERGE_ABOVE  learning rates above this diverge at step 2.
   FAKE_TRAINER_FAIL_ABOVE     learning rates above this fail to start (exit 1,
                               no summary).
+  FAKE_TRAINER_OOM_ABOVE_BATCH  batch sizes above this fail as out of memory.
+
+summary.json has a `perf` block like the trainer's, with a step taking
+(batch_size + 64) ms, so that throughput saturates as the batch grows.
 
 Each launch appends {"start_step": s} to starts.jsonl, so a test can tell a
 resumed run from one that started over.
@@ -23,6 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tuning_playbook import atomic_files
+from tuning_playbook import config_schema
 from tuning_playbook import records
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
@@ -55,13 +60,23 @@ def main(argv):
   with open(os.path.join(workdir, "starts.jsonl"), "a") as f:
     f.write(json.dumps({"start_step": start, "pid": os.getpid()}) + "\n")
   lr = config.optimizer.learning_rate
+  if config.batch_size > float(os.environ.get("FAKE_TRAINER_OOM_ABOVE_BATCH",
+                                              "inf")):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                       f"allocate a batch of {config.batch_size}")
   if lr > float(os.environ.get("FAKE_TRAINER_FAIL_ABOVE", "inf")):
     raise RuntimeError(f"fake failure to start at learning rate {lr}")
   diverge = lr > float(os.environ.get("FAKE_TRAINER_DIVERGE_ABOVE", "inf"))
   sleep = float(os.environ.get("FAKE_TRAINER_STEP_SECONDS", "0"))
+  total = config_schema.total_train_steps(config)
   summary = {"best_metric": config.best_metric, "best_mode": config.best_mode,
-             "max_train_steps": config.max_train_steps}
-  for step in range(start + 1, config.max_train_steps + 1):
+             "max_train_steps": config.max_train_steps,
+             "total_train_steps": total}
+  seconds_per_step = (config.batch_size + 64) / 1000.0
+  summary["perf"] = {"steps_timed": total,
+                     "seconds_timed": total * seconds_per_step,
+                     "examples_per_second": config.batch_size / seconds_per_step}
+  for step in range(start + 1, total + 1):
     time.sleep(sleep)
     if diverge and step >= 2:
       atomic_files.write_json(summary_path, dict(
@@ -73,8 +88,8 @@ def main(argv):
       f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\n")
     atomic_files.write_json(ckpt_path, {"step": step})
   atomic_files.write_json(summary_path, dict(
-      summary, status=records.COMPLETED, best_step=config.max_train_steps,
-      best_value=_error_rate(config), final_step=config.max_train_steps,
+      summary, status=records.COMPLETED, best_step=total,
+      best_value=_error_rate(config), final_step=total,
       best_checkpoint=os.path.join(workdir, "checkpoint.json"), reason=None))
 
 

@@ -345,3 +345,139 @@ def test_a_trial_threshold_from_its_config_wins(tmp_path):
   (finding,) = by_kind(findings)["input_bound"]
   assert list(finding.details["trials"]) == ["0002"]
   assert finding.details["thresholds"] == [0.05]
+
+
+def test_training_loss_increasing_names_trials_and_steps(tmp_path):
+  study, findings = analyse(build(tmp_path, "rising", [0, 3], loss="rising"))
+  (hit,) = by_kind(findings)["training_loss_increasing"]
+  assert hit.severity == "warning" and "bug" in hit.message
+  assert set(hit.details["trials"]) == {"0000", "0003"}
+  for trial_id, evidence in hit.details["trials"].items():
+    # The loss climbs from ~0.4 after 40% of training (step 400).
+    assert 400 <= evidence["start_step"] <= 650
+    assert evidence["end_step"] == fx.MAX_STEPS
+    steps, losses = study.trials[int(trial_id)].step_losses
+    late = np.median(losses[steps > 950])
+    assert evidence["peak"] == pytest.approx(late, rel=0.1)
+    assert evidence["rise"] > 0.4
+    assert f"{trial_id}: " in hit.message and f"step {evidence['start_step']}" in hit.message
+  assert warnings(findings) == ["training_loss_increasing"]
+  assert hit.command is None
+
+
+@pytest.mark.parametrize("loss", ["noisy_flat", "warmup_bump"])
+def test_training_loss_check_ignores_noise_and_a_warmup_bump(tmp_path, loss):
+  _, findings = analyse(build(tmp_path, loss, range(9), loss=loss))
+  assert "training_loss_increasing" not in by_kind(findings)
+
+
+def test_clean_study_has_no_commands(clean):
+  _, findings = clean
+  assert all(f.command is None for f in findings)
+
+
+def _sweep(study_dir, *extra):
+  return " ".join(["python -m tuning_playbook.sweep --config=configs/synthetic.py",
+                   f"--study_dir={study_dir}", *extra])
+
+
+def _playbook(procedure, study_dir, suffix, *extra):
+  return " ".join([f"python -m tuning_playbook.playbook {procedure}",
+                   "--config=configs/synthetic.py",
+                   f"--study_dir={study_dir}_{suffix}",
+                   f"--from_study={study_dir}", *extra, "--run"])
+
+
+def test_boundary_command_widens_the_search_space(tmp_path):
+  study_dir = build(tmp_path, "edge", [0], lr_position=0.97)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.command == _playbook("next_round", study_dir, "widened", "--widen")
+  assert hit.to_json()["command"] == hit.command
+
+
+def test_boundary_with_infeasible_trials_beyond_suggests_the_instability_check(
+    tmp_path):
+  specs = fx.clean_specs()
+  specs[0].lr_position = 0.93
+  specs[9].lr_position = 0.97
+  study_dir = fx.write_study(str(tmp_path / "s"), specs)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.command == _playbook("instability_check", study_dir, "instability")
+
+
+def test_late_best_step_and_still_improving_suggest_round_2(tmp_path):
+  study_dir = build(tmp_path, "late", range(9), shape="late")
+  _, findings = analyse(study_dir)
+  kinds = by_kind(findings)
+  expected = _playbook("next_round", study_dir, "x2", "--steps_factor=2")
+  assert kinds["best_step_late"][0].command == expected
+  assert kinds["still_improving"][0].command == expected
+  assert kinds["best_step_late"][0].details["steps_factor"] == 2
+
+
+def test_early_best_step_suggests_fewer_steps(tmp_path):
+  study_dir = build(tmp_path, "early", range(9), shape="early")
+  study, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["best_step_early"]
+  latest = max(t.best_step for t in study.feasible_trials())
+  steps = hit.details["suggested_max_train_steps"]
+  assert 2 * latest <= steps < 2.2 * latest and steps < fx.MAX_STEPS
+  assert hit.command == _sweep(f"{study_dir}_steps{steps}", "--num_trials=10",
+                               "--seed=0", f"--config.max_train_steps={steps}",
+                               "--run")
+
+
+def test_not_enough_trials_suggests_the_same_sweep_with_more_trials(tmp_path):
+  specs = fx.clean_specs()
+  for i in (1, 2, 3):
+    specs[i].best = 0.18 + 0.01 * i
+  study_dir = fx.write_study(str(tmp_path / "s"), specs)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["not_enough_trials"]
+  # One good trial in 10: (1 - 0.1)^n <= 0.05 needs n = 29.
+  assert hit.details["suggested_num_trials"] == 29
+  assert hit.command == _sweep(study_dir, "--num_trials=29", "--seed=0", "--run")
+
+
+def test_aggressive_clipping_suggests_the_clip_override(tmp_path):
+  study_dir = build(tmp_path, "clip", range(9), grad_clip_norm=0.8)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["aggressive_clipping"]
+  (suggestion,) = by_kind(findings)["clipping_threshold"]
+  value = float(f"{suggestion.details['suggested_threshold']:.3g}")
+  assert hit.details["suggested_grad_clip_norm"] == value
+  assert hit.command == _sweep(f"{study_dir}_clip", "--num_trials=10", "--seed=0",
+                               f"--config.grad_clip_norm={value!r}", "--run")
+
+
+def test_gradient_spikes_suggest_the_instability_check(tmp_path):
+  study_dir = build(tmp_path, "spiky", [0, 1], grads="spiky")
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["gradient_outliers"]
+  assert hit.command == _playbook("instability_check", study_dir, "instability")
+
+
+def test_commands_follow_the_sweep_command_in_the_tracking_table(tmp_path):
+  study_dir = build(tmp_path, "clip", range(9), grad_clip_norm=0.8)
+  recorded = (f"python -m tuning_playbook.sweep --config=configs/synthetic.py "
+              f"--study_dir={study_dir} --num_trials=10 --seed=3 "
+              f"--config.batch_size=64 --config.grad_clip_norm=0.8 --run")
+  with open(tmp_path / "studies.csv", "w") as f:
+    f.write(f"study,study_dir,command\nclip,{study_dir},{recorded}\n")
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["aggressive_clipping"]
+  value = hit.details["suggested_grad_clip_norm"]
+  assert hit.command == recorded.replace(
+      f"--study_dir={study_dir} ", f"--study_dir={study_dir}_clip ").replace(
+          "grad_clip_norm=0.8", f"grad_clip_norm={value!r}")
+  # The report shows the command beside the finding.
+  result = report.write_report(study_dir)
+  with open(result.index_html) as f:
+    page = f.read()
+  assert f"<code>{hit.command}</code>" in page
+  with open(result.findings_json) as f:
+    payload = json.load(f)
+  (entry,) = [e for e in payload["findings"] if e["kind"] == "aggressive_clipping"]
+  assert entry["command"] == hit.command

@@ -94,7 +94,8 @@ def check_report(report_dir, study):
   ids = [f["id"] for f in payload["findings"]]
   assert len(ids) == len(set(ids))
   for finding in payload["findings"]:
-    assert set(finding) == FINDING_KEYS
+    assert set(finding) - {"command"} == FINDING_KEYS
+    assert finding.get("command", "python -m ").startswith("python -m ")
     assert finding["severity"] in ("info", "warning") and finding["message"]
   return page, text, payload
 
@@ -253,10 +254,12 @@ def test_real_small_study(tmp_path):
   best = study.best_trial()
   with open(os.path.join(best.run_dir, "grad_norms.jsonl")) as f:
     norms = [json.loads(line)["train/grad_norm"] for line in f]
-  assert len(norms) == 30
+  assert len(norms) == best.total_train_steps == 30 + best.config[
+      "optimizer"]["warmup_steps"]  # The warmup is prepended.
   assert suggestion["suggested_threshold"] == pytest.approx(np.percentile(norms, 90))
   fractions = kinds["best_step_fraction"]["details"]["fractions"]
-  assert fractions == {t.trial_id: t.best_step / 30 for t in study.feasible_trials()}
+  assert fractions == {t.trial_id: t.best_step / t.total_train_steps
+                       for t in study.feasible_trials()}
   assert "curves_missing" not in kinds  # Six evaluations per trial.
   assert any(k in kinds for k in ("curves_ok", "overfitting", "still_improving",
                                   "saturated", "late_variance"))

@@ -55,8 +55,17 @@ def test_configs_validate_and_match_the_recipe(name):
   config_schema.validate(config)
   workload = train.validate_before_compiling(config)
   assert config.workload == name and workload.splits == imagenet_data.SPLITS
-  assert config.max_train_steps == math.ceil(
-      90 * imagenet_data.TRAIN_EXAMPLES / config.batch_size)
+  # 90 epochs in all: the warmup is prepended to the decay's max_train_steps.
+  total = math.ceil(90 * imagenet_data.TRAIN_EXAMPLES / config.batch_size)
+  warmup = {"imagenet_resnet50": total * 5 // 90, "imagenet_vit": 10_000}[name]
+  assert config.optimizer.warmup_mode == "prepended"
+  assert config.optimizer.warmup_steps == warmup
+  assert config.max_train_steps == total - warmup
+  assert config_schema.total_train_steps(config) == total
+  # A short run keeps the warmup's share (here none) and stays valid.
+  config.max_train_steps = 3
+  config_schema.validate(config)
+  assert config_schema.total_train_steps(config) == 3
   spec = workload.synthetic_spec(config)
   assert spec["inputs"].shape == (224, 224, 3) and spec["num_classes"] == 1000
 
@@ -267,8 +276,8 @@ def test_train_eval_checkpoint_and_resume_on_mock_imagenet(name, tmp_path, caplo
   _write_mock_metadata(data_dir)
   config = tiny_config(name, **{
       "data.data_dir": data_dir, "batch_size": 8, "eval_batch_size": 8,
-      "max_train_steps": 4, "eval_every_steps": 2, "log_every_steps": 2,
-      "optimizer.warmup_steps": 1, "step_watchdog_seconds": 0.0,
+      "max_train_steps": 3, "eval_every_steps": 2, "log_every_steps": 2,
+      "optimizer.warmup_steps": 1, "step_watchdog_seconds": 0.0,  # 4 in all.
       "compute_dtype": "float32"})
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(data_dir=data_dir, as_dataset_fn=_mock_as_dataset,

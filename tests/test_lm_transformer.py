@@ -199,8 +199,8 @@ def test_train_eval_checkpoint_and_resume_on_mock_lm1b(tmp_path, monkeypatch, ca
       "model.num_layers": 1, "model.emb_dim": 16, "model.num_heads": 2,
       "model.mlp_dim": 32, "model.max_len": length, "data.max_length": length,
       "data.data_dir": data_dir, "data.shuffle_buffer": 16, "batch_size": 8,
-      "eval_batch_size": 8, "max_train_steps": 4, "eval_every_steps": 2,
-      "log_every_steps": 2, "optimizer.warmup_steps": 1,
+      "eval_batch_size": 8, "max_train_steps": 3, "eval_every_steps": 2,
+      "log_every_steps": 2, "optimizer.warmup_steps": 1,  # 4 steps in all.
       "step_watchdog_seconds": 0.0})
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir,

@@ -14,7 +14,8 @@ from tests import helpers
 from tuning_playbook import termination
 from tuning_playbook import watchdog
 
-RUN_FLAGS = ("--config.max_train_steps=40", "--config.eval_every_steps=10",
+# 40 steps: the tiny config's 5 warmup steps prepended to 35.
+RUN_FLAGS = ("--config.max_train_steps=35", "--config.eval_every_steps=10",
              "--config.log_every_steps=5", "--config.model.use_batch_norm=True",
              "--config.model.dropout_rate=0.2", "--config.data.batches_per_transfer=2")
 

@@ -14,10 +14,10 @@ from tuning_playbook import optimizers
 NUM_STEPS = 8
 HPARAMS = dict(learning_rate=0.3, momentum=0.8, rho=0.7, beta1=0.8,
                beta2=0.95, epsilon=0.01, weight_decay=0.05, warmup_steps=2,
-               decay_steps=5, end_learning_rate_factor=0.1)
+               hold_steps=0, decay_steps=5, end_learning_rate_factor=0.1)
 OTHER_HPARAMS = dict(learning_rate=0.07, momentum=0.5, rho=0.9, beta1=0.6,
                      beta2=0.99, epsilon=0.001, weight_decay=0.2,
-                     warmup_steps=3, decay_steps=3,
+                     warmup_steps=3, hold_steps=1, decay_steps=3,
                      end_learning_rate_factor=0.3)
 
 
@@ -48,12 +48,13 @@ def _f32(x):
 
 
 def np_learning_rate(t, schedule, learning_rate, warmup_steps, decay_steps,
-                     end_learning_rate_factor, **unused):
-  """Linear warmup from 0, then constant / linear / cosine decay."""
+                     end_learning_rate_factor, hold_steps=0, **unused):
+  """Linear warmup from 0, a hold at the peak, then constant / linear / cosine
+  decay."""
   peak, end = learning_rate, end_learning_rate_factor
   if t < warmup_steps:
     return peak * t / warmup_steps
-  progress = min((t - warmup_steps) / decay_steps, 1.0)
+  progress = min(max(t - warmup_steps - hold_steps, 0) / decay_steps, 1.0)
   if schedule == "constant":
     return peak
   if schedule == "linear":
@@ -208,12 +209,17 @@ def test_schedule_without_warmup_starts_at_peak(schedule):
                              atol=1e-8)
 
 
-def test_decay_steps_zero_means_rest_of_training():
+@pytest.mark.parametrize("mode,hold,decay", [
+    ("prepended", 0, 130), ("prepended", 20, 110), ("included", 0, 100),
+    ("included", 20, 80)])
+def test_decay_steps_zero_means_rest_of_training(mode, hold, decay):
   tx = optimizers.create_optimizer(
-      _config(warmup_steps=30, decay_steps=0), max_train_steps=130)
+      _config(warmup_steps=30, decay_steps=0, warmup_mode=mode,
+              hold_steps=hold), max_train_steps=130)
   hp = optimizers.hyperparameters(tx.init(_params()))
-  assert float(hp["decay_steps"]) == 100.0
+  assert float(hp["decay_steps"]) == decay
   assert float(hp["warmup_steps"]) == 30.0
+  assert float(hp["hold_steps"]) == hold
 
 
 @pytest.mark.parametrize("name", ["nesterov", "rmsprop", "nadam"])

@@ -15,8 +15,9 @@ import pytest
 
 from tests import helpers
 
-# Small enough to be quick, long enough that kills land inside the run.
-RUN_FLAGS = ("--config.max_train_steps=60", "--config.eval_every_steps=10",
+# Small enough to be quick, long enough that kills land inside the run: 60
+# steps, the tiny config's 5 warmup steps prepended to 55.
+RUN_FLAGS = ("--config.max_train_steps=55", "--config.eval_every_steps=10",
              "--config.log_every_steps=4", "--config.num_best_checkpoints=2",
              "--config.data.batches_per_transfer=4")
 

@@ -270,11 +270,13 @@ def test_warmup_study_sweeps_orders_of_magnitude_at_ten_times_unstable():
   spec = study_presets.warmup_study(0.3, max_train_steps=100_000)
   space = ss.parse(spec)
   assert space.algorithm == "grid" and space.fixed == {
-      "optimizer.schedule": "constant", "optimizer.learning_rate": 3.0}
+      "optimizer.schedule": "constant", "optimizer.warmup_mode": "prepended",
+      "optimizer.learning_rate": 3.0}
   trials = space.sample(range(space.grid_size()), seed=0)
   assert [t["optimizer.warmup_steps"] for t in trials] == [10, 100, 1000,
                                                            10000]
-  assert [t["max_train_steps"] for t in trials] == [30, 300, 3000, 30000]
+  # Post-warmup = 2 x warmup; the warmup is prepended (3 x warmup in all).
+  assert [t["max_train_steps"] for t in trials] == [20, 200, 2000, 20000]
   config = config_schema.base_config()
   config.workload = "mnist1d_cnn"
   study.check_config_keys(space.config_keys(), config)

@@ -10,7 +10,8 @@ import pytest
 
 from tests import helpers
 
-SHORT_RUN = ("--config.max_train_steps=60", "--config.eval_every_steps=30",
+# 60 steps: 10 warmup steps prepended to 50.
+SHORT_RUN = ("--config.max_train_steps=50", "--config.eval_every_steps=30",
              "--config.log_every_steps=10", "--config.optimizer.warmup_steps=10")
 CONFIGS = ("mnist1d_cnn", "mnist1d_mlp")
 COMPARED = ("train/loss", "train/grad_norm", "eval/validation/loss",

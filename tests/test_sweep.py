@@ -180,7 +180,7 @@ def test_search_space_follows_the_overrides_of_the_sweep(tmp_path):
   out = _sweep(study_dir, *args, config="configs/mnist1d_cnn.py",
                fake=False).stdout
   record = _read_json(study_dir / "study.json")
-  # Warmup spans 0 to 10% of the overridden training length, not of 4000.
+  # Warmup spans 0 to 10% of the overridden training length, not of 3800.
   assert record["search_space"]["optimizer.warmup_steps"] == {
       "role": "nuisance", "scale": "int_linear", "min": 0, "max": 30}
   assert record["base_config"]["max_train_steps"] == 300
@@ -368,7 +368,12 @@ def test_killed_sweep_resumes_interrupted_trials(tmp_path):
   assert _starts(trial(2)) == _starts(trial(3)) == [0]
   rows = _read_csv(study_dir / "results.csv")
   assert [r["status"] for r in rows] == ["completed"] * 4
-  assert all(r["final_step"] == "60" and r["best_value"] for r in rows)
+  assert all(r["max_train_steps"] == "60" and r["best_value"] for r in rows)
+  # The trials' warmup is prepended to the 60 steps.
+  warmups = [t["params"]["optimizer.warmup_steps"]
+             for t in _read_json(study_dir / "study.json")["trials"]]
+  assert [int(r["final_step"]) for r in rows] == [
+      int(r["total_train_steps"]) for r in rows] == [60 + w for w in warmups]
   table = _read_csv(tmp_path / "studies.csv")
   assert len(table) == 1
   assert table[0]["num_completed"] == "4" and table[0]["num_trials"] == "4"

@@ -24,7 +24,8 @@ SYNTHETIC_RUNS = {  # name: (devices, flags)
     # k = 2 batches per transfer, so resuming at step 3 starts mid-transfer.
     "mnist1d_cnn": (2, ("--config.batch_size=16", "--config.data.batches_per_transfer=2",
                         "--config.model.batch_norm=True",
-                        "--config.optimizer.warmup_steps=2")),
+                        "--config.optimizer.warmup_steps=2",
+                        "--config.optimizer.warmup_mode=included")),
     "cifar10_wrn": (1, ("--config.batch_size=8", "--config.model.depth=10",
                         "--config.model.width=1", "--config.compute_dtype=bfloat16")),
 }

@@ -152,7 +152,7 @@ def test_a_normal_run_is_not_flagged(data_dir, tmp_path, caplog):
 
 @pytest.mark.parametrize("value,message", [
     ("3", "START:END"), ("a:b", "START:END"), ("1:2:3", "START:END"),
-    ("0:2", "1 <= START"), ("5:3", "1 <= START"), ("3:41", "max_train_steps=40")])
+    ("0:2", "1 <= START"), ("5:3", "1 <= START"), ("3:41", "total_train_steps=40")])
 def test_profile_steps_are_checked_before_compiling(value, message):
   config = helpers.load_config(profile_steps=value)
   with pytest.raises(config_schema.ConfigError, match="config.profile_steps") as e:

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from tests import helpers
 from tests import tiny_workload
+from tuning_playbook import config_schema
 from tuning_playbook import in_memory_stream
 from tuning_playbook import train
 
@@ -69,7 +70,9 @@ def _numpy_metrics(params, x, y):
 def test_records_and_summary(completed_run):
   config, workdir, summary, _ = completed_run
   assert summary["status"] == "completed"
-  assert summary["final_step"] == config.max_train_steps
+  assert summary["final_step"] == config_schema.total_train_steps(config) == 40
+  assert summary["total_train_steps"] == 40
+  assert summary["max_train_steps"] == config.max_train_steps == 35
   assert helpers.read_json(os.path.join(workdir, "summary.json")) == summary
   rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   steps = [r["step"] for r in rows]
@@ -103,7 +106,7 @@ def test_one_compilation_for_train_and_one_for_eval(completed_run):
 def test_eval_metrics_equal_exact_full_split(completed_run, data_dir):
   config, workdir, summary, _ = completed_run
   rows = {r["step"]: r for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
-  for step in (summary["best_step"], config.max_train_steps):
+  for step in (summary["best_step"], config_schema.total_train_steps(config)):
     params = _restore_params(os.path.join(workdir, "checkpoints", str(step)))
     builder = tiny_workload.dataset_builder(config)
     train_order = [int(ex["index"]) for ex in tfds.as_numpy(
@@ -128,8 +131,9 @@ def test_best_n_and_latest_checkpoints_kept(completed_run):
   best_steps = {r["step"] for r in ranked[:config.num_best_checkpoints]}
   kept = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
   assert summary["best_step"] in kept
-  assert config.max_train_steps in kept
-  assert kept == best_steps | {config.max_train_steps}
+  last = config_schema.total_train_steps(config)
+  assert last in kept
+  assert kept == best_steps | {last}
 
 
 def test_first_step_grad_norm_matches_numpy(data_dir, tmp_path):
@@ -166,8 +170,8 @@ def test_first_step_grad_norm_matches_numpy(data_dir, tmp_path):
 @pytest.mark.parametrize("clip,fraction", [(1e-4, 1.0), (1e4, 0.0)])
 def test_gradient_clipping_fraction(data_dir, tmp_path, clip, fraction):
   config = helpers.load_config(**{
-      "data.data_dir": data_dir, "max_train_steps": 10, "eval_every_steps": 10,
-      "grad_clip_norm": clip})
+      "data.data_dir": data_dir, "max_train_steps": 5, "eval_every_steps": 10,
+      "grad_clip_norm": clip})  # 10 steps with the 5 of warmup.
   train.train_and_evaluate(config, str(tmp_path))
   rows = helpers.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [r["train/clipped_fraction"] for r in rows] == [fraction, fraction]

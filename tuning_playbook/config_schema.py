@@ -23,10 +23,13 @@ import ml_collections
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "nadam")
 SCHEDULES = ("constant", "linear", "cosine")
+WARMUP_MODES = ("prepended", "included")
 BEST_MODES = ("min", "max")
 WEIGHT_DECAY_TYPES = ("decoupled", "l2")
 EVAL_SPLITS = ("validation", "train", "test")
 EVAL_METRICS = ("loss", "error_rate", "accuracy", "num_correct", "num_examples")
+# Metrics of the raw parameters, and of their moving average (ema_decay > 0).
+EVAL_PREFIXES = ("eval", "eval_ema")
 BATCH_NORM_POLICIES = ("global", "ghost", "per_device")
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -52,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 means the size of the validation split.
   c.train_eval_subset_size = 0
   c.grad_clip_norm = 0.0  # 0 disables clipping by global norm.
+  # Polyak averaging: > 0 keeps an exponential moving average of the
+  # parameters (decay min(ema_decay, (1 + t) / (10 + t)) after update t),
+  # evaluated beside the raw ones as eval_ema/<split>/<metric> and saved in
+  # every checkpoint. 0 is off.
+  c.ema_decay = 0.0
   # A training loss above this (or NaN/Inf) marks the trial as diverged.
   c.divergence_loss_threshold = 1e6
   # Watchdog: a train step, log fetch, eval or checkpoint that takes too long
@@ -89,8 +97,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0
   c.optimizer.weight_decay_type = "decoupled"
   c.optimizer.schedule = "cosine"
-  c.optimizer.warmup_steps = 0  # Linear warmup from 0, prepended.
-  # Steps of decay after warmup; 0 means max_train_steps - warmup_steps.
+  c.optimizer.warmup_steps = 0  # Linear warmup from 0.
+  # "prepended": warmup runs before the schedule, which keeps all of
+  # max_train_steps (total_train_steps = warmup_steps + max_train_steps);
+  # "included": warmup counts within max_train_steps.
+  c.optimizer.warmup_mode = "prepended"
+  # Steps at the peak learning rate after warmup, before the decay.
+  c.optimizer.hold_steps = 0
+  # Steps of decay after the hold; 0 means the steps left: max_train_steps -
+  # hold_steps ("prepended"), or that less warmup_steps ("included").
   c.optimizer.decay_steps = 0
   # Learning rate at the end of the decay, as a fraction of the peak.
   c.optimizer.end_learning_rate_factor = 0.0
@@ -146,6 +161,13 @@ def _check_keys(config: ml_collections.ConfigDict,
                         "tuning_playbook.config_schema.base_config()")
 
 
+def total_train_steps(config: ml_collections.ConfigDict) -> int:
+  """The steps the run trains: max_train_steps plus a prepended warmup."""
+  if config.optimizer.warmup_mode == "prepended":
+    return config.max_train_steps + config.optimizer.warmup_steps
+  return config.max_train_steps
+
+
 def resolved_eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.eval_batch_size or max(config.batch_size, 1024)
 
@@ -177,12 +199,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _fail("num_best_checkpoints", config.num_best_checkpoints, "must be >= 1")
   if config.best_mode not in BEST_MODES:
     _fail("best_mode", config.best_mode, f"allowed: {', '.join(BEST_MODES)}")
+  ema = config.ema_decay
+  if (not isinstance(ema, (int, float)) or isinstance(ema, bool)
+      or not 0 <= ema < 1):
+    _fail("ema_decay", ema, "must be in [0, 1) (0: no parameter averaging)")
   parts = config.best_metric.split("/")
-  if (len(parts) != 3 or parts[0] != "eval" or parts[1] not in EVAL_SPLITS
-      or parts[2] not in EVAL_METRICS):
+  if (len(parts) != 3 or parts[0] not in EVAL_PREFIXES
+      or parts[1] not in EVAL_SPLITS or parts[2] not in EVAL_METRICS):
     _fail("best_metric", config.best_metric,
-          "must be eval/<split>/<metric> with split in "
+          "must be eval/<split>/<metric> (or eval_ema/<split>/<metric>, the "
+          "averaged parameters', with ema_decay > 0) with split in "
           f"{', '.join(EVAL_SPLITS)} and metric in {', '.join(EVAL_METRICS)}")
+  if parts[0] == "eval_ema" and ema == 0:
+    _fail("best_metric", config.best_metric,
+          f"eval_ema/... metrics need config.ema_decay > 0 (it is {ema!r}): "
+          "set ema_decay, or pick an eval/... metric")
   if config.train_eval_subset_size < 0:
     _fail("train_eval_subset_size", config.train_eval_subset_size, "must be >= 0")
   if config.grad_clip_norm < 0:
@@ -222,9 +253,11 @@ def profile_step_range(config: ml_collections.ConfigDict) -> tuple[int, int] | N
     _fail("profile_steps", value, "must be \"START:END\" (two step numbers) or "
           "\"\" (off)")
   start, end = int(parts[0]), int(parts[1])
-  if not 1 <= start <= end <= config.max_train_steps:
+  total = total_train_steps(config)
+  if not 1 <= start <= end <= total:
     _fail("profile_steps", value, "needs 1 <= START <= END <= "
-          f"max_train_steps={config.max_train_steps}")
+          f"total_train_steps={total} (max_train_steps="
+          f"{config.max_train_steps} + a prepended warmup)")
   return start, end
 
 
@@ -247,14 +280,39 @@ def _validate_optimizer(config):
     _fail("optimizer.epsilon", opt.epsilon, "must be >= 0")
   if not opt.weight_decay >= 0:
     _fail("optimizer.weight_decay", opt.weight_decay, "must be >= 0")
-  if opt.warmup_steps < 0 or opt.warmup_steps > config.max_train_steps:
-    _fail("optimizer.warmup_steps", opt.warmup_steps,
-          f"must be in [0, max_train_steps={config.max_train_steps}]")
-  if opt.decay_steps < 0:
-    _fail("optimizer.decay_steps", opt.decay_steps, "must be >= 0")
+  _validate_schedule_phases(config)
   if not 0 <= opt.end_learning_rate_factor <= 1:
     _fail("optimizer.end_learning_rate_factor", opt.end_learning_rate_factor,
           "must be in [0, 1]")
+
+
+def _check_steps(key: str, value, upper: int, where: str) -> None:
+  if (not isinstance(value, int) or isinstance(value, bool)
+      or not 0 <= value <= upper):
+    _fail(key, value, f"must be an integer in [0, {upper}] ({where})")
+
+
+def _validate_schedule_phases(config):
+  """Warmup, hold and decay must fit in the steps the schedule spans."""
+  opt = config.optimizer
+  max_steps = config.max_train_steps
+  if opt.warmup_mode not in WARMUP_MODES:
+    _fail("optimizer.warmup_mode", opt.warmup_mode,
+          f"allowed: {', '.join(WARMUP_MODES)}")
+  if opt.warmup_mode == "prepended":
+    _check_steps("optimizer.warmup_steps", opt.warmup_steps, max_steps,
+                 f"prepended to max_train_steps={max_steps}, and no longer")
+    span, span_name = max_steps, f"max_train_steps={max_steps}"
+  else:
+    _check_steps("optimizer.warmup_steps", opt.warmup_steps, max_steps,
+                 f"counted within max_train_steps={max_steps}")
+    span = max_steps - opt.warmup_steps
+    span_name = (f"max_train_steps={max_steps} - "
+                 f"optimizer.warmup_steps={opt.warmup_steps}")
+  _check_steps("optimizer.hold_steps", opt.hold_steps, span,
+               f"the hold fits in {span_name}")
+  _check_steps("optimizer.decay_steps", opt.decay_steps, span - opt.hold_steps,
+               f"0 means the rest; the hold plus the decay fit in {span_name}")
 
 
 def _validate_batch_norm(config, num_devices):

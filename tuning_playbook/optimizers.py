@@ -33,8 +33,8 @@ import optax
 from tuning_playbook import config_schema
 
 HYPERPARAMETERS = ("learning_rate", "momentum", "rho", "beta1", "beta2",
-                   "epsilon", "weight_decay", "warmup_steps", "decay_steps",
-                   "end_learning_rate_factor")
+                   "epsilon", "weight_decay", "warmup_steps", "hold_steps",
+                   "decay_steps", "end_learning_rate_factor")
 
 
 @flax.struct.dataclass
@@ -58,36 +58,48 @@ class OptimizerState:
 
 def resolved_decay_steps(optimizer_config: ml_collections.ConfigDict,
                          max_train_steps: int) -> int:
-  """`decay_steps`, with 0 meaning the steps left after warmup."""
-  return (optimizer_config.decay_steps
-          or max_train_steps - optimizer_config.warmup_steps)
+  """`decay_steps`, with 0 meaning the steps the schedule has left.
+
+  A prepended warmup leaves all of `max_train_steps` to the hold and the
+  decay; an included one takes its steps out of them.
+  """
+  if optimizer_config.decay_steps:
+    return optimizer_config.decay_steps
+  left = max_train_steps - optimizer_config.hold_steps
+  if optimizer_config.warmup_mode == "included":
+    left -= optimizer_config.warmup_steps
+  return left
 
 
 def learning_rate_at(step, *, schedule: str, learning_rate, warmup_steps,
-                     decay_steps, end_learning_rate_factor) -> jax.Array:
+                     decay_steps, end_learning_rate_factor,
+                     hold_steps=0) -> jax.Array:
   """The scheduled learning rate at `step` (pure jnp; arguments may be arrays).
 
-  Linear warmup from 0 reaches `learning_rate` at `step == warmup_steps`;
-  "linear" and "cosine" then decay to `end_learning_rate_factor *
-  learning_rate` over `decay_steps` steps and stay there.
+  Linear warmup from 0 reaches `learning_rate` at `step == warmup_steps`,
+  which holds for `hold_steps` steps; "linear" and "cosine" then decay to
+  `end_learning_rate_factor * learning_rate` over `decay_steps` steps and
+  stay there.
 
   Args:
     step: number of updates applied before this one.
     schedule: "constant", "linear" or "cosine" (static).
     learning_rate: the peak learning rate.
     warmup_steps: length of the warmup; 0 for none.
-    decay_steps: length of the decay after warmup (already resolved).
+    decay_steps: length of the decay after the hold (already resolved).
     end_learning_rate_factor: final learning rate as a fraction of the peak.
+    hold_steps: steps at the peak between warmup and decay; 0 for none.
   """
   f32 = jnp.float32
   step = jnp.asarray(step, f32)
   warmup = jnp.asarray(warmup_steps, f32)
   decay = jnp.asarray(decay_steps, f32)
   end = jnp.asarray(end_learning_rate_factor, f32)
+  decay_start = warmup + jnp.asarray(hold_steps, f32)
   warmup_factor = jnp.where(
       step < warmup, step / jnp.where(warmup > 0, warmup, 1.0), 1.0)
   progress = jnp.clip(
-      (step - warmup) / jnp.where(decay > 0, decay, 1.0), 0.0, 1.0)
+      (step - decay_start) / jnp.where(decay > 0, decay, 1.0), 0.0, 1.0)
   if schedule == "constant":
     decay_factor = jnp.ones_like(progress)
   elif schedule == "linear":
@@ -183,7 +195,7 @@ def create_optimizer(optimizer_config: ml_collections.ConfigDict,
 
   Args:
     optimizer_config: the `config.optimizer` section (already validated).
-    max_train_steps: resolves `decay_steps == 0`.
+    max_train_steps: resolves `decay_steps == 0` (see resolved_decay_steps).
 
   Raises:
     ConfigError (a ValueError) naming the key for an unknown optimizer,
@@ -239,7 +251,8 @@ def _learning_rate(state: OptimizerState) -> jax.Array:
   return learning_rate_at(
       state.count, schedule=state.schedule, learning_rate=hp["learning_rate"],
       warmup_steps=hp["warmup_steps"], decay_steps=hp["decay_steps"],
-      end_learning_rate_factor=hp["end_learning_rate_factor"])
+      end_learning_rate_factor=hp["end_learning_rate_factor"],
+      hold_steps=hp["hold_steps"])
 
 
 def _find(opt_state) -> OptimizerState:

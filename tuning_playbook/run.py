@@ -39,7 +39,9 @@ def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                "traceback": traceback.format_exc(), "best_step": None,
                "best_metric": config.best_metric, "best_mode": config.best_mode,
                "best_value": None, "final_step": None,
-               "max_train_steps": config.max_train_steps, "best_checkpoint": None}
+               "max_train_steps": config.max_train_steps,
+               "total_train_steps": config_schema.total_train_steps(config),
+               "best_checkpoint": None}
     if jax.process_index() == 0 and os.path.isdir(workdir):
       records.write_summary(workdir, summary)
     raise

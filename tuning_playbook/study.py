@@ -37,7 +37,8 @@ DEFAULT_TRAINER = "tuning_playbook.main"
 # The fields of study.json that decide what every trial is; a study directory
 # refuses to be planned again with any of them changed.
 IDENTITY_FIELDS = ("config", "config_overrides", "seed", "sampler",
-                   "scientific", "fixed", "search_space", "base_config")
+                   "scientific", "fixed", "search_space", "base_config",
+                   "procedure")
 
 
 class StudyError(ValueError):
@@ -71,6 +72,9 @@ class Study:
   base_config: Mapping[str, Any]
   trials: tuple[Trial, ...]
   trainer_module: str = DEFAULT_TRAINER
+  # The playbook procedure that planned the study (name and parameters, see
+  # tuning_playbook/procedures); None for an ordinary sweep.
+  procedure: Mapping[str, Any] | None = None
 
   def trial_dir(self, trial: Trial) -> str:
     return os.path.join(self.study_dir, TRIALS_DIR, trial.trial_id)
@@ -90,6 +94,8 @@ class Study:
     return shlex.join(self.command(trial))
 
   def to_json(self) -> dict[str, Any]:
+    procedure = ({"procedure": dict(self.procedure)}
+                 if self.procedure is not None else {})
     return {
         "name": self.name,
         "description": self.description,
@@ -105,6 +111,7 @@ class Study:
         "num_trials": len(self.trials),
         "trials": [{"trial_id": t.trial_id, "params": dict(t.params)}
                    for t in self.trials],
+        **procedure,
     }
 
 
@@ -194,7 +201,8 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
                  spec: Mapping[str, Any], study_dir: str,
                  num_trials: int | None, seed: int,
                  config_overrides: Mapping[str, Any] | None = None,
-                 trainer_module: str = DEFAULT_TRAINER) -> list[Study]:
+                 trainer_module: str = DEFAULT_TRAINER,
+                 procedure: Mapping[str, Any] | None = None) -> list[Study]:
   """Expands a search space into its studies (one per scientific value when
   the space says so); nothing is written.
 
@@ -202,6 +210,8 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
   `--config.*` flags) already applied; they are passed on to every trial.
   `spec` must be computed from that same config (and `num_trials`), so that
   study.json, the trial configs and the relaunch check all see one config.
+  `procedure` ({"name": ..., "parameters": {...}}) marks a study planned by a
+  playbook procedure; it is part of the study's identity.
   """
   space = search_space_lib.parse(spec)
   overrides = dict(config_overrides or {})
@@ -230,7 +240,8 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
         "sampler": {"algorithm": sub.algorithm, "skip": search_space_lib.SKIP,
                     "version": search_space_lib.SAMPLER_VERSION},
         "scientific": dict(sub.scientific), "fixed": dict(sub.fixed),
-        "search_space": sub.to_json(), "base_config": base}
+        "search_space": sub.to_json(), "base_config": base,
+        "procedure": _plain(procedure) if procedure is not None else None}
     existing = read_study_json(directory)
     kept = []
     if existing is not None:
@@ -257,7 +268,7 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
         sampler=record["sampler"], scientific=record["scientific"],
         fixed=record["fixed"], search_space=record["search_space"],
         base_config=base, trials=tuple(kept + new),
-        trainer_module=trainer_module))
+        trainer_module=trainer_module, procedure=record["procedure"]))
   return studies
 
 
@@ -300,4 +311,4 @@ def load_study(study_dir: str, trainer_module: str = DEFAULT_TRAINER) -> Study:
       fixed=record["fixed"], search_space=record["search_space"],
       base_config=record["base_config"],
       trials=tuple(Trial(t["trial_id"], t["params"]) for t in record["trials"]),
-      trainer_module=trainer_module)
+      trainer_module=trainer_module, procedure=record.get("procedure"))

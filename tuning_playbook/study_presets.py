@@ -130,12 +130,15 @@ def warmup_study(unstable_base_learning_rate: float, *,
 
   Every trial ramps the learning rate from 0 to factor x
   `unstable_base_learning_rate` over `warmup_steps`, then holds it for
-  `post_warmup_factor` x warmup_steps (max_train_steps = warmup + post-warmup).
+  `post_warmup_factor` x warmup_steps: max_train_steps is the post-warmup
+  length, the warmup is prepended to it.
   `warmup_steps` defaults to 10, 100, ... up to 10% of `max_train_steps`, the
   training length the warmup is meant for.
   """
   if not unstable_base_learning_rate > 0:
     raise ValueError("unstable_base_learning_rate must be > 0")
+  if post_warmup_factor < 1:
+    raise ValueError(f"post_warmup_factor={post_warmup_factor}: must be >= 1")
   if warmup_steps is None:
     if max_train_steps is None:
       raise ValueError("give warmup_steps or max_train_steps")
@@ -144,12 +147,13 @@ def warmup_study(unstable_base_learning_rate: float, *,
       raise ValueError(f"max_train_steps={max_train_steps} is too short for "
                        "a warmup of 10 steps at 10% of training")
   schedules = [{"optimizer.warmup_steps": int(w),
-                "max_train_steps": int(w) * (1 + post_warmup_factor)}
+                "max_train_steps": int(w) * post_warmup_factor}
                for w in warmup_steps]
   rates = [float(f * unstable_base_learning_rate)
            for f in learning_rate_factors]
   scientific = {"warmup": {"values": schedules}}
-  fixed = {"optimizer.schedule": "constant"}
+  fixed = {"optimizer.schedule": "constant",
+           "optimizer.warmup_mode": "prepended"}
   if len(rates) == 1:
     fixed["optimizer.learning_rate"] = rates[0]
   else:

@@ -14,6 +14,12 @@ receive SIGTERM when the sweep dies, and each trial holds an exclusive lock
 on `<trial_dir>/.lock` for as long as its process lives, so a relaunched
 sweep waits for a trial that is still shutting down (or that another sweep is
 running) instead of starting a second copy of it.
+
+Across machines sharing the study directory, a runner first claims a trial
+(`trial_claims`: an O_EXCL claim file with a heartbeat, safe on NFS) and keeps
+the claim while the trial runs. With `leave_claimed=True` (a worker) trials
+claimed by a live runner elsewhere are left to it, so the call returns once
+no unclaimed unfinished trial is left; otherwise they are waited for.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Callable, Sequence
 from tuning_playbook import atomic_files
 from tuning_playbook import records
 from tuning_playbook import tracking
+from tuning_playbook import trial_claims
 
 _PR_SET_PDEATHSIG = 1
 _TERMINATE_GRACE_SECONDS = 30.0
@@ -90,6 +97,7 @@ class _Running:
   process: subprocess.Popen
   lock_fd: int
   started: str
+  claim: trial_claims.Claim
 
 
 def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
@@ -98,8 +106,8 @@ def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
               or (status == records.FAILED and not retry_failed))
 
 
-def _launch(job: TrialJob, lock_fd: int, cwd: str | None,
-            env: dict[str, str] | None) -> _Running | None:
+def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
+            cwd: str | None, env: dict[str, str] | None) -> _Running | None:
   """Starts the trial; None (recorded as failed) if it cannot be started."""
   started = _now()
   with open(os.path.join(job.trial_dir, tracking.LOG_FILE), "ab") as log:
@@ -117,10 +125,11 @@ def _launch(job: TrialJob, lock_fd: int, cwd: str | None,
                          started=started, finished=_now(),
                          command=list(job.argv))
       os.close(lock_fd)
+      claim.release()
       return None
   _write_runner_file(job.trial_dir, status="running", pid=process.pid,
                      started=started, command=list(job.argv))
-  return _Running(job, process, lock_fd, started)
+  return _Running(job, process, lock_fd, started, claim)
 
 
 def _finish(run: _Running) -> None:
@@ -128,6 +137,7 @@ def _finish(run: _Running) -> None:
                      returncode=run.process.returncode, started=run.started,
                      finished=_now(), command=list(run.job.argv))
   os.close(run.lock_fd)
+  run.claim.release()
 
 
 def _stop_all(running: list[_Running]) -> None:
@@ -145,19 +155,21 @@ def _stop_all(running: list[_Running]) -> None:
                        returncode=run.process.returncode, started=run.started,
                        finished=_now(), command=list(run.job.argv))
     os.close(run.lock_fd)
+    run.claim.release()
 
 
 def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
                retry_failed: bool = False,
                on_update: Callable[[TrialJob], None] | None = None,
                cwd: str | None = None, env: dict[str, str] | None = None,
-               poll_seconds: float = 0.2) -> int:
+               poll_seconds: float = 0.2, leave_claimed: bool = False) -> int:
   """Runs the unfinished `jobs`, at most `parallel` at once; returns how many
   were launched. A failing trial never stops the others. `on_update(job)` is
   called after a trial starts and after it ends (to refresh the records).
 
   Interrupting the call (KeyboardInterrupt, SystemExit) terminates the running
-  trials, marks them interrupted, and re-raises.
+  trials, marks them interrupted, and re-raises. `leave_claimed`: skip trials
+  another live runner has claimed instead of waiting for them.
   """
   if parallel < 1:
     raise ValueError(f"parallel={parallel}: must be >= 1")
@@ -170,22 +182,30 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
       blocked = 0
       while pending and len(running) < parallel and blocked < len(pending):
         job = pending.popleft()
-        lock_fd = _try_lock(job.trial_dir)
-        if lock_fd is None:  # Still shutting down, or run by another sweep.
+        claim = trial_claims.try_claim(job.trial_dir)
+        if claim is None and leave_claimed:
+          continue  # Another runner, here or on another machine, has it.
+        lock_fd = None if claim is None else _try_lock(job.trial_dir)
+        if lock_fd is None:  # Run by another runner, or still shutting down.
+          if claim is not None:
+            claim.release()
           pending.append(job)
           blocked += 1
           continue
         if not _needs_run(job.trial_dir, retry_failed):
           os.close(lock_fd)  # Finished by whoever held the lock.
+          claim.release()
           continue
         logging.info("Launching trial %s", job.trial_dir)
-        run = _launch(job, lock_fd, cwd, env)
+        run = _launch(job, lock_fd, claim, cwd, env)
         if run is not None:
           running.append(run)
           launched += 1
         if on_update is not None:
           on_update(job)
       time.sleep(poll_seconds)
+      for run in running:
+        run.claim.refresh()
       for run in list(running):
         if run.process.poll() is not None:
           running.remove(run)

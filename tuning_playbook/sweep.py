@@ -16,6 +16,13 @@ resolved (every `--config.*` override applied) and --num_trials.
   --print_commands         prints one shell command per trial, to run each
                            trial as its own job on a cluster; rerunning the
                            sweep without --run then refreshes results.csv.
+  --run --worker           a worker: claims unfinished trials one at a time
+                           (--parallel at once) and exits when none is left;
+                           any number of workers on any machines sharing the
+                           study directory never run a trial twice.
+  --emit_slurm=FILE        writes an sbatch job-array script of
+                           --slurm_workers such workers (--slurm_directive
+                           adds #SBATCH lines); submit it with `sbatch FILE`.
   --config.<key>=<value>   overrides applied to every trial.
 
 A larger --num_trials with the same seed extends the study; a different seed,
@@ -29,21 +36,19 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 from typing import Any, Mapping
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from tuning_playbook import cli
 from tuning_playbook import search_space as search_space_lib
 from tuning_playbook import search_space_file
+from tuning_playbook import slurm
 from tuning_playbook import study as study_lib
-from tuning_playbook import study_runner
-from tuning_playbook import tracking
+from tuning_playbook import study_launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -68,12 +73,19 @@ _TRAINER_MODULE = flags.DEFINE_string(
     "Module run as `python -m <module> --config=... --workdir=...`.")
 _RETRY_FAILED = flags.DEFINE_bool(
     "retry_failed", False, "Run failed trials again (diverged ones stay).")
+_WORKER = flags.DEFINE_bool(
+    "worker", False, "With --run: leave trials other runners claimed and exit "
+    "when no unclaimed unfinished trial is left.")
+_EMIT_SLURM = flags.DEFINE_string(
+    "emit_slurm", None, "Write an sbatch job-array script of workers here.")
+_SLURM_WORKERS = flags.DEFINE_integer(
+    "slurm_workers", 4, "Array tasks (workers) of --emit_slurm.", lower_bound=1)
+_SLURM_DIRECTIVES = flags.DEFINE_multi_string(
+    "slurm_directive", [], "An extra #SBATCH option of --emit_slurm, e.g. "
+    "--slurm_directive=--gres=gpu:1 (repeatable).")
 
 
-def default_tracking_table(study_dir: str) -> str:
-  """`<parent of study_dir>/studies.csv`: studies side by side share it."""
-  parent = os.path.dirname(os.path.normpath(study_dir)) or "."
-  return os.path.join(parent, tracking.TRACKING_TABLE_FILE)
+default_tracking_table = study_launch.default_tracking_table
 
 
 def sweep_command(config_path: str, study_dir: str, num_trials: int,
@@ -88,10 +100,6 @@ def sweep_command(config_path: str, study_dir: str, num_trials: int,
   if trainer_module != study_lib.DEFAULT_TRAINER:
     argv.append(f"--trainer_module={trainer_module}")
   return shlex.join(argv + ["--run"])
-
-
-def _raise_system_exit(signum, frame):  # pylint: disable=unused-argument
-  sys.exit(128 + signum)
 
 
 def main(argv):
@@ -115,47 +123,35 @@ def main(argv):
   command = sweep_command(config_path, study_dir,
                           max(len(s.trials) for s in studies), _SEED.value,
                           overrides, _TRAINER_MODULE.value)
+  if _EMIT_SLURM.value:
+    _write_slurm_script(_EMIT_SLURM.value, command, study_dir)
+  study_launch.launch(studies, study_launch.LaunchOptions(
+      table=table, command=command, print_commands=_PRINT_COMMANDS.value,
+      run=_RUN.value or _WORKER.value, parallel=_PARALLEL.value,
+      retry_failed=_RETRY_FAILED.value, worker=_WORKER.value))
 
-  def record(s: study_lib.Study) -> list[dict[str, Any]]:
-    rows = tracking.write_results(s)
-    tracking.update_tracking_table(table, tracking.study_row(s, rows, command))
-    return rows
 
-  for s in studies:
-    record(s)
-    logging.info("Study %s: %d trials in %s", s.name, len(s.trials),
-                 s.study_dir)
-  if _PRINT_COMMANDS.value:
-    for s in studies:
-      for t in s.trials:
-        print(s.command_line(t), flush=True)
-  if _RUN.value:
-    signal.signal(signal.SIGTERM, _raise_system_exit)
-    owner, jobs = {}, []
-    # Interleaved, so every study of a scientific comparison advances evenly.
-    for position in range(max(len(s.trials) for s in studies)):
-      for s in studies:
-        if position < len(s.trials):
-          trial = s.trials[position]
-          job = study_runner.TrialJob(s.trial_dir(trial),
-                                      s.command(trial, sys.executable))
-          owner[job.trial_dir] = s
-          jobs.append(job)
-    try:
-      study_runner.run_trials(
-          jobs, _PARALLEL.value, retry_failed=_RETRY_FAILED.value,
-          on_update=lambda job: record(owner[job.trial_dir]))
-    finally:
-      for s in studies:
-        record(s)
-  for s in studies:
-    rows = record(s)
-    counts = {}
-    for row in rows:
-      counts[row["status"]] = counts.get(row["status"], 0) + 1
-    logging.info("Study %s: %s; results in %s", s.name,
-                 ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
-                 os.path.join(s.study_dir, tracking.RESULTS_FILE))
+def _write_slurm_script(path: str, command: str, study_dir: str) -> None:
+  """Writes the job array whose tasks run this study's worker command."""
+  argv = [sys.executable] + shlex.split(command)[1:] + ["--worker"]
+  if _PARALLEL.value > 1:
+    argv.append(f"--parallel={_PARALLEL.value}")
+  if _RETRY_FAILED.value:
+    argv.append("--retry_failed")
+  if _TRACKING_TABLE.value:
+    argv.append(f"--tracking_table={_TRACKING_TABLE.value}")
+  log_dir = os.path.abspath(os.path.join(study_dir, "slurm"))
+  os.makedirs(log_dir, exist_ok=True)
+  text = slurm.job_array_script(
+      argv, num_workers=_SLURM_WORKERS.value,
+      job_name=os.path.basename(os.path.normpath(study_dir)), log_dir=log_dir,
+      workdir=os.getcwd(), directives=_SLURM_DIRECTIVES.value)
+  try:
+    with open(path, "w") as f:
+      f.write(text)
+  except OSError as e:
+    cli.fail(f"--emit_slurm={path}: {e}")
+  print(f"Wrote {path}: submit it with `sbatch {path}`", flush=True)
 
 
 if __name__ == "__main__":

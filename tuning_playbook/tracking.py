@@ -3,8 +3,9 @@
 The playbook's spreadsheet, as two CSV files:
 
   D/results.csv        one row per trial: trial_id, status, reason, the
-                       searched params, best step and metric, final step and
-                       the command that reproduces it.
+                       searched params, best step and metric, final step,
+                       max_train_steps and total_train_steps (with a
+                       prepended warmup), and the command that reproduces it.
   <tracking table>     one row per study: name, directory, config path,
                        description, number of trials, the best validation
                        value over its trials, and the sweep command.
@@ -40,7 +41,8 @@ RESULTS_FILE = "results.csv"
 TRACKING_TABLE_FILE = "studies.csv"
 RESULT_COLUMNS = ("trial_id", "status", "reason")
 RESULT_METRIC_COLUMNS = ("best_step", "best_metric", "best_value",
-                         "final_step", "max_train_steps", "command")
+                         "final_step", "max_train_steps", "total_train_steps",
+                         "command")
 TRACKING_COLUMNS = ("study", "study_dir", "config", "description",
                     "num_trials", "num_completed", "num_infeasible",
                     "num_unfinished", "best_trial", "best_metric",
@@ -102,7 +104,8 @@ def trial_record(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
   """
   record = {"status": "pending", "reason": None, "best_step": None,
             "best_metric": None, "best_value": None, "best_mode": None,
-            "final_step": None, "max_train_steps": None}
+            "final_step": None, "max_train_steps": None,
+            "total_train_steps": None}
   if check_lock and is_locked(trial_dir):
     record["status"] = "running"
     return record

@@ -3,8 +3,14 @@
 The loop runs one compiled train step per step with the state donated, keeps
 each step's metrics on the device, and fetches them every `log_every_steps`
 (and at evals) in one transfer. Evals run every `eval_every_steps` and at the
-last step; each eval is followed by a checkpoint, so a resumed run repeats
-exactly the steps an uninterrupted run takes.
+last step (`config_schema.total_train_steps`: max_train_steps plus a prepended
+warmup); each eval is followed by a checkpoint, so a resumed run repeats
+exactly the steps an uninterrupted run takes. With `ema_decay > 0` each eval
+also scores the moving average of the parameters (`eval_ema/<split>/...`,
+see train_step.py), which the checkpoints hold beside the raw parameters.
+In-memory data sets (no `preprocess`, `data.cache`) are evaluated from batches
+kept on the devices; checkpoints are written asynchronously (Orbax), and the
+loop waits only for the previous save when starting the next, and at the end.
 
 Each log row also holds the interval's throughput (`perf/*`, see
 throughput.py): examples/s, FLOP/s and MFU from XLA's cost analysis of the
@@ -125,6 +131,13 @@ def _make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSpli
   return [validation, train_subset, test]
 
 
+def _in_memory_data(config, workload) -> bool:
+  """Whether the data set is held in memory: the train stream as numpy
+  arrays, the eval batches on the devices."""
+  return (not config.data.synthetic and config.data.cache
+          and not workload.custom_preprocess)
+
+
 def _make_train_stream(config, workload, builder):
   """Random batches for synthetic data; in-memory arrays when nothing runs
   per example; else tf.data."""
@@ -134,7 +147,7 @@ def _make_train_stream(config, workload, builder):
   if config.data.synthetic:
     return synthetic_data.SyntheticTrainStream(
         synthetic_data.workload_spec(config, workload), **common)
-  if config.data.cache and not workload.custom_preprocess:
+  if _in_memory_data(config, workload):
     return in_memory_stream.InMemoryTrainStream(
         builder, workload.splits["train"], input_key=workload.input_key,
         label_key=workload.label_key, **common)
@@ -154,6 +167,8 @@ class Trainer:
                workload: workload_lib.Workload):
     self.config = config
     self.workdir = workdir
+    # The run's last step: max_train_steps plus a prepended warmup.
+    self.total_steps = config_schema.total_train_steps(config)
     self.is_writer = jax.process_index() == 0
     mesh = sharding.create_mesh()
     replicated = sharding.replicated(mesh)
@@ -168,7 +183,8 @@ class Trainer:
     tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
     input_shape, input_dtype = self.stream.element_spec()
     sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
-    init_fn = lambda: train_step_lib.create_train_state(model, tx, sample, config.seed)
+    init_fn = lambda: train_step_lib.create_train_state(
+        model, tx, sample, config.seed, ema=config.ema_decay > 0)
     # Traces the model; compiles nothing. `config.model` was checked before:
     # an error here is in the workload's code and keeps its traceback.
     abstract_state = jax.eval_shape(init_fn)
@@ -203,7 +219,8 @@ class Trainer:
     self.grad_log.truncate_after(self.step)
 
     self.step_fn = train_step_lib.make_train_step(
-        model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn)
+        model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn,
+        ema_decay=config.ema_decay)
     stacked_sharding = sharding.stacked_batch_sharding(mesh)
     self.train_step = jax.jit(
         train_step_lib.for_loop(self.step_fn),
@@ -215,14 +232,15 @@ class Trainer:
     self.evaluator = evaluation.Evaluator(
         train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn,
                                       workload.weights_fn),
-        _make_eval_splits(config, workload, builder), mesh, state_sharding)
+        _make_eval_splits(config, workload, builder), mesh, state_sharding,
+        on_device=_in_memory_data(config, workload))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_writer)
     # Called at log steps only, which is all it needs to report steps/s.
     self.report_progress = periodic_actions.ReportProgress(
-        num_train_steps=config.max_train_steps, writer=self.writer,
+        num_train_steps=self.total_steps, writer=self.writer,
         every_steps=None, every_secs=None,
-        on_steps=range(0, config.max_train_steps + 1, config.log_every_steps))
+        on_steps=range(0, self.total_steps + 1, config.log_every_steps))
     k = config.data.batches_per_transfer
     self._transfer_start = self.step // k * k
     self.batches = sharding.prefetch_to_devices(
@@ -261,7 +279,7 @@ class Trainer:
     # Plain ints: ConfigDict lookups are slow enough to show in a step.
     k = config.data.batches_per_transfer
     eval_every, log_every = config.eval_every_steps, config.log_every_steps
-    last_step = config.max_train_steps
+    last_step = self.total_steps
     profile_start = self.profiler.start_after
     profile_stop = self.profiler.stop_after
     first_unlogged = self.step + 1
@@ -349,6 +367,9 @@ class Trainer:
       sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
       with self.report_progress.timed("eval"):
         row.update(self.evaluator.evaluate(self.state))
+        if config.ema_decay > 0:
+          row.update(self.evaluator.evaluate(
+              train_step_lib.ema_state(self.state), prefix="eval_ema"))
       value = row[config.best_metric]
       self.best.update(step, value)
       meta = {"step": step, "best_step": self.best.step,
@@ -375,6 +396,7 @@ class Trainer:
         "best_metric": self.config.best_metric, "best_mode": self.config.best_mode,
         "best_value": best.value, "final_step": self.step,
         "max_train_steps": self.config.max_train_steps,
+        "total_train_steps": self.total_steps,
         "best_checkpoint": (self.ckpt.step_path(best.step)
                             if best.step is not None else None),
     }
@@ -398,5 +420,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  previous["status"])
     return previous
   trainer = Trainer(config, workdir, workload)
-  reason = trainer.train(config.max_train_steps)
+  reason = trainer.train(trainer.total_steps)
   return trainer.finish(reason)

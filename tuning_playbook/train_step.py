@@ -4,10 +4,22 @@ The steps are pure functions of arrays: the learning rate and every other
 continuous optimizer hyperparameter live in `state.opt_state`, the RNG in
 `state.rng` (raw key data, so checkpoints stay portable), and the dropout key
 of step t is `fold_in(key(state.rng), t)`.
+
+With `ema_decay > 0` the state also carries `ema_params`, an exponential
+moving average (Polyak averaging) of the parameters in float32, updated in the
+train step after the optimizer's update t (t = 1, 2, ...):
+
+  ema_t = d_t * ema_{t-1} + (1 - d_t) * params_t,
+  d_t = min(ema_decay, (1 + t) / (10 + t)),  ema_0 = params_0.
+
+The warmup of d_t keeps the first steps' average from being dominated by the
+initial parameters. Evaluating `ema_state(state)` uses the averaged
+parameters with the raw model's BatchNorm statistics (see `ema_state`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -31,11 +43,16 @@ class TrainState:
   batch_stats: Any  # BatchNorm moving averages ({} without BatchNorm).
   opt_state: Any
   rng: jax.Array  # uint32 key data of the run's base key.
+  # float32 moving average of `params` ({} when ema_decay is 0).
+  ema_params: Any = dataclasses.field(default_factory=dict)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, sample_inputs,
-                       seed: int) -> TrainState:
-  """Initializes parameters and optimizer state (call under jax.jit)."""
+                       seed: int, ema: bool = False) -> TrainState:
+  """Initializes parameters and optimizer state (call under jax.jit).
+
+  With `ema`, `ema_params` starts as a float32 copy of the parameters.
+  """
   key = jax.random.key(seed)
   init_key, run_key = jax.random.split(key)
   variables = model.init({"params": init_key, "dropout": init_key},
@@ -44,7 +61,41 @@ def create_train_state(model, tx: optax.GradientTransformation, sample_inputs,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
                     opt_state=tx.init(params),
-                    rng=jax.random.key_data(run_key))
+                    rng=jax.random.key_data(run_key),
+                    ema_params=_float32_copy(params) if ema else {})
+
+
+def _float32_copy(params) -> Any:
+  # A copy, not the same buffers: the state is donated leaf by leaf.
+  return jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """d_t = min(ema_decay, (1 + t) / (10 + t)) for update t (1-based)."""
+  t = step.astype(jnp.float32)
+  return jnp.minimum(jnp.float32(ema_decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(ema_params, params, step: jax.Array, ema_decay: float) -> Any:
+  """The moving average after update `step` produced `params`."""
+  d = ema_decay_at(step, ema_decay)
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32),
+                      ema_params, params)
+
+
+def ema_state(state: TrainState) -> TrainState:
+  """`state` with its parameters replaced by their moving average.
+
+  BatchNorm statistics stay the raw model's: they are already a moving
+  average (of `batch_norm.momentum`), and late in training, where the
+  averaged parameters matter, the raw parameters move slowly enough that
+  their statistics fit the averaged ones.
+  """
+  if not state.ema_params:
+    raise ValueError("the state holds no ema_params (config.ema_decay is 0)")
+  params = jax.tree.map(lambda e, p: e if e.dtype == p.dtype else e.astype(p.dtype),
+                        state.ema_params, state.params)
+  return state.replace(params=params)
 
 
 def _variables(state: TrainState, params) -> dict[str, Any]:
@@ -77,10 +128,13 @@ def mean_loss(loss: jax.Array, weights: jax.Array | None = None) -> jax.Array:
 
 def make_train_step(model, tx: optax.GradientTransformation,
                     loss_fn: Callable, grad_clip_norm: float,
-                    weights_fn: Callable | None = None) -> Callable:
+                    weights_fn: Callable | None = None,
+                    ema_decay: float = 0.0) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   The loss is `mean_loss(loss_fn(logits, labels), weights_fn(labels))`.
+  With `ema_decay > 0` the step also updates `state.ema_params` (see the
+  module docstring); the state must have been created with `ema=True`.
   Metrics hold the unclipped global gradient norm, the loss, whether the step
   was clipped and the learning rate used, as scalars for this one step.
   """
@@ -110,9 +164,13 @@ def make_train_step(model, tx: optax.GradientTransformation,
     learning_rate = optimizers.current_learning_rate(state.opt_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_decay > 0:
+      ema_params = update_ema(ema_params, params, state.step + 1, ema_decay)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
-        batch_stats=new_model_state.get("batch_stats", state.batch_stats))
+        batch_stats=new_model_state.get("batch_stats", state.batch_stats),
+        ema_params=ema_params)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/clipped": clipped.astype(jnp.float32),
                "train/learning_rate": learning_rate}

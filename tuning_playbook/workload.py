@@ -54,6 +54,12 @@ Optional names, with the defaults used when a module leaves them out:
       trains and evaluates on random batches of these shapes without touching
       the data set (see `tuning_playbook/synthetic_data.py`). Default: none;
       asking for synthetic data is then a config error.
+  REGULARIZATION_OFF = {"model.dropout_rate": 0.0, ...}
+      The config keys of the workload's regularizers and data augmentation,
+      each with the value that switches it off. The learning-rate sweep that
+      picks max_train_steps (tuning_playbook/procedures/lr_sweep.py) trains
+      without them; `optimizer.weight_decay` is switched off by the framework
+      and need not be listed. Default: {} (nothing to switch off).
 
 Mixed precision: `compute_dtype(config)` is the dtype the model computes in
 (`config.compute_dtype`). A workload honours it by passing `dtype=` to its
@@ -143,6 +149,8 @@ class Workload:
   weights_fn: Callable[[Any], Any] | None = None
   # `synthetic_spec(config) -> dict` (see the module docstring), or None.
   synthetic_spec: Callable[[ml_collections.ConfigDict], dict[str, Any]] | None = None
+  # Config key -> the value that switches that regularizer or augmentation off.
+  regularization_off: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class UnknownWorkloadError(ValueError):
@@ -213,6 +221,7 @@ def load_workload(name: str,
       default_model_config=getattr(module, "default_model_config", None),
       weights_fn=getattr(module, "weights_fn", None),
       synthetic_spec=getattr(module, "synthetic_spec", None),
+      regularization_off=dict(getattr(module, "REGULARIZATION_OFF", {})),
   )
 
 

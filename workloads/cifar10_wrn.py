@@ -26,6 +26,9 @@ from tuning_playbook import workload as workload_lib
 SPLITS = {"train": "train[:45000]", "validation": "train[45000:]",
           "test": "test"}
 NUM_CLASSES = 10
+# The regularizer and its "off" value (see tuning_playbook/workload.py).
+# The crop-and-flip augmentation of `preprocess` has no switch.
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0}
 IMAGE_SHAPE = (32, 32, 3)
 PAD = 4
 CHANNEL_MEAN = (0.4914, 0.4822, 0.4465)

@@ -26,6 +26,9 @@ from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
 
 SPLITS = imagenet_data.SPLITS
+# The regularizer and its "off" value (see tuning_playbook/workload.py).
+# The Inception-crop augmentation of `preprocess` has no switch.
+REGULARIZATION_OFF = {"model.label_smoothing": 0.0}
 dataset_builder = imagenet_data.dataset_builder
 # depth -> (blocks per stage, bottleneck blocks).
 STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False),

@@ -27,6 +27,9 @@ from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
 
 SPLITS = imagenet_data.SPLITS
+# The regularizers and their "off" values (see tuning_playbook/workload.py).
+# The Inception-crop augmentation of `preprocess` has no switch.
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0, "model.label_smoothing": 0.0}
 dataset_builder = imagenet_data.dataset_builder
 # size -> (hidden_size, depth, num_heads, mlp_dim).
 SIZES = {"Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536),

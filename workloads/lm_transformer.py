@@ -32,6 +32,8 @@ from tuning_playbook import workload as workload_lib
 
 SPLITS = {"train": "train", "validation": "test[:20000]",
           "test": "test[20000:40000]"}
+# The regularizer and its "off" value (see tuning_playbook/workload.py).
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0}
 PAD_ID, EOS_ID, NUM_RESERVED_IDS = 0, 1, 2  # EOS also begins every input.
 VOCAB_SIZE = 256 + NUM_RESERVED_IDS
 

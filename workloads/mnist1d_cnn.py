@@ -26,6 +26,8 @@ from workloads import mnist1d_data
 INPUT_KEY = "x"
 LABEL_KEY = "y"
 NUM_CLASSES = mnist1d_data.NUM_CLASSES
+# The regularizer and its "off" value (see tuning_playbook/workload.py).
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0}
 
 
 class CNN(nn.Module):

@@ -20,6 +20,8 @@ from workloads import mnist1d_data
 
 INPUT_KEY = "x"
 LABEL_KEY = "y"
+# The regularizer and its "off" value (see tuning_playbook/workload.py).
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0}
 
 
 class MLP(nn.Module):

@@ -10,7 +10,7 @@ def get_config():
   config.workload = "tests.tiny_workload"
   config.batch_size = 16
   config.eval_batch_size = 32
-  config.max_train_steps = 40
+  config.max_train_steps = 35  # And 5 warmup steps before: 40 in all.
   config.eval_every_steps = 10
   config.log_every_steps = 5
   config.num_best_checkpoints = 2

@@ -5,6 +5,8 @@ Every check module returns `Finding`s; findings.json holds them as
   {"id": "near_boundary/optimizer.learning_rate/max", "kind": "near_boundary",
    "severity": "warning", "message": "...what to do...", "details": {...}}
 
+and, when the finding suggests a next step, `"command": "python -m ..."`.
+
 The thresholds every check uses live in one `Thresholds` value, passed
 explicitly, so a test or a user can change one without touching the checks.
 """
@@ -28,10 +30,15 @@ class Finding:
   severity: str
   message: str
   details: dict[str, Any]
+  # The command to paste for the next step the finding suggests, if any.
+  command: str | None = None
 
   def to_json(self) -> dict[str, Any]:
-    return {"id": self.id, "kind": self.kind, "severity": self.severity,
-            "message": self.message, "details": jsonable(self.details)}
+    out = {"id": self.id, "kind": self.kind, "severity": self.severity,
+           "message": self.message, "details": jsonable(self.details)}
+    if self.command is not None:
+      out["command"] = self.command
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +50,8 @@ class Thresholds:
   boundary_margin: float = 0.1
   # Infeasible fraction of finished trials that is a warning, not just a note.
   infeasible_warning_fraction: float = 0.5
-  # Retrospective best step as a fraction of max_train_steps: every trial at or
+  # Retrospective best step as a fraction of total_train_steps (the steps
+  # trained, a prepended warmup included): every trial at or
   # below `early` means max_train_steps is too high; at least `late_share` of
   # trials (the best included) above `late` means train longer.
   early_best_step_fraction: float = 0.1
@@ -71,6 +79,32 @@ class Thresholds:
   # Input-bound: mean share of the log intervals spent waiting for the next
   # batch above this (a trial's own input_bound_warning_fraction wins).
   input_wait_fraction: float = 0.2
+  # Training loss increasing (usually a bug): the per-step loss, after the
+  # warmup and the first `loss_rise_skip` of the steps, is cut into
+  # `loss_rise_windows` windows; a window's median above the lowest median
+  # before it by more than each of `loss_rise_level` x that lowest median,
+  # `loss_rise_improvement` x the drop from the first window to it, and
+  # `loss_rise_noise_multiple` noise deviations of a window median is
+  # raised; raised windows in a row covering at least `loss_rise_span` of
+  # the examined steps are a sustained rise.
+  loss_rise_skip: float = 0.1
+  loss_rise_windows: int = 20
+  loss_rise_level: float = 0.1
+  loss_rise_improvement: float = 0.05
+  loss_rise_noise_multiple: float = 4.0
+  loss_rise_span: float = 0.15
+  # Loss spikes (instability checks): a step whose loss exceeds
+  # `spike_factor` x the lowest trailing-window median so far, or the median
+  # of the `spike_window` steps before it by `spike_jump` x that median and
+  # `noise_multiple` noise deviations.
+  spike_window: int = 10
+  spike_factor: float = 2.0
+  spike_jump: float = 1.0
+  # Next-step commands: a repeat study should miss the good region with at
+  # most `miss_probability`; a too-long training is cut to this many times
+  # the latest best step; round 2 trains this many times longer.
+  early_stop_margin: float = 2.0
+  round2_steps_factor: float = 2.0
 
 
 def jsonable(value: Any) -> Any:

@@ -211,22 +211,22 @@ def coverage_plot(study: study_data.Study,
 
 def best_step_plot(study: study_data.Study,
                    thresholds: findings_lib.Thresholds) -> Figure | None:
-  """Retrospective best step / max_train_steps of each feasible trial."""
+  """Retrospective best step / total_train_steps of each feasible trial."""
   trials = [t for t in study.feasible_trials()
-            if t.best_step is not None and t.max_train_steps]
+            if t.best_step is not None and t.total_train_steps]
   if not trials:
     return None
   fig, ax = _figure()
   early, late = thresholds.early_best_step_fraction, thresholds.late_best_step_fraction
   ax.axvspan(0, early, color="#fde0c5", label=f"first {early:.0%}: too many steps?")
   ax.axvspan(late, 1.0, color="#d5e8d4", label=f"last {1 - late:.0%}: train longer?")
-  x = [t.best_step / t.max_train_steps for t in trials]
+  x = [t.best_step / t.total_train_steps for t in trials]
   ax.scatter(x, [t.best_value for t in trials], color=FEASIBLE, s=28, zorder=3,
              label="feasible trial")
   ax.scatter(x[:1], [trials[0].best_value], marker="*", s=220, color=BEST,
              edgecolor="black", zorder=4, label=f"best ({trials[0].trial_id})")
   ax.set_xlim(-0.02, 1.04)
-  ax.set_xlabel("retrospective best step / max_train_steps")
+  ax.set_xlabel("retrospective best step / total_train_steps")
   ax.set_ylabel(_objective_label(study))
   ax.set_title("Where retrospective checkpoint selection found the best step",
                fontsize=11)

@@ -13,12 +13,15 @@ import re
 from typing import Any
 
 from tuning_playbook import atomic_files
+from tuning_playbook import procedures
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import curve_checks
 from tuning_playbook.analysis import curve_plots
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import gradient_checks
 from tuning_playbook.analysis import isolation
+from tuning_playbook.analysis import loss_trend
+from tuning_playbook.analysis import next_steps
 from tuning_playbook.analysis import plots
 from tuning_playbook.analysis import report_html
 from tuning_playbook.analysis import search_space_checks
@@ -33,7 +36,7 @@ INDEX_FILE = "index.html"
 SECTION_OF_KIND = {
     "overfitting": "curves", "late_variance": "curves",
     "still_improving": "curves", "saturated": "curves", "curves_ok": "curves",
-    "curves_missing": "curves",
+    "curves_missing": "curves", "training_loss_increasing": "curves",
     "clipping_threshold": "gradients", "aggressive_clipping": "gradients",
     "gradient_outliers": "gradients", "not_enough_trials": "sampling",
     "sampling": "sampling", "input_bound": "leaderboard",
@@ -152,7 +155,8 @@ def _curves_section(study, writer, groups, flags) -> Section:
       "problematic overfitting (validation gets worse after its best step), high "
       "step-to-step variance late in training, still improving at the end "
       "(compute-bound: train longer), saturated long before the end (not "
-      "compute-bound: fewer steps would do).",
+      "compute-bound: fewer steps would do). A training loss that rises over "
+      "a sustained stretch usually indicates a bug.",
       images=[i for i in images if i], tables=tables,
       notes=[] if groups else ["No feasible trial to show."])
 
@@ -190,7 +194,8 @@ def _search_space_section(study, writer, thresholds) -> Section:
                    "Each trial's position in every numeric dimension (shaded: "
                    "within the boundary margin)"),
       writer.image(plots.best_step_plot(study, thresholds), "best_step",
-                   "Retrospective best step as a fraction of max_train_steps")]
+                   "Retrospective best step as a fraction of total_train_steps "
+                   "(max_train_steps plus a prepended warmup)")]
   return Section(
       "search_space", "5. Search-space checks",
       f"Is the best trial near a boundary (outer "
@@ -234,8 +239,8 @@ def _leaderboard_section(study, report_dir, thresholds) -> Section:
   rows = []
   for t in sorted(study.trials, key=key):
     rank = feasible_rank.get(t.trial_id)
-    fraction = (f" ({t.best_step / t.max_train_steps:.0%})"
-                if t.best_step is not None and t.max_train_steps else "")
+    fraction = (f" ({t.best_step / t.total_train_steps:.0%})"
+                if t.best_step is not None and t.total_train_steps else "")
     links = [Link(f, os.path.relpath(os.path.join(t.run_dir, f), report_dir))
              for f in t.present_files]
     status = t.status + (f": {t.reason[:80]}" if t.reason else "")
@@ -258,7 +263,26 @@ def _leaderboard_section(study, report_dir, thresholds) -> Section:
 
 
 IMAGE_PREFIXES = ("axis_", "isolation_", "curves_", "grad_", "coverage",
-                  "best_step", "bootstrap")
+                  "best_step", "bootstrap", "procedure_")
+
+
+def _procedure_analysis(study, writer
+                        ) -> tuple[list[findings_lib.Finding], Section | None]:
+  """The findings and section of the playbook procedure that planned the
+  study (tuning_playbook/procedures), if any."""
+  name = (study.procedure or {}).get("name")
+  if not name:
+    return [], None
+  try:
+    module = procedures.load(name)
+  except procedures.ProcedureError as e:
+    return [findings_lib.Finding(
+        "procedure/unknown", "procedure", findings_lib.WARNING,
+        f"study.json names the procedure {name!r}, which cannot be analysed: "
+        f"{e}", {"procedure": name})], None
+  def save_figure(fig, figure_name: str, caption: str):
+    return writer.image(fig, f"procedure_{figure_name}", caption)
+  return module.analyze(study, save_figure)
 
 
 def _clear_old_images(report_dir: str) -> None:
@@ -293,7 +317,9 @@ def analyse(study: study_data.Study,
            + curve_checks.check(study, flags, best_ids, thresholds)
            + gradient_checks.check(stats, thresholds)
            + bootstrap.check(study, result, thresholds)
-           + throughput_checks.check(study, thresholds))
+           + throughput_checks.check(study, thresholds)
+           + loss_trend.check(study, thresholds))
+  found = next_steps.attach(study, found, thresholds)
   return Analysis(study, groups, flags, stats, result, found)
 
 
@@ -317,16 +343,23 @@ def write_report(study_dir: str, report_dir: str | None = None,
   by_id = {s.id: s for s in sections}
   for finding in analysis.findings:
     by_id[SECTION_OF_KIND.get(finding.kind, "search_space")].findings.append(finding)
+  procedure_findings, procedure_section = _procedure_analysis(study, writer)
+  if procedure_section is not None:
+    procedure_section.findings.extend(procedure_findings)
+    sections.insert(0, procedure_section)
+  all_findings = procedure_findings + analysis.findings
 
   index = os.path.join(report_dir, INDEX_FILE)
   atomic_files.write_text(index, report_html.render(study, sections,
-                                                    analysis.findings))
+                                                    all_findings))
   findings_path = os.path.join(report_dir, FINDINGS_FILE)
   payload = {"study": study.name, "study_dir": os.path.abspath(study_dir),
              "objective": {"metric": study.objective.metric,
                            "mode": study.objective.mode},
              "num_trials": len(study.trials),
-             "findings": [f.to_json() for f in analysis.findings]}
+             "findings": [f.to_json() for f in all_findings]}
+  if study.procedure:
+    payload["procedure"] = study.procedure
   atomic_files.write_json(findings_path, payload, allow_nan=False)
-  return ReportResult(report_dir, index, findings_path, analysis.findings,
+  return ReportResult(report_dir, index, findings_path, all_findings,
                       writer.files)

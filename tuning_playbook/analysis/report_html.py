@@ -106,7 +106,9 @@ def _cell(value: Any) -> str:
 def _finding(f: findings_lib.Finding) -> str:
   return (f'<div class="finding {_e(f.severity)}" id="finding-{_e(f.id)}">'
           f'<span class="badge">{_e(f.severity)}</span>{_e(f.message)}'
-          f'<span class="kind">[{_e(f.kind)}]</span></div>')
+          f'<span class="kind">[{_e(f.kind)}]</span>'
+          + (f"<br><code>{_e(f.command)}</code>" if f.command else "")
+          + "</div>")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -240,8 +240,8 @@ def best_step_fraction(study: study_data.Study,
   """Where retrospective checkpoint selection found the best step."""
   fractions = {}
   for t in study.feasible_trials():
-    if t.best_step is not None and t.max_train_steps:
-      fractions[t.trial_id] = t.best_step / t.max_train_steps
+    if t.best_step is not None and t.total_train_steps:
+      fractions[t.trial_id] = t.best_step / t.total_train_steps
   if not fractions:
     return []
   values = np.array(list(fractions.values()))
@@ -249,22 +249,24 @@ def best_step_fraction(study: study_data.Study,
   early, late = (thresholds.early_best_step_fraction,
                  thresholds.late_best_step_fraction)
   late_share = float(np.mean(values > late))
-  max_steps = sorted({t.max_train_steps for t in study.trials if t.max_train_steps})
+  total_steps = sorted({t.total_train_steps for t in study.trials
+                        if t.total_train_steps})
   details = {"fractions": fractions, "min": values.min(),
              "median": float(np.median(values)), "max": values.max(),
              "late_share": late_share, "early_threshold": early,
-             "late_threshold": late, "max_train_steps": max_steps}
+             "late_threshold": late, "total_train_steps": total_steps}
   out = [Finding(
       "best_step_fraction", "best_step_fraction", INFO,
-      f"Retrospective best step as a fraction of max_train_steps over "
+      f"Retrospective best step as a fraction of the steps trained "
+      f"(total_train_steps: max_train_steps plus a prepended warmup) over "
       f"{len(values)} feasible trials: min {percent(values.min())}, median "
       f"{percent(details['median'])}, max {percent(values.max())}.", details)]
   if np.all(values <= early):
     out.append(Finding(
         "best_step_early", "best_step_early", WARNING,
         f"Every feasible trial found its best step in the first {percent(early)} "
-        f"of training (latest at {percent(values.max())} of max_train_steps="
-        f"{'/'.join(map(str, max_steps))}): max_train_steps is far too high. "
+        f"of training (latest at {percent(values.max())} of total_train_steps="
+        f"{'/'.join(map(str, total_steps))}): max_train_steps is far too high. "
         f"Lower it (keep a margin above the latest best step) for the next study.",
         details))
   elif late_share >= thresholds.late_best_step_share and fractions[best_id] > late:

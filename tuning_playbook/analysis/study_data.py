@@ -61,8 +61,11 @@ class Objective:
     return (parts[1], parts[2]) if len(parts) == 3 else ("validation", parts[-1])
 
   def on_split(self, split: str) -> str:
-    """The same metric evaluated on another split, e.g. "train"."""
-    return f"eval/{split}/{self.split_metric[1]}"
+    """The same metric evaluated on another split, e.g. "train" (of the
+    same parameters: raw for eval/..., averaged for eval_ema/...)."""
+    parts = self.metric.split("/")
+    prefix = parts[0] if len(parts) == 3 else "eval"
+    return f"{prefix}/{split}/{self.split_metric[1]}"
 
 
 # One hyperparameter of the search space, as the sampler defines it.
@@ -87,6 +90,9 @@ class Study:
   objective: Objective
   problems: list[str]
   fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # {"name": ..., "parameters": {...}} of a study planned by a playbook
+  # procedure (tuning_playbook/procedures); None for an ordinary sweep.
+  procedure: dict[str, Any] | None = None
 
   def feasible_trials(self) -> list[Trial]:
     """Feasible trials, best first."""
@@ -210,7 +216,9 @@ def _load_one(study_dir: str, spec: dict[str, Any], prefix: str = "") -> Study:
       description=str(spec.get("description") or ""), seed=spec.get("seed"),
       config_path=str(spec.get("config") or ""), dimensions=dimensions,
       trials=trials, objective=_objective(trials, problems), problems=problems,
-      fixed=dict(spec.get("fixed") or {}))
+      fixed=dict(spec.get("fixed") or {}),
+      procedure=spec.get("procedure") if isinstance(spec.get("procedure"), dict)
+      else None)
 
 
 def _read_spec(study_dir: str) -> dict[str, Any] | None:
@@ -256,7 +264,7 @@ def _combine(study_dir: str, parts: Sequence[tuple[str, dict[str, Any], Study]])
           os.path.normpath(study_dir)),
       description=first.description, seed=first.seed, config_path=first.config_path,
       dimensions=dimensions, trials=trials, objective=_objective(trials, problems),
-      problems=problems, fixed=first.fixed)
+      problems=problems, fixed=first.fixed, procedure=first.procedure)
 
 
 def load_study(study_dir: str) -> Study:

@@ -119,6 +119,26 @@ class Trial:
     return None
 
   @property
+  def total_train_steps(self) -> int | None:
+    """The steps the run trains: max_train_steps plus a prepended warmup.
+
+    From summary.json, else from config.json; a config without
+    `optimizer.warmup_mode` predates prepended warmup (it counted warmup
+    within max_train_steps).
+    """
+    total = (self.summary or {}).get("total_train_steps")
+    if finite(total):
+      return int(total)
+    max_steps = self.max_train_steps
+    optimizer = (self.config or {}).get("optimizer")
+    if max_steps is None or not isinstance(optimizer, dict):
+      return max_steps
+    warmup = optimizer.get("warmup_steps")
+    if optimizer.get("warmup_mode") == "prepended" and finite(warmup):
+      return max_steps + int(warmup)
+    return max_steps
+
+  @property
   def final_step(self) -> int | None:
     step = (self.summary or {}).get("final_step")
     if finite(step):
@@ -161,19 +181,30 @@ class Trial:
     return float(value) if finite(value) else None
 
   @functools.cached_property
-  def grad_norms(self) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, unclipped global gradient norm) at step resolution.
-
-    Falls back to the per-log-interval means in metrics.jsonl when
-    grad_norms.jsonl is absent.
-    """
+  def step_rows(self) -> list[dict[str, Any]]:
+    """The rows of grad_norms.jsonl (one per step); [] when absent."""
     rows, problem = _read_jsonl(
         os.path.join(self.run_dir, records.GRAD_NORMS_FILE))
     if problem:
       self.problems.append(problem)
-    if rows:
-      return _series(rows, "train/grad_norm")
-    return self.series("train/grad_norm")
+    return rows
+
+  def step_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) at step resolution from grad_norms.jsonl, falling
+    back to the per-log-interval means in metrics.jsonl when it is absent."""
+    if self.step_rows:
+      return _series(self.step_rows, key)
+    return self.series(key)
+
+  @property
+  def grad_norms(self) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, unclipped global gradient norm) at step resolution."""
+    return self.step_series("train/grad_norm")
+
+  @property
+  def step_losses(self) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, training loss) of every step (or log interval)."""
+    return self.step_series("train/loss")
 
 
 def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:

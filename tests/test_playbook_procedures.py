@@ -1,0 +1,243 @@
+"""The playbook procedures end to end: `python -m tuning_playbook.playbook`,
+then `python -m tuning_playbook.analyze`, with every number a finding reports
+recomputed here from the trials' own records.
+
+lr_sweep and seed_variance train configs/mnist1d_cnn.py for real (150 and
+100 steps); batch_size runs tests/fake_trainer.py, which can run out of
+memory on demand.
+"""
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests import test_analysis_report as browser_checks
+from tuning_playbook import procedures
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CNN = "configs/mnist1d_cnn.py"
+LRS = (0.003, 0.1, 3.0)
+THRESHOLD = 0.5
+
+
+def _env(**extra):
+  path = os.pathsep.join(filter(None, [HERE, REPO, os.environ.get("PYTHONPATH")]))
+  return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2",
+              XLA_FLAGS="--xla_force_host_platform_device_count=1", **extra)
+
+
+def _run(module, *args, env=None, expect=0):
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                          env=env or _env(), capture_output=True, text=True,
+                          timeout=300)
+  if expect is not None:
+    assert result.returncode == expect, result.stderr[-3000:]
+  return result
+
+
+def _playbook(procedure, study_dir, *args, **kwargs):
+  return _run("tuning_playbook.playbook", procedure, f"--config={CNN}",
+              f"--study_dir={study_dir}", *args, **kwargs)
+
+
+def _findings(study_dir):
+  _run("tuning_playbook.analyze", f"--study_dir={study_dir}")
+  with open(os.path.join(study_dir, "report", "findings.json")) as f:
+    payload = json.load(f)
+  with open(os.path.join(study_dir, "report", "index.html")) as f:
+    page = f.read()
+  return {f["id"]: f for f in payload["findings"]}, payload, page
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _rows(study_dir):
+  with open(os.path.join(study_dir, "results.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _steps_to_fit(trial_dir, threshold):
+  """First step whose eval/train/error_rate <= threshold, from metrics.jsonl."""
+  with open(os.path.join(trial_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  steps = sorted(r["step"] for r in rows
+                 if r.get("eval/train/error_rate", 2.0) <= threshold)
+  return steps[0] if steps else None
+
+
+def test_every_procedure_follows_the_protocol():
+  names = procedures.available()
+  assert {"lr_sweep", "seed_variance", "batch_size"} <= set(names)
+  for name in names:
+    module = procedures.load(name)
+    assert module.DESCRIPTION and callable(module.plan) and callable(module.analyze)
+    for argument in module.ARGUMENTS:
+      assert argument.kind in procedures.ARGUMENT_KINDS
+
+
+@pytest.mark.slow
+def test_lr_sweep_then_seed_variance(tmp_path):
+  sweep_dir = str(tmp_path / "lr")
+  _playbook("lr_sweep", sweep_dir, "--learning_rates=" + ",".join(map(str, LRS)),
+            "--steps=150", "--eval_every=10",
+            f"--train_error_threshold={THRESHOLD}", "--run", "--parallel=3")
+  record = _read_json(os.path.join(sweep_dir, "study.json"))
+  assert record["procedure"]["name"] == "lr_sweep"
+  assert record["fixed"]["optimizer.schedule"] == "constant"
+  assert record["fixed"]["optimizer.warmup_steps"] == 0
+  assert record["fixed"]["optimizer.weight_decay"] == 0.0
+  assert record["fixed"]["model.dropout_rate"] == 0.0
+  rows = _rows(sweep_dir)
+  assert len(rows) == 3
+  table = list(csv.DictReader(open(tmp_path / "studies.csv", newline="")))
+  assert table[0]["command"].startswith("python -m tuning_playbook.playbook lr_sweep")
+
+  found, payload, page = _findings(sweep_dir)
+  assert payload["procedure"]["name"] == "lr_sweep"
+  assert 'id="lr_sweep"' in page
+  # The page as a reader sees it: the procedure's section and finding render,
+  # and every image (its plot included) loads.
+  browser = browser_checks.find_chromium()
+  url = "file://" + os.path.abspath(os.path.join(sweep_dir, "report", "index.html"))
+  dom = browser_checks.chromium(browser, "--virtual-time-budget=10000", "--dump-dom",
+                                url, user_data_dir=str(tmp_path / "chromium"))
+  assert dom.returncode == 0, dom.stderr[-2000:]
+  attrs = browser_checks.body_attributes(dom.stdout)
+  assert attrs["data-images-status"] == "ok", attrs
+  assert 'id="lr_sweep"' in dom.stdout
+  fits = {}
+  for row in rows:
+    trial_dir = os.path.join(sweep_dir, "trials", row["trial_id"])
+    config = _read_json(os.path.join(trial_dir, "config.json"))
+    assert config["optimizer"]["schedule"] == "constant"
+    fits[config["optimizer"]["learning_rate"]] = (
+        _steps_to_fit(trial_dir, THRESHOLD) if row["status"] == "completed"
+        else None)
+  reached = {lr: s for lr, s in fits.items() if s is not None}
+  ours = [f for f in found.values() if f["kind"] == "lr_sweep"]
+  reported = {t["learning_rate"]: t["steps_to_fit"]
+              for t in ours[-1]["details"]["trials"]}
+  assert reported == fits
+  assert reached, fits
+  fastest_lr = min(reached, key=lambda lr: (reached[lr], -lr))
+  if fastest_lr in (min(LRS), max(LRS)):
+    assert found["lr_sweep/edge"]["details"]["learning_rate"] == fastest_lr
+  else:
+    finding = found["lr_sweep/max_train_steps"]
+    assert finding["details"]["max_train_steps"] == reached[fastest_lr]
+    assert finding["details"]["learning_rate"] == fastest_lr
+    assert (f"--config.max_train_steps={reached[fastest_lr]}"
+            in finding["command"])
+    assert finding["command"].startswith("python -m tuning_playbook.sweep")
+
+  seeds_dir = str(tmp_path / "seeds")
+  _playbook("seed_variance", seeds_dir, f"--from_study={sweep_dir}",
+            "--num_seeds=2", "--run", "--parallel=2")
+  record = _read_json(os.path.join(seeds_dir, "study.json"))
+  best_id = record["procedure"]["parameters"]["references"][0]["trial_id"]
+  best_config = _read_json(os.path.join(sweep_dir, "trials", best_id,
+                                        "config.json"))
+  values = []
+  for row in _rows(seeds_dir):
+    trial_dir = os.path.join(seeds_dir, "trials", row["trial_id"])
+    config = _read_json(os.path.join(trial_dir, "config.json"))
+    assert config["optimizer"] == best_config["optimizer"]
+    assert config["seed"] != best_config["seed"]
+    values.append(_read_json(os.path.join(trial_dir, "summary.json"))["best_value"])
+  found, _, page = _findings(seeds_dir)
+  assert 'id="seed_variance"' in page
+  details = found[f"seed_variance/trial/{best_id}"]["details"]
+  assert details["std"] == pytest.approx(statistics.stdev(values))
+  assert details["mean"] == pytest.approx(statistics.mean(values))
+  assert details["range"] == pytest.approx(max(values) - min(values))
+  source = sorted((_read_json(os.path.join(sweep_dir, "trials", r["trial_id"],
+                                           "summary.json"))["best_value"],
+                   r["trial_id"]) for r in _rows(sweep_dir)
+                  if r["status"] == "completed")
+  noise = found["seed_variance/within_noise"]["details"]
+  expected = [tid for value, tid in source[1:]
+              if abs(value - source[0][0]) < 2 * statistics.stdev(values)]
+  assert sorted(noise["within_noise"]) == sorted(expected)
+  assert "study_std" in found["seed_variance/study_variance"]["details"]
+
+
+def test_batch_size_stops_at_the_first_batch_that_does_not_fit(tmp_path):
+  study_dir = str(tmp_path / "batch")
+  args = ("--min_batch_size=16", "--max_batch_size=256", "--steps=5",
+          "--trainer_module=fake_trainer", "--run")
+  env = _env(FAKE_TRAINER_OOM_ABOVE_BATCH="64")
+  _playbook("batch_size", study_dir, *args, env=env)
+  rows = _rows(study_dir)
+  assert [r["status"] for r in rows] == [
+      "completed", "completed", "completed", "failed", "pending"]
+  assert "RESOURCE_EXHAUSTED" in rows[3]["reason"]
+  found, _, page = _findings(study_dir)
+  assert 'id="batch_size"' in page and "procedure_batch_size_throughput.png" in page
+  table = {r["batch_size"]: r for r in
+           found["batch_size/throughput"]["details"]["rows"]}
+  throughput = {}
+  for row in rows[:3]:
+    config = _read_json(os.path.join(study_dir, "trials", row["trial_id"],
+                                     "config.json"))
+    perf = _read_json(os.path.join(study_dir, "trials", row["trial_id"],
+                                   "summary.json"))["perf"]
+    b = config["batch_size"]
+    throughput[b] = perf["examples_per_second"]
+    assert table[b]["examples_per_second"] == pytest.approx(perf["examples_per_second"])
+    assert table[b]["seconds_per_step"] == pytest.approx(
+        perf["seconds_timed"] / perf["steps_timed"])
+    assert table[b]["fits"] == "fits"
+  assert table[128]["fits"] == "does not fit"
+  assert table[256]["fits"] == "not run"
+  largest = found["batch_size/largest_feasible"]["details"]
+  assert largest["largest_feasible"] == 64
+  assert largest["does_not_fit"] == [128] and largest["not_launched"] == [256]
+  scaling = found["batch_size/perfect_scaling"]["details"]
+  end = 16
+  for b in (32, 64):
+    if throughput[b] / throughput[b // 2] < 1.8:
+      break
+    end = b
+  assert scaling["perfect_scaling_to"] == end
+  assert scaling["max_throughput_batch_size"] == max(throughput, key=throughput.get)
+  assert "--config.batch_size=64" in found["batch_size/perfect_scaling"]["command"]
+
+  # Relaunching resumes: nothing new runs past the batch that did not fit.
+  _playbook("batch_size", study_dir, *args, env=env)
+  assert [r["status"] for r in _rows(study_dir)][3:] == ["failed", "pending"]
+  # A changed definition is refused, naming the difference.
+  result = _playbook("batch_size", study_dir, "--min_batch_size=16",
+                     "--max_batch_size=128", "--steps=5",
+                     "--trainer_module=fake_trainer", env=env, expect=2)
+  assert "procedure" in result.stderr and "already holds a study" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("nonesuch",), "unknown procedure 'nonesuch'; allowed: batch_size, instability_check, lr_sweep, next_round, seed_variance, warmup"),
+    (("seed_variance",), "--from_study is required by seed_variance"),
+    (("seed_variance", "--from_study={tmp}/empty"), "study.json"),
+    (("seed_variance", "--from_study={tmp}/planned"), "no completed trial"),
+    (("batch_size", "--min_batch_size=24"), "--min_batch_size=24"),
+    (("lr_sweep", "--config.optimizer.schedule=cosine"),
+     "--config.optimizer.schedule=cosine conflicts with lr_sweep"),
+])
+def test_bad_input_exits_2_before_anything_runs(tmp_path, args, message):
+  os.makedirs(tmp_path / "empty")
+  if "planned" in " ".join(args):
+    _playbook("batch_size", str(tmp_path / "planned"), "--max_batch_size=32")
+  study_dir = tmp_path / "study"
+  procedure, *rest = args
+  result = _playbook(procedure, study_dir,
+                     *(a.format(tmp=tmp_path) for a in rest), "--run",
+                     expect=2)
+  assert message in result.stderr
+  assert not os.path.exists(study_dir)

@@ -1,0 +1,194 @@
+"""Study workers sharing a study directory, trial claims, SLURM job arrays."""
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import test_sweep
+from tuning_playbook import slurm
+from tuning_playbook import trial_claims
+
+REPO = test_sweep.REPO
+
+
+def _launches(trial_dir):
+  with open(os.path.join(trial_dir, "log.txt")) as f:
+    return f.read().count("launch:")
+
+
+def _trial_dirs(study_dir):
+  trials = os.path.join(study_dir, "trials")
+  return [os.path.join(trials, t) for t in sorted(os.listdir(trials))]
+
+
+def test_workers_started_at_once_run_every_trial_exactly_once(tmp_path):
+  study_dir = tmp_path / "study"
+  argv = test_sweep._sweep_argv(study_dir, "--num_trials=8", "--worker",
+                                "--config.max_train_steps=10")
+  workers = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env=test_sweep._env(FAKE_TRAINER_STEP_SECONDS="0.02"))
+             for _ in range(3)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=240)
+    assert worker.returncode == 0, err[-3000:]
+  trials = _trial_dirs(study_dir)
+  assert len(trials) == 8
+  for trial in trials:
+    assert test_sweep._starts(trial) == [0]
+    assert _launches(trial) == 1
+    assert not os.path.exists(os.path.join(trial, trial_claims.CLAIM_FILE))
+  rows = test_sweep._read_csv(study_dir / "results.csv")
+  assert [r["status"] for r in rows] == ["completed"] * 8
+
+
+def test_relaunched_worker_resumes_a_killed_workers_trial(tmp_path):
+  study_dir = tmp_path / "study"
+  argv = test_sweep._sweep_argv(study_dir, "--num_trials=2", "--worker",
+                                "--config.max_train_steps=60")
+  trial = str(study_dir / "trials" / "0000")
+  worker = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env=test_sweep._env(FAKE_TRAINER_STEP_SECONDS="0.05"))
+  try:
+    test_sweep._wait_for(lambda: test_sweep._checkpoint_step(trial) >= 3, 90,
+                         "trial 0000 to start")
+  finally:
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+  # The dead worker's claim is left behind, and judged stale on this host.
+  assert trial_claims.read_claim(trial)["pid"] == worker.pid
+  test_sweep._wait_for(lambda: not test_sweep.tracking.is_locked(trial), 20,
+                       "the trial process to exit")
+  test_sweep._sweep(study_dir, "--num_trials=2", "--worker",
+                    "--config.max_train_steps=60")
+  starts = test_sweep._starts(trial)
+  assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 3
+  rows = test_sweep._read_csv(study_dir / "results.csv")
+  assert [r["status"] for r in rows] == ["completed"] * 2
+
+
+def _write_claim(trial_dir, host, pid, age_seconds=0.0):
+  os.makedirs(trial_dir, exist_ok=True)
+  path = os.path.join(trial_dir, trial_claims.CLAIM_FILE)
+  with open(path, "w") as f:
+    json.dump({"host": host, "pid": pid, "token": "old"}, f)
+  then = time.time() - age_seconds
+  os.utime(path, (then, then))
+
+
+def _dead_pid():
+  process = subprocess.Popen([sys.executable, "-c", ""])
+  process.wait()
+  return process.pid
+
+
+def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+  here = socket.gethostname()
+  claim = trial_claims.try_claim(str(tmp_path / "a"))
+  assert claim is not None
+  assert trial_claims.try_claim(str(tmp_path / "a")) is None  # Live owner.
+  claim.release()
+  assert trial_claims.try_claim(str(tmp_path / "a")) is not None
+
+  _write_claim(tmp_path / "dead", here, _dead_pid())
+  assert trial_claims.try_claim(str(tmp_path / "dead")) is not None
+  _write_claim(tmp_path / "elsewhere", "another-host", 1)
+  assert trial_claims.try_claim(str(tmp_path / "elsewhere")) is None
+  _write_claim(tmp_path / "silent", "another-host", 1,
+               age_seconds=trial_claims.STALE_SECONDS + 5)
+  taken = trial_claims.try_claim(str(tmp_path / "silent"))
+  assert taken is not None
+  assert trial_claims.read_claim(str(tmp_path / "silent"))["token"] == taken.token
+
+
+def test_heartbeat_keeps_a_claim_fresh(tmp_path):
+  claim = trial_claims.try_claim(str(tmp_path / "t"))
+  then = time.time() - trial_claims.STALE_SECONDS - 5
+  os.utime(claim.path, (then, then))
+  claim.refresh(now=claim.refreshed + trial_claims.HEARTBEAT_SECONDS + 1)
+  assert not trial_claims.is_stale(str(tmp_path / "t"))
+
+
+def test_emitted_slurm_script_runs_the_study_worker(tmp_path):
+  study_dir = tmp_path / "study"
+  script = tmp_path / "study.sbatch"
+  result = test_sweep._sweep(study_dir, "--num_trials=3",
+                             "--config.max_train_steps=5",
+                             f"--emit_slurm={script}", "--slurm_workers=4",
+                             "--slurm_directive=--time=01:00:00",
+                             "--slurm_directive=#SBATCH --gres=gpu:1")
+  assert f"sbatch {script}" in result.stdout
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  text = script.read_text()
+  lines = text.splitlines()
+  assert lines[0] == "#!/bin/bash"
+  for directive in ("--array=0-3", "--time=01:00:00", "--gres=gpu:1",
+                    "--job-name=study",
+                    f"--output={study_dir / 'slurm' / '%A_%a.out'}"):
+    assert f"#SBATCH {directive}" in lines
+  assert (study_dir / "slurm").is_dir()
+  assert f"cd {shlex.quote(REPO)}" in lines
+  command = shlex.split(lines[-1])
+  assert command[:4] == ["exec", sys.executable, "-m", "tuning_playbook.sweep"]
+  assert command[-2:] == ["--run", "--worker"]
+  for flag in (f"--study_dir={study_dir}", "--num_trials=3", "--seed=0",
+               "--config.max_train_steps=5", "--trainer_module=fake_trainer",
+               f"--config={test_sweep.TINY}"):
+    assert flag in command
+  # Run as a plain script (the #SBATCH lines are comments), it is a worker.
+  subprocess.run(["bash", str(script)], env=test_sweep._env(), check=True,
+                 capture_output=True, timeout=240)
+  rows = test_sweep._read_csv(study_dir / "results.csv")
+  assert [r["status"] for r in rows] == ["completed"] * 3
+
+
+def test_slurm_script_refuses_bad_arguments():
+  with pytest.raises(ValueError, match="num_workers"):
+    slurm.job_array_script(["true"], num_workers=0, job_name="s",
+                           log_dir="/tmp", workdir="/tmp")
+  with pytest.raises(ValueError, match="several lines"):
+    slurm.job_array_script(["true"], num_workers=1, job_name="s",
+                           log_dir="/tmp", workdir="/tmp",
+                           directives=["--time=1\nrm -rf /"])
+
+
+def test_trials_share_one_compilation_cache_and_the_user_setting_wins(tmp_path):
+  from tuning_playbook import study_launch  # pylint: disable=g-import-not-at-top
+  studies = [type("S", (), {"study_dir": str(tmp_path / "study" / v)})()
+             for v in ("adam", "sgd")]
+  env = study_launch.compilation_cache_environment(studies)
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "study" / ".jax_cache")
+  assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
+  try:
+    trial_env = study_launch.trial_environment(studies[:1])
+  finally:
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  assert trial_env["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+  assert trial_env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] == "-1"
+
+
+@pytest.mark.slow
+def test_second_trial_loads_its_programs_from_the_compilation_cache(tmp_path):
+  """Two real trials of the same shapes, one after the other."""
+  study_dir = tmp_path / "study"
+  env = test_sweep._env(JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  test_sweep._sweep(study_dir, "--num_trials=2", "--worker", env=env,
+                    fake=False)
+  cache = study_dir / ".jax_cache"
+  assert len(os.listdir(cache)) > 0
+  first, second = _trial_dirs(study_dir)
+  hits = lambda trial: open(os.path.join(trial, "log.txt")).read().count(
+      "Persistent compilation cache hit")
+  # The first trial compiles (and may hit programs it compiled twice); the
+  # second loads at least its train and eval steps.
+  assert hits(second) >= 2 and hits(second) > hits(first)

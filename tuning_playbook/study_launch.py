@@ -1,0 +1,151 @@
+"""Records planned studies and runs their trials: what every study launcher does.
+
+  studies = study.plan_studies(...)
+  study.write_studies(studies, config)
+  study_launch.launch(studies, table="runs/studies.csv", command=command,
+                      run=True, parallel=2)
+
+writes each study's `results.csv` and tracking-table row, prints one trainer
+command per trial with `print_commands`, and with `run` runs the unfinished
+trials (relaunching resumes), refreshing the records as trials start and end.
+Used by `tuning_playbook.sweep` and `tuning_playbook.playbook`.
+
+Every trial process of a launch shares one JAX persistent compilation cache,
+`<study_dir>/.jax_cache` (the studies' common directory when there are
+several), with no minimum compile time or entry size, so a trial whose
+programs have the shapes of an earlier one loads them instead of compiling.
+`JAX_COMPILATION_CACHE_DIR` and the two minimums, when set, are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+
+from tuning_playbook import study as study_lib
+from tuning_playbook import study_runner
+from tuning_playbook import tracking
+
+# Given the tracking record of a finished trial, whether the trials after it
+# are not to be launched (e.g. a batch size that did not fit in memory).
+StopRule = Callable[[Mapping[str, Any]], bool]
+
+COMPILATION_CACHE_DIR = ".jax_cache"
+
+
+def default_tracking_table(study_dir: str) -> str:
+  """`<parent of study_dir>/studies.csv`: studies side by side share it."""
+  parent = os.path.dirname(os.path.normpath(study_dir)) or "."
+  return os.path.join(parent, tracking.TRACKING_TABLE_FILE)
+
+
+def compilation_cache_environment(studies: Sequence[study_lib.Study]
+                                  ) -> dict[str, str]:
+  """The JAX settings of the shared compilation cache, as environment variables."""
+  root = os.path.commonpath([os.path.abspath(s.study_dir) for s in studies])
+  return {"JAX_COMPILATION_CACHE_DIR": os.path.join(root, COMPILATION_CACHE_DIR),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          # -1: no minimum size, and no backend's own minimum either.
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def trial_environment(studies: Sequence[study_lib.Study]) -> dict[str, str]:
+  """This process's environment with the shared compilation cache added."""
+  return {**compilation_cache_environment(studies), **os.environ}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+  """How to record and run a list of studies."""
+  table: str
+  command: str
+  print_commands: bool = False
+  run: bool = False
+  parallel: int = 1
+  retry_failed: bool = False
+  # With a stop rule, trials run one at a time in order, and none is launched
+  # after a trial whose record satisfies it.
+  stop_rule: StopRule | None = None
+  # A worker: trials another live runner (here or elsewhere) claimed are left
+  # to it, and the launch ends when no unclaimed unfinished trial is left.
+  worker: bool = False
+
+
+def _raise_system_exit(signum, frame):  # pylint: disable=unused-argument
+  sys.exit(128 + signum)
+
+
+def _interleaved_jobs(studies: Sequence[study_lib.Study]
+                      ) -> list[tuple[study_runner.TrialJob, study_lib.Study]]:
+  """Every trial's job, interleaved so every study advances evenly."""
+  out = []
+  for position in range(max(len(s.trials) for s in studies)):
+    for s in studies:
+      if position < len(s.trials):
+        trial = s.trials[position]
+        out.append((study_runner.TrialJob(s.trial_dir(trial),
+                                          s.command(trial, sys.executable)), s))
+  return out
+
+
+def _run_until_stopped(jobs: Sequence[study_runner.TrialJob],
+                       options: LaunchOptions,
+                       on_update: Callable[[study_runner.TrialJob], None],
+                       env: dict[str, str]) -> None:
+  for job in jobs:
+    study_runner.run_trials([job], 1, retry_failed=options.retry_failed,
+                            on_update=on_update, env=env)
+    record = tracking.trial_record(job.trial_dir)
+    if options.stop_rule(record):
+      logging.info("Trial %s: %s (%s); the later trials are not launched.",
+                   job.trial_dir, record["status"], record["reason"])
+      return
+
+
+def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
+  """Records the studies, then prints and/or runs their trials."""
+  def record(s: study_lib.Study) -> list[dict[str, Any]]:
+    rows = tracking.write_results(s)
+    tracking.update_tracking_table(options.table,
+                                   tracking.study_row(s, rows, options.command))
+    return rows
+
+  for s in studies:
+    record(s)
+    logging.info("Study %s: %d trials in %s", s.name, len(s.trials),
+                 s.study_dir)
+  if options.print_commands:
+    for s in studies:
+      for t in s.trials:
+        print(s.command_line(t), flush=True)
+  if options.run:
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    pairs = _interleaved_jobs(studies)
+    owner = {job.trial_dir: s for job, s in pairs}
+    jobs = [job for job, _ in pairs]
+    on_update = lambda job: record(owner[job.trial_dir])
+    env = trial_environment(studies)
+    try:
+      if options.stop_rule is None:
+        study_runner.run_trials(jobs, options.parallel,
+                                retry_failed=options.retry_failed,
+                                on_update=on_update, env=env,
+                                leave_claimed=options.worker)
+      else:
+        _run_until_stopped(jobs, options, on_update, env)
+    finally:
+      for s in studies:
+        record(s)
+  for s in studies:
+    rows = record(s)
+    counts = {}
+    for row in rows:
+      counts[row["status"]] = counts.get(row["status"], 0) + 1
+    logging.info("Study %s: %s; results in %s", s.name,
+                 ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+                 os.path.join(s.study_dir, tracking.RESULTS_FILE))
