@@ -18,16 +18,22 @@ def _run(args, tmp_path, *overrides):
 
 
 def test_step_overhead_prints_a_measured_ratio(tmp_path):
-  result = _run(["benchmarks/step_overhead.py", "--steps_per_round=20", "--rounds=2"],
+  result = _run(["benchmarks/step_overhead.py", "--steps_per_round=20", "--rounds=2",
+                 "--cadence_steps=60"],
                 tmp_path, "--config.data.batches_per_transfer=4")
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert re.fullmatch(r"ratio=\d+\.\d{3}", lines[-1])
-  framework = [float(x) for x in lines[-4].split(":")[1].split()]
-  bare = [float(x) for x in lines[-3].split(":")[1].split()]
+  by_prefix = {line.split(":")[0]: line for line in lines if ":" in line}
+  framework = [float(x) for x in by_prefix["framework steps/s per round"].split(":")[1].split()]
+  bare = [float(x) for x in by_prefix["bare steps/s per round"].split(":")[1].split()]
   assert len(framework) == len(bare) == 2 and min(framework + bare) > 0
   ratio = (framework[0] / bare[0] + framework[1] / bare[1]) / 2
   assert abs(float(lines[-1][6:]) - ratio) < 1e-2
+  fractions = dict(line.split("=") for line in lines if line.endswith(
+      tuple("0123456789")) and line.split("=")[0].endswith("_fraction"))
+  assert set(fractions) == {"eval_fraction", "checkpoint_fraction"}
+  assert all(0 < float(x) < 1 for x in fractions.values())
 
 
 def test_trace_steps_writes_a_trace(tmp_path):
