@@ -37,8 +37,11 @@ from tuning_playbook import cli
 from tuning_playbook import procedures
 from tuning_playbook import search_space as search_space_lib
 from tuning_playbook import study as study_lib
+from tuning_playbook import study_flags
 from tuning_playbook import study_launch
 from tuning_playbook.procedures import from_study
+
+flags.adopt_module_key_flags(study_flags)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file the procedure starts from.", lock_config=True)
@@ -48,19 +51,6 @@ _FROM_STUDY = flags.DEFINE_string(
     "starts from.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the study's sampler.",
                              lower_bound=0)
-_RUN = flags.DEFINE_bool("run", False, "Run the unfinished trials.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once.",
-                                 lower_bound=1)
-_PRINT_COMMANDS = flags.DEFINE_bool(
-    "print_commands", False, "Print one trainer command per trial.")
-_TRACKING_TABLE = flags.DEFINE_string(
-    "tracking_table", None,
-    "CSV with one row per study; default <parent of study_dir>/studies.csv.")
-_TRAINER_MODULE = flags.DEFINE_string(
-    "trainer_module", study_lib.DEFAULT_TRAINER,
-    "Module run as `python -m <module> --config=... --workdir=...`.")
-_RETRY_FAILED = flags.DEFINE_bool(
-    "retry_failed", False, "Run failed trials again (diverged ones stay).")
 
 _DEFINE = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "floats": flags.DEFINE_list, "string": flags.DEFINE_string,
@@ -205,7 +195,7 @@ def main(argv):
         config_path=config_path, config=config, spec=spec,
         study_dir=study_dir, num_trials=plan.num_trials, seed=_SEED.value,
         config_overrides=overrides_passed_on(name, space, base, user),
-        trainer_module=_TRAINER_MODULE.value,
+        trainer_module=study_flags.TRAINER_MODULE.value,
         procedure={"name": name, "parameters": parameters})
     study_lib.write_studies(studies, config)
   except (procedures.ProcedureError, study_lib.StudyError,
@@ -213,12 +203,12 @@ def main(argv):
     cli.fail(str(e))
   command = playbook_command(
       name, config_path, study_dir, _FROM_STUDY.value, _SEED.value,
-      _argument_flags(module.ARGUMENTS, args), user, _TRAINER_MODULE.value)
+      _argument_flags(module.ARGUMENTS, args), user, study_flags.TRAINER_MODULE.value)
   study_launch.launch(studies, study_launch.LaunchOptions(
-      table=(_TRACKING_TABLE.value
+      table=(study_flags.TRACKING_TABLE.value
              or study_launch.default_tracking_table(study_dir)),
-      command=command, print_commands=_PRINT_COMMANDS.value, run=_RUN.value,
-      parallel=_PARALLEL.value, retry_failed=_RETRY_FAILED.value,
+      command=command, print_commands=study_flags.PRINT_COMMANDS.value, run=study_flags.RUN.value,
+      parallel=study_flags.PARALLEL.value, retry_failed=study_flags.RETRY_FAILED.value,
       stop_rule=getattr(module, "stop_rule", None)))
 
 

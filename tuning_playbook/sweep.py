@@ -48,7 +48,10 @@ from tuning_playbook import search_space as search_space_lib
 from tuning_playbook import search_space_file
 from tuning_playbook import slurm
 from tuning_playbook import study as study_lib
+from tuning_playbook import study_flags
 from tuning_playbook import study_launch
+
+flags.adopt_module_key_flags(study_flags)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -60,19 +63,6 @@ _NUM_TRIALS = flags.DEFINE_integer(
     lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the search sequence.",
                              lower_bound=0)
-_RUN = flags.DEFINE_bool("run", False, "Run the unfinished trials.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once.",
-                                 lower_bound=1)
-_PRINT_COMMANDS = flags.DEFINE_bool(
-    "print_commands", False, "Print one trainer command per trial.")
-_TRACKING_TABLE = flags.DEFINE_string(
-    "tracking_table", None,
-    "CSV with one row per study; default <parent of study_dir>/studies.csv.")
-_TRAINER_MODULE = flags.DEFINE_string(
-    "trainer_module", study_lib.DEFAULT_TRAINER,
-    "Module run as `python -m <module> --config=... --workdir=...`.")
-_RETRY_FAILED = flags.DEFINE_bool(
-    "retry_failed", False, "Run failed trials again (diverged ones stay).")
 _WORKER = flags.DEFINE_bool(
     "worker", False, "With --run: leave trials other runners claimed and exit "
     "when no unclaimed unfinished trial is left.")
@@ -115,31 +105,31 @@ def main(argv):
         spec=search_space_file.load(config_path, config, _NUM_TRIALS.value),
         study_dir=study_dir,
         num_trials=_NUM_TRIALS.value, seed=_SEED.value,
-        config_overrides=overrides, trainer_module=_TRAINER_MODULE.value)
+        config_overrides=overrides, trainer_module=study_flags.TRAINER_MODULE.value)
     study_lib.write_studies(studies, config)
   except (study_lib.StudyError, search_space_lib.SearchSpaceError, ValueError) as e:
     cli.fail(str(e))
-  table = _TRACKING_TABLE.value or default_tracking_table(study_dir)
+  table = study_flags.TRACKING_TABLE.value or default_tracking_table(study_dir)
   command = sweep_command(config_path, study_dir,
                           max(len(s.trials) for s in studies), _SEED.value,
-                          overrides, _TRAINER_MODULE.value)
+                          overrides, study_flags.TRAINER_MODULE.value)
   if _EMIT_SLURM.value:
     _write_slurm_script(_EMIT_SLURM.value, command, study_dir)
   study_launch.launch(studies, study_launch.LaunchOptions(
-      table=table, command=command, print_commands=_PRINT_COMMANDS.value,
-      run=_RUN.value or _WORKER.value, parallel=_PARALLEL.value,
-      retry_failed=_RETRY_FAILED.value, worker=_WORKER.value))
+      table=table, command=command, print_commands=study_flags.PRINT_COMMANDS.value,
+      run=study_flags.RUN.value or _WORKER.value, parallel=study_flags.PARALLEL.value,
+      retry_failed=study_flags.RETRY_FAILED.value, worker=_WORKER.value))
 
 
 def _write_slurm_script(path: str, command: str, study_dir: str) -> None:
   """Writes the job array whose tasks run this study's worker command."""
   argv = [sys.executable] + shlex.split(command)[1:] + ["--worker"]
-  if _PARALLEL.value > 1:
-    argv.append(f"--parallel={_PARALLEL.value}")
-  if _RETRY_FAILED.value:
+  if study_flags.PARALLEL.value > 1:
+    argv.append(f"--parallel={study_flags.PARALLEL.value}")
+  if study_flags.RETRY_FAILED.value:
     argv.append("--retry_failed")
-  if _TRACKING_TABLE.value:
-    argv.append(f"--tracking_table={_TRACKING_TABLE.value}")
+  if study_flags.TRACKING_TABLE.value:
+    argv.append(f"--tracking_table={study_flags.TRACKING_TABLE.value}")
   log_dir = os.path.abspath(os.path.join(study_dir, "slurm"))
   os.makedirs(log_dir, exist_ok=True)
   text = slurm.job_array_script(

@@ -1,0 +1,20 @@
+"""Command-line flags shared by the study launchers (`sweep`, `playbook`):
+whether and how to run a study's trials, and where its row goes."""
+
+from absl import flags
+
+from tuning_playbook import study as study_lib
+
+RUN = flags.DEFINE_bool("run", False, "Run the unfinished trials.")
+PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once.",
+                                lower_bound=1)
+PRINT_COMMANDS = flags.DEFINE_bool(
+    "print_commands", False, "Print one trainer command per trial.")
+TRACKING_TABLE = flags.DEFINE_string(
+    "tracking_table", None,
+    "CSV with one row per study; default <parent of study_dir>/studies.csv.")
+TRAINER_MODULE = flags.DEFINE_string(
+    "trainer_module", study_lib.DEFAULT_TRAINER,
+    "Module run as `python -m <module> --config=... --workdir=...`.")
+RETRY_FAILED = flags.DEFINE_bool(
+    "retry_failed", False, "Run failed trials again (diverged ones stay).")
