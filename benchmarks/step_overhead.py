@@ -75,8 +75,8 @@ def cadence_fractions(config, workload, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     trainer = train.Trainer(config, workdir, workload)
     trainer.evaluator.evaluate = _timed(trainer.evaluator.evaluate, totals, "eval")
-    trainer.ckpt.save = _timed(trainer.ckpt.save, totals, "checkpoint")
-    trainer.ckpt.wait = _timed(trainer.ckpt.wait, totals, "checkpoint")
+    trainer.records.ckpt.save = _timed(trainer.records.ckpt.save, totals, "checkpoint")
+    trainer.records.ckpt.wait = _timed(trainer.records.ckpt.wait, totals, "checkpoint")
     trainer.finish(trainer.train(trainer.total_steps))
     wall = time.perf_counter() - start
   return {"wall_seconds": wall, "steps": trainer.total_steps,

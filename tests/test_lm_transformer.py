@@ -210,8 +210,8 @@ def test_train_eval_checkpoint_and_resume_on_mock_lm1b(tmp_path, monkeypatch, ca
     # Interrupted after the eval and checkpoint at step 2, then resumed.
     trainer = train.Trainer(config, workdir, train.validate_before_compiling(config))
     assert trainer.train(2) is None
-    trainer.ckpt.wait()
-    trainer.ckpt.close()
+    trainer.records.ckpt.wait()
+    trainer.records.ckpt.close()
     with caplog.at_level(logging.INFO):
       summary = train.train_and_evaluate(config, workdir)
   assert "Resumed from checkpoint at step 2." in caplog.text

@@ -58,7 +58,7 @@ def test_step_flops_match_a_hand_count_and_compile_once(data_dir, tmp_path):
   config = mlp_config(data_dir)
   trainer = train.Trainer(config, str(tmp_path), train.validate_before_compiling(config))
   trainer.train(40)
-  flops = trainer.throughput.flops_per_step
+  flops = trainer.records.throughput.flops_per_step
   expected = hand_count_flops(BATCH)  # 32.8 MFLOPs.
   # XLA counts every multiply-add of the dots, so never less than the hand
   # count; the rest is elementwise work: Adam's update (about 20 FLOPs per
@@ -80,7 +80,7 @@ def test_perf_metrics_of_an_interval_match_its_wall_time(data_dir, tmp_path):
   trainer.finish(None)
   rows = {r["step"]: r for r in helpers.read_jsonl(str(tmp_path / "metrics.jsonl"))}
   row = rows[40]
-  flops_per_step = trainer.throughput.flops_per_step
+  flops_per_step = trainer.records.throughput.flops_per_step
   assert row["perf/examples_per_second"] > 0 and row["perf/flops_per_second"] > 0
   steps_per_second = row["perf/examples_per_second"] / BATCH
   assert row["perf/flops_per_second"] == pytest.approx(flops_per_step * steps_per_second,

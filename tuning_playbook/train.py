@@ -22,21 +22,17 @@ evals and checkpoints are not in it.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tuning_playbook import checkpointing
 from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
 from tuning_playbook import distributed
@@ -49,27 +45,13 @@ from tuning_playbook import records
 from tuning_playbook import sharding
 from tuning_playbook import synthetic_data
 from tuning_playbook import throughput
+from tuning_playbook import trial_records
 from tuning_playbook import train_step as train_step_lib
 from tuning_playbook import watchdog
 from tuning_playbook import workload as workload_lib
 
-class ResumeError(ValueError):
-  """The run in the work directory cannot be resumed as configured now."""
-
-
-@dataclasses.dataclass
-class BestCheckpoint:
-  """The best eval so far by the configured metric (retrospective selection)."""
-  metric: str
-  mode: str
-  step: int | None = None
-  value: float | None = None
-
-  def update(self, step: int, value: float) -> None:
-    new = checkpointing.checkpoint_rank(value, step, self.mode)
-    if self.step is None or new > checkpointing.checkpoint_rank(
-        self.value, self.step, self.mode):
-      self.step, self.value = step, value
+ResumeError = trial_records.ResumeError
+BestCheckpoint = trial_records.BestCheckpoint
 
 
 def validate_before_compiling(config: ml_collections.ConfigDict) -> workload_lib.Workload:
@@ -87,29 +69,7 @@ def validate_before_compiling(config: ml_collections.ConfigDict) -> workload_lib
   return workload
 
 
-def _window_row(step: int, window: list[dict[str, Any]]) -> dict[str, float]:
-  losses = np.array([m["train/loss"] for m in window], np.float64)
-  norms = np.array([m["train/grad_norm"] for m in window], np.float64)
-  return {"step": step,
-          "train/loss": float(np.mean(losses)),
-          "train/grad_norm": float(np.mean(norms)),
-          "train/grad_norm_max": float(np.max(norms)),
-          "train/clipped_fraction": float(np.mean([m["train/clipped"] for m in window])),
-          "train/learning_rate": float(window[-1]["train/learning_rate"])}
-
-
-def _divergence(first_step: int, window: list[dict[str, Any]],
-                threshold: float) -> str | None:
-  for i, m in enumerate(window):
-    loss = float(m["train/loss"])
-    if not math.isfinite(loss) or loss > threshold:
-      return (f"train/loss={loss!r} at step {first_step + i} (steps "
-              f"{first_step}..{first_step + len(window) - 1} fetched; "
-              f"divergence_loss_threshold={threshold!r})")
-  return None
-
-
-def _make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSplit]:
+def make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSplit]:
   local_batch = config_schema.resolved_eval_batch_size(config) // jax.process_count()
   if config.data.synthetic:
     # Random labels score the same on any number of examples: one batch of
@@ -131,14 +91,14 @@ def _make_eval_splits(config, workload, builder) -> list[input_pipeline.EvalSpli
   return [validation, train_subset, test]
 
 
-def _in_memory_data(config, workload) -> bool:
+def in_memory_data(config, workload) -> bool:
   """Whether the data set is held in memory: the train stream as numpy
   arrays, the eval batches on the devices."""
   return (not config.data.synthetic and config.data.cache
           and not workload.custom_preprocess)
 
 
-def _make_train_stream(config, workload, builder):
+def make_train_stream(config, workload, builder):
   """Random batches for synthetic data; in-memory arrays when nothing runs
   per example; else tf.data."""
   common = dict(seed=config.seed,
@@ -147,7 +107,7 @@ def _make_train_stream(config, workload, builder):
   if config.data.synthetic:
     return synthetic_data.SyntheticTrainStream(
         synthetic_data.workload_spec(config, workload), **common)
-  if _in_memory_data(config, workload):
+  if in_memory_data(config, workload):
     return in_memory_stream.InMemoryTrainStream(
         builder, workload.splits["train"], input_key=workload.input_key,
         label_key=workload.label_key, **common)
@@ -174,7 +134,7 @@ class Trainer:
     replicated = sharding.replicated(mesh)
     builder = (None if config.data.synthetic else
                input_pipeline.prepare_dataset(workload.dataset_builder, config))
-    self.stream = _make_train_stream(config, workload, builder)
+    self.stream = make_train_stream(config, workload, builder)
 
     model = workload.create_model(config)
     self.compute_dtype = workload_lib.compute_dtype(config).name
@@ -190,33 +150,27 @@ class Trainer:
     abstract_state = jax.eval_shape(init_fn)
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
     # The run's directory is claimed only once its config is known to work.
-    records.check_or_write_config(workdir, config, write=self.is_writer)
-    if self.is_writer:
-      records.remove_unfinished_summary(workdir)
-
-    self.ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, records.CHECKPOINTS_DIR), num_best=config.num_best_checkpoints,
-        best_metric=config.best_metric, best_mode=config.best_mode)
-    self.best = BestCheckpoint(config.best_metric, config.best_mode)
+    self.records = trial_records.TrialRecords(
+        config, workdir, stream=self.stream, is_writer=self.is_writer,
+        device_kind=jax.devices()[0].device_kind, device_count=jax.device_count())
     self.watchdog = watchdog.Watchdog(config.step_watchdog_seconds,
                                       floor_seconds=config.watchdog_floor_seconds)
-    latest = self.ckpt.latest_step()
+    latest = self.records.latest_step()
     if latest is None:
       self.state = jax.jit(init_fn, out_shardings=state_sharding)()
       self.step = 0
     else:
-      self._restore(latest, abstract_state, state_sharding)
+      self.state = self.records.restore(latest, jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract_state, state_sharding))
+      self.step = self.records.step
+      logging.info("Resumed from checkpoint at step %d.", self.step)
 
     # Every process must resume from the same step (a shared file system that
     # is not shared, say, would silently split the job).
     distributed.agree("resume", str(self.step), timeout_seconds=max(
         600.0, config.step_watchdog_seconds, config.watchdog_floor_seconds))
-    self.metrics_log = records.StepLog(
-        os.path.join(workdir, records.METRICS_FILE), self.is_writer)
-    self.grad_log = records.StepLog(
-        os.path.join(workdir, records.GRAD_NORMS_FILE), self.is_writer)
-    self.metrics_log.truncate_after(self.step)
-    self.grad_log.truncate_after(self.step)
+    self.records.open_logs()
 
     self.step_fn = train_step_lib.make_train_step(
         model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn,
@@ -232,13 +186,11 @@ class Trainer:
     self.evaluator = evaluation.Evaluator(
         train_step_lib.make_eval_step(model, workload.loss_fn, workload.correct_fn,
                                       workload.weights_fn),
-        _make_eval_splits(config, workload, builder), mesh, state_sharding,
-        on_device=_in_memory_data(config, workload))
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_writer)
+        make_eval_splits(config, workload, builder), mesh, state_sharding,
+        on_device=in_memory_data(config, workload))
     # Called at log steps only, which is all it needs to report steps/s.
     self.report_progress = periodic_actions.ReportProgress(
-        num_train_steps=self.total_steps, writer=self.writer,
+        num_train_steps=self.total_steps, writer=self.records.writer,
         every_steps=None, every_secs=None,
         on_steps=range(0, self.total_steps + 1, config.log_every_steps))
     k = config.data.batches_per_transfer
@@ -248,30 +200,10 @@ class Trainer:
         stacked_sharding, size=config.data.prefetch_batches)
     self._transfer = None
     self._compiled = False
-    self.throughput = throughput.ThroughputMonitor(
-        config.batch_size, config.input_bound_warning_fraction,
-        device_kind=jax.devices()[0].device_kind, device_count=jax.device_count())
     self.profiler = profiling.StepProfiler(
         config_schema.profile_step_range(config)
         if self.is_writer or config.profile_all_processes else None,
         profiling.profile_dir(workdir, jax.process_index()), self.step)
-
-  def _restore(self, step: int, abstract_state, state_sharding) -> None:
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, state_sharding)
-    self.state, meta = self.ckpt.restore(step, target)
-    self.step = int(meta["step"])
-    self.best.step, self.best.value = meta["best_step"], meta["best_value"]
-    saved = meta["stream_layout"]
-    if saved != self.stream.layout:
-      raise ResumeError(
-          f"checkpoint {step} in {self.ckpt.directory} was written with training "
-          f"streams of {saved} examples per epoch (one entry per host stream), "
-          f"now {self.stream.layout}: the data or the process count changed, so "
-          "the data order cannot be resumed. Relaunch with the process count "
-          "the run started with, or use a new --workdir.")
-    logging.info("Resumed from checkpoint at step %d.", self.step)
 
   def train(self, until_step: int) -> str | None:
     """Trains up to `until_step`; returns the divergence reason, if any."""
@@ -333,7 +265,7 @@ class Trainer:
     """
     compiled = self.train_step.lower(
         self.state, self._transfer, self.metrics_buffer).compile()
-    self.throughput.set_step_flops(throughput.step_flops(compiled, jax.device_count()))
+    self.records.throughput.set_step_flops(throughput.step_flops(compiled, jax.device_count()))
     self._compiled = True
 
   def _log(self, first: int, is_eval: bool, started: float,
@@ -348,64 +280,36 @@ class Trainer:
 
   def _log_allowed(self, first: int, is_eval: bool, started: float,
                    input_wait: float) -> str | None:
-    step, config = self.step, self.config
+    step = self.step
     self.watchdog.begin("log", "the metrics of steps {}..{}", first, step)
     buffer = np.asarray(jax.device_get(self.metrics_buffer))
     # The fetch waited for the interval's last step: its time is all the steps'.
     seconds = time.perf_counter() - started
     rows = buffer[[(s - 1) % len(buffer) for s in range(first, step + 1)]]
     fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
-    self.grad_log.append(
-        {"step": first + i, "train/grad_norm": m["train/grad_norm"],
-         "train/loss": m["train/loss"]} for i, m in enumerate(fetched))
-    row = _window_row(step, fetched)
-    row.update(self.throughput.interval(first, step, seconds, input_wait))
-    reason = _divergence(first, fetched, config.divergence_loss_threshold)
-    if reason is None and is_eval:
-      self.watchdog.begin("eval", "the eval and checkpoint at step {}", step)
-      # The moving averages evaluated and saved must be the same everywhere.
-      sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
-      with self.report_progress.timed("eval"):
-        row.update(self.evaluator.evaluate(self.state))
-        if config.ema_decay > 0:
-          row.update(self.evaluator.evaluate(
-              train_step_lib.ema_state(self.state), prefix="eval_ema"))
-      value = row[config.best_metric]
-      self.best.update(step, value)
-      meta = {"step": step, "best_step": self.best.step,
-              "best_value": self.best.value,
-              "data_position": self.stream.position(step).to_json(),
-              "stream_layout": self.stream.layout}
-      self.ckpt.save(step, self.state, meta, {config.best_metric: value})
-    self.metrics_log.append([row])
-    self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
-    return reason
+    return self.records.log(first, step, fetched, seconds=seconds,
+                            input_wait=input_wait,
+                            evaluate=self._evaluate if is_eval else None)
+
+  def _evaluate(self) -> tuple[dict[str, float], train_step_lib.TrainState]:
+    """The eval metrics at this step, and the state to checkpoint."""
+    self.watchdog.begin("eval", "the eval and checkpoint at step {}", self.step)
+    # The moving averages evaluated and saved must be the same everywhere.
+    sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
+    with self.report_progress.timed("eval"):
+      metrics = self.evaluator.evaluate(self.state)
+      if self.config.ema_decay > 0:
+        metrics.update(self.evaluator.evaluate(
+            train_step_lib.ema_state(self.state), prefix="eval_ema"))
+    return metrics, self.state
 
   def finish(self, reason: str | None) -> dict[str, Any]:
     """Waits for pending checkpoints, then writes and returns the summary."""
     self.profiler.close(self.state, self.step)
     with self.watchdog:
       self.watchdog.begin("finish", "the last checkpoint writes (Orbax)")
-      self.ckpt.wait()
-      self.ckpt.close()
-    self.writer.flush()
-    best = self.best
-    summary = {
-        "status": records.COMPLETED if reason is None else records.DIVERGED,
-        "reason": reason, "best_step": best.step,
-        "best_metric": self.config.best_metric, "best_mode": self.config.best_mode,
-        "best_value": best.value, "final_step": self.step,
-        "max_train_steps": self.config.max_train_steps,
-        "total_train_steps": self.total_steps,
-        "best_checkpoint": (self.ckpt.step_path(best.step)
-                            if best.step is not None else None),
-    }
-    summary.update(self.throughput.summary())
-    summary["perf"]["compute_dtype"] = self.compute_dtype
-    self.throughput.log_input_bound()
-    if self.is_writer:
-      records.write_summary(self.workdir, summary)
-    return summary
+      self.records.wait_for_checkpoints()
+    return self.records.finish(reason, self.compute_dtype)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
