@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from typing import Any
 
 from absl import flags
+from absl import logging
 
 BAD_INPUT_EXIT_CODE = 2
 
@@ -40,3 +42,15 @@ def loaded_config(config_flag: flags.FlagHolder) -> Any:
     return config
   except (OSError, KeyError, AttributeError, TypeError, ValueError) as e:
     fail(f"--config could not be loaded: {e}")
+
+
+class QuietLibraries(std_logging.Filter):
+  """Keeps Orbax's per-save INFO lines out of the progress log."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Filters library chatter out of absl's log handler."""
+  logging.get_absl_handler().addFilter(QuietLibraries())

@@ -63,23 +63,48 @@ class Evaluator:
     self._device_batches = ({split.name: list(self._global_batches(split))
                              for split in self.splits} if on_device else None)
 
+  def for_step(self, eval_step: Callable, state_sharding: Any) -> Evaluator:
+    """An evaluator of another eval step over the same splits, sharing the
+    batches kept on the devices (e.g. one trial's step beside a population's)."""
+    other = Evaluator.__new__(Evaluator)
+    other.splits, other._mesh = self.splits, self._mesh
+    other._batch_sharding = self._batch_sharding
+    other._device_batches = self._device_batches
+    other.compiled_step = jax.jit(
+        eval_step, in_shardings=(state_sharding, self._batch_sharding),
+        out_shardings=sharding.replicated(self._mesh))
+    return other
+
   def _global_batches(self, split: input_pipeline.EvalSplit):
     for local_batch in split.batches():
       yield sharding.to_global(local_batch, self._batch_sharding)
 
   def evaluate(self, state, prefix: str = "eval") -> dict[str, float]:
     """Every split's metrics, keyed `<prefix>/<split>/<metric>`."""
-    results = {}
+    return self._evaluate(state, prefix, num_trials=None)[0]
+
+  def evaluate_population(self, state, num_trials: int,
+                          prefix: str = "eval") -> list[dict[str, float]]:
+    """Each trial's metrics, for a step whose sums have a leading trial axis
+    (an eval step under `jax.vmap`, see population.py)."""
+    return self._evaluate(state, prefix, num_trials=num_trials)
+
+  def _evaluate(self, state, prefix: str,
+                num_trials: int | None) -> list[dict[str, float]]:
+    results = [{} for _ in range(num_trials or 1)]
     for split in self.splits:
       batches = (self._global_batches(split) if self._device_batches is None
                  else self._device_batches[split.name])
       sums = [self.compiled_step(state, batch) for batch in batches]
       fetched = jax.device_get(sums)
-      total = {k: float(np.sum([np.float64(s[k]) for s in fetched]))
-               for k in fetched[0]}
-      if round(total["num_examples"]) != split.total_examples:
-        raise RuntimeError(
-            f"eval split {split.name!r} weighed {total['num_examples']} "
-            f"examples, expected {split.total_examples}")
-      results.update(metrics_from_sums(split.name, **total, prefix=prefix))
+      totals = {k: np.sum(np.stack([np.asarray(s[k], np.float64) for s in fetched]),
+                          axis=0) for k in fetched[0]}
+      for i, result in enumerate(results):
+        total = {k: float(v if num_trials is None else v[i])
+                 for k, v in totals.items()}
+        if round(total["num_examples"]) != split.total_examples:
+          raise RuntimeError(
+              f"eval split {split.name!r} weighed {total['num_examples']} "
+              f"examples, expected {split.total_examples}")
+        result.update(metrics_from_sums(split.name, **total, prefix=prefix))
     return results

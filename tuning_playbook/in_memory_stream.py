@@ -14,6 +14,7 @@ on the number of hosts, and resuming at step s needs no iterator state.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterator
 
 import numpy as np
@@ -51,6 +52,12 @@ class InMemoryTrainStream:
     self.layout = [self.examples_per_epoch]  # One global order, any host count.
     if self.examples_per_epoch == 0:
       raise ValueError(f"split {split!r} has no examples")
+
+  def with_seed(self, seed: int) -> InMemoryTrainStream:
+    """The same examples (shared, not copied) in the order of another seed."""
+    other = copy.copy(self)
+    other._seed = input_pipeline.host_seed(seed, 0)  # pylint: disable=protected-access
+    return other
 
   def position(self, step: int) -> input_pipeline.DataPosition:
     start = step * self.global_batch_size

@@ -7,7 +7,6 @@ Relaunching the same command resumes from the latest checkpoint; a finished
 run is left as it is.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -32,17 +31,10 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps Orbax's per-save INFO lines out of the progress log."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_library_logs()
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   config = cli.loaded_config(_CONFIG)
   cpu_devices.configure_thread_pool()  # Before the backend starts.

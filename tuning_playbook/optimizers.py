@@ -185,6 +185,15 @@ def _fail(key: str, value, allowed) -> None:
       f"config.{key}={value!r} is invalid: allowed: {', '.join(allowed)}")
 
 
+def hyperparameter_values(optimizer_config: ml_collections.ConfigDict,
+                          max_train_steps: int) -> dict[str, float]:
+  """The values `init` puts in the state, by the names in `HYPERPARAMETERS`."""
+  values = {k: float(optimizer_config[k]) for k in HYPERPARAMETERS}
+  values["decay_steps"] = float(
+      resolved_decay_steps(optimizer_config, max_train_steps))
+  return values
+
+
 def create_optimizer(optimizer_config: ml_collections.ConfigDict,
                      max_train_steps: int) -> optax.GradientTransformation:
   """The optimizer that `config.optimizer` names, with its schedule built in.
@@ -212,9 +221,7 @@ def create_optimizer(optimizer_config: ml_collections.ConfigDict,
     _fail("optimizer.weight_decay_type", weight_decay_type,
           config_schema.WEIGHT_DECAY_TYPES)
   initial_moments, rule = _RULES[name]
-  values = {k: float(optimizer_config[k]) for k in HYPERPARAMETERS}
-  values["decay_steps"] = float(
-      resolved_decay_steps(optimizer_config, max_train_steps))
+  values = hyperparameter_values(optimizer_config, max_train_steps)
 
   def init_fn(params):
     moments = {

@@ -204,12 +204,17 @@ def main(argv):
   command = playbook_command(
       name, config_path, study_dir, _FROM_STUDY.value, _SEED.value,
       _argument_flags(module.ARGUMENTS, args), user, study_flags.TRAINER_MODULE.value)
-  study_launch.launch(studies, study_launch.LaunchOptions(
-      table=(study_flags.TRACKING_TABLE.value
-             or study_launch.default_tracking_table(study_dir)),
-      command=command, print_commands=study_flags.PRINT_COMMANDS.value, run=study_flags.RUN.value,
-      parallel=study_flags.PARALLEL.value, retry_failed=study_flags.RETRY_FAILED.value,
-      stop_rule=getattr(module, "stop_rule", None)))
+  try:
+    study_launch.launch(studies, study_launch.LaunchOptions(
+        table=(study_flags.TRACKING_TABLE.value
+               or study_launch.default_tracking_table(study_dir)),
+        command=command, print_commands=study_flags.PRINT_COMMANDS.value,
+        run=study_flags.RUN.value, parallel=study_flags.PARALLEL.value,
+        retry_failed=study_flags.RETRY_FAILED.value,
+        stop_rule=getattr(module, "stop_rule", None),
+        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value))
+  except study_launch.LaunchError as e:
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":

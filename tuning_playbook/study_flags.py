@@ -18,3 +18,13 @@ TRAINER_MODULE = flags.DEFINE_string(
     "Module run as `python -m <module> --config=... --workdir=...`.")
 RETRY_FAILED = flags.DEFINE_bool(
     "retry_failed", False, "Run failed trials again (diverged ones stay).")
+VECTORIZE = flags.DEFINE_integer(
+    "vectorize", 1, "With --run: train up to this many trials of one structure "
+    "at once, as one compiled program (population.py).", lower_bound=1)
+ISOLATION = flags.DEFINE_enum(
+    "isolation", "auto", ["auto", "worker", "process"],
+    "With --run: `worker` trains trials one after another (or --vectorize at "
+    "a time) in --parallel long-lived worker processes; `process` starts one "
+    "trainer process per trial (for flaky user code, custom --trainer_module "
+    "and procedures that stop early); `auto` picks worker unless one of those "
+    "needs process.")

@@ -36,6 +36,7 @@ from tuning_playbook import tracking
 StopRule = Callable[[Mapping[str, Any]], bool]
 
 COMPILATION_CACHE_DIR = ".jax_cache"
+WORKER_LOGS_DIR = "workers"
 
 
 def default_tracking_table(study_dir: str) -> str:
@@ -74,6 +75,54 @@ class LaunchOptions:
   # A worker: trials another live runner (here or elsewhere) claimed are left
   # to it, and the launch ends when no unclaimed unfinished trial is left.
   worker: bool = False
+  # Trials trained at once as one population (study workers only).
+  vectorize: int = 1
+  # "worker", "process" or "auto" (see resolve_isolation).
+  isolation: str = "auto"
+
+
+class LaunchError(ValueError):
+  """Launch options that do not go together."""
+
+
+def resolve_isolation(studies: Sequence[study_lib.Study],
+                      options: LaunchOptions) -> str:
+  """"worker" or "process": how the trials run.
+
+  Study workers (study_worker.py) run the framework's own trainer and run
+  every trial; a custom trainer module, or a stop rule that must see each
+  trial end before launching the next, needs one process per trial.
+  """
+  custom = [s.trainer_module for s in studies
+            if s.trainer_module != study_lib.DEFAULT_TRAINER]
+  needs_process = (f"--trainer_module={custom[0]}" if custom else
+                   "a procedure that stops early" if options.stop_rule else None)
+  isolation = options.isolation
+  if isolation == "auto":
+    isolation = "process" if needs_process else "worker"
+  if isolation == "worker" and needs_process:
+    raise LaunchError(f"--isolation=worker cannot run {needs_process}: use "
+                      "--isolation=process")
+  if options.vectorize > 1 and isolation != "worker":
+    raise LaunchError(
+        f"--vectorize={options.vectorize} trains trials in study workers, "
+        f"but these trials run one process each ({needs_process or '--isolation=process'})")
+  return isolation
+
+
+def worker_command(studies: Sequence[study_lib.Study],
+                   options: LaunchOptions) -> list[str]:
+  """The study worker command line that trains these studies' trials."""
+  first = studies[0]
+  argv = [sys.executable, "-m", "tuning_playbook.study_worker",
+          f"--config={first.config_path}"]
+  argv += [f"--study_dir={s.study_dir}" for s in studies]
+  argv.append(f"--vectorize={options.vectorize}")
+  if options.retry_failed:
+    argv.append("--retry_failed")
+  argv += [f"--config.{k}={study_lib.format_override(v)}"
+           for k, v in first.config_overrides.items()]
+  return argv
 
 
 def _raise_system_exit(signum, frame):  # pylint: disable=unused-argument
@@ -108,7 +157,12 @@ def _run_until_stopped(jobs: Sequence[study_runner.TrialJob],
 
 
 def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
-  """Records the studies, then prints and/or runs their trials."""
+  """Records the studies, then prints and/or runs their trials.
+
+  Raises LaunchError, before anything is written, for options that do not
+  go together.
+  """
+  isolation = resolve_isolation(studies, options) if options.run else None
   def record(s: study_lib.Study) -> list[dict[str, Any]]:
     rows = tracking.write_results(s)
     tracking.update_tracking_table(options.table,
@@ -131,7 +185,13 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
     on_update = lambda job: record(owner[job.trial_dir])
     env = trial_environment(studies)
     try:
-      if options.stop_rule is None:
+      if isolation == "worker":
+        root = os.path.commonpath([os.path.abspath(s.study_dir) for s in studies])
+        study_runner.run_workers(
+            worker_command(studies, options), options.parallel,
+            log_dir=os.path.join(root, WORKER_LOGS_DIR), env=env,
+            on_poll=lambda: [record(s) for s in studies])
+      elif options.stop_rule is None:
         study_runner.run_trials(jobs, options.parallel,
                                 retry_failed=options.retry_failed,
                                 on_update=on_update, env=env,

@@ -53,11 +53,11 @@ class TrialJob:
   argv: Sequence[str]
 
 
-def _now() -> str:
+def now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def _write_runner_file(trial_dir: str, **fields) -> None:
+def write_runner_file(trial_dir: str, **fields) -> None:
   atomic_files.write_json(os.path.join(trial_dir, tracking.RUNNER_FILE), fields)
 
 
@@ -78,7 +78,7 @@ def _die_with_parent_fn() -> Callable[[], None] | None:
   return preexec
 
 
-def _try_lock(trial_dir: str) -> int | None:
+def try_lock(trial_dir: str) -> int | None:
   """An fd holding the trial's exclusive lock, or None if someone holds it."""
   os.makedirs(trial_dir, exist_ok=True)
   fd = os.open(os.path.join(trial_dir, tracking.LOCK_FILE),
@@ -109,7 +109,7 @@ def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
 def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
             cwd: str | None, env: dict[str, str] | None) -> _Running | None:
   """Starts the trial; None (recorded as failed) if it cannot be started."""
-  started = _now()
+  started = now()
   with open(os.path.join(job.trial_dir, tracking.LOG_FILE), "ab") as log:
     log.write(f"=== {started} launch: {' '.join(job.argv)}\n".encode())
     log.flush()
@@ -120,22 +120,22 @@ def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
           preexec_fn=_die_with_parent_fn())
     except (OSError, subprocess.SubprocessError) as e:
       log.write(f"could not start the trial: {e}\n".encode())
-      _write_runner_file(job.trial_dir, status="exited", returncode=None,
+      write_runner_file(job.trial_dir, status="exited", returncode=None,
                          error=f"could not start the trial: {e}",
-                         started=started, finished=_now(),
+                         started=started, finished=now(),
                          command=list(job.argv))
       os.close(lock_fd)
       claim.release()
       return None
-  _write_runner_file(job.trial_dir, status="running", pid=process.pid,
+  write_runner_file(job.trial_dir, status="running", pid=process.pid,
                      started=started, command=list(job.argv))
   return _Running(job, process, lock_fd, started, claim)
 
 
 def _finish(run: _Running) -> None:
-  _write_runner_file(run.job.trial_dir, status="exited",
+  write_runner_file(run.job.trial_dir, status="exited",
                      returncode=run.process.returncode, started=run.started,
-                     finished=_now(), command=list(run.job.argv))
+                     finished=now(), command=list(run.job.argv))
   os.close(run.lock_fd)
   run.claim.release()
 
@@ -151,9 +151,9 @@ def _stop_all(running: list[_Running]) -> None:
     except subprocess.TimeoutExpired:
       run.process.kill()
       run.process.wait()
-    _write_runner_file(run.job.trial_dir, status="interrupted",
+    write_runner_file(run.job.trial_dir, status="interrupted",
                        returncode=run.process.returncode, started=run.started,
-                       finished=_now(), command=list(run.job.argv))
+                       finished=now(), command=list(run.job.argv))
     os.close(run.lock_fd)
     run.claim.release()
 
@@ -185,7 +185,7 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
         claim = trial_claims.try_claim(job.trial_dir)
         if claim is None and leave_claimed:
           continue  # Another runner, here or on another machine, has it.
-        lock_fd = None if claim is None else _try_lock(job.trial_dir)
+        lock_fd = None if claim is None else try_lock(job.trial_dir)
         if lock_fd is None:  # Run by another runner, or still shutting down.
           if claim is not None:
             claim.release()
@@ -219,3 +219,49 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
     _stop_all(running)
     raise
   return launched
+
+
+def run_workers(argv: Sequence[str], count: int, *, log_dir: str,
+                cwd: str | None = None, env: dict[str, str] | None = None,
+                on_poll: Callable[[], None] | None = None,
+                poll_seconds: float = 2.0) -> list[int]:
+  """Runs `count` copies of a study worker command until all exit.
+
+  Returns their exit statuses. Worker i writes its output to
+  `<log_dir>/worker-<i>.log` (appended); like trial processes, workers get
+  SIGTERM when this process dies. `on_poll()` runs every `poll_seconds`
+  (to refresh the records). Interrupting the call terminates the workers
+  (SIGTERM, then SIGKILL after a grace period) and re-raises.
+  """
+  os.makedirs(log_dir, exist_ok=True)
+  processes = []
+  try:
+    for i in range(count):
+      with open(os.path.join(log_dir, f"worker-{i}.log"), "ab") as log:
+        log.write(f"=== {now()} launch: {' '.join(argv)}\n".encode())
+        log.flush()
+        processes.append(subprocess.Popen(
+            list(argv), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+            preexec_fn=_die_with_parent_fn()))
+    while any(p.poll() is None for p in processes):
+      time.sleep(poll_seconds)
+      if on_poll is not None:
+        on_poll()
+  except BaseException:
+    for p in processes:
+      if p.poll() is None:
+        p.terminate()
+    deadline = time.monotonic() + _TERMINATE_GRACE_SECONDS
+    for p in processes:
+      try:
+        p.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    raise
+  for i, p in enumerate(processes):
+    if p.returncode:
+      logging.warning("Study worker %d exited with status %d; see %s", i,
+                      p.returncode, os.path.join(log_dir, f"worker-{i}.log"))
+  return [p.returncode for p in processes]

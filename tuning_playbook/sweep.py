@@ -115,10 +115,14 @@ def main(argv):
                           overrides, study_flags.TRAINER_MODULE.value)
   if _EMIT_SLURM.value:
     _write_slurm_script(_EMIT_SLURM.value, command, study_dir)
-  study_launch.launch(studies, study_launch.LaunchOptions(
-      table=table, command=command, print_commands=study_flags.PRINT_COMMANDS.value,
-      run=study_flags.RUN.value or _WORKER.value, parallel=study_flags.PARALLEL.value,
-      retry_failed=study_flags.RETRY_FAILED.value, worker=_WORKER.value))
+  try:
+    study_launch.launch(studies, study_launch.LaunchOptions(
+        table=table, command=command, print_commands=study_flags.PRINT_COMMANDS.value,
+        run=study_flags.RUN.value or _WORKER.value, parallel=study_flags.PARALLEL.value,
+        retry_failed=study_flags.RETRY_FAILED.value, worker=_WORKER.value,
+        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value))
+  except study_launch.LaunchError as e:
+    cli.fail(str(e))
 
 
 def _write_slurm_script(path: str, command: str, study_dir: str) -> None:
@@ -128,6 +132,10 @@ def _write_slurm_script(path: str, command: str, study_dir: str) -> None:
     argv.append(f"--parallel={study_flags.PARALLEL.value}")
   if study_flags.RETRY_FAILED.value:
     argv.append("--retry_failed")
+  if study_flags.VECTORIZE.value > 1:
+    argv.append(f"--vectorize={study_flags.VECTORIZE.value}")
+  if study_flags.ISOLATION.value != "auto":
+    argv.append(f"--isolation={study_flags.ISOLATION.value}")
   if study_flags.TRACKING_TABLE.value:
     argv.append(f"--tracking_table={study_flags.TRACKING_TABLE.value}")
   log_dir = os.path.abspath(os.path.join(study_dir, "slurm"))

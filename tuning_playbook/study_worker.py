@@ -1,0 +1,301 @@
+r"""A long-lived study worker: trains unfinished trials in this one process.
+
+  python -m tuning_playbook.study_worker --config=configs/mnist1d_cnn.py \
+      --study_dir=runs/study [--study_dir=...] [--vectorize=8] \
+      [--config.<key>=<value> ...]
+
+`tuning_playbook.sweep --run` starts --parallel of these (the config flags are
+the sweep's own); each keeps its imports, data sets and compiled steps from
+trial to trial, so a study pays one process start and, per structure, one
+compilation, not one per trial. With `--vectorize=K` the worker takes up to K
+trials of one structure and resume step at a time and trains them as one
+population (population.py); a trial with no partner, or with K = 1, trains
+alone exactly as `tuning_playbook.main` would train it.
+
+Trials are claimed as the process-per-trial runner claims them (a claim file
+with a heartbeat, `trial_claims`, and the trial's `.lock` for as long as the
+worker lives), so any number of workers on any machines sharing the study
+directory never train a trial twice; a worker exits when no unclaimed
+unfinished trial is left. Each trial's `log.txt` gets the log lines of the
+population it trained in, and `runner.json` names the worker.
+
+An error in a population marks its trials failed (summary.json, as a trial
+process would) and the worker goes on with the next trials; bad input (a
+config the trainer refuses) marks them failed with the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging as std_logging
+import os
+import sys
+import threading
+import traceback
+from typing import Any, Iterator, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from tuning_playbook import cli
+from tuning_playbook import config_schema
+from tuning_playbook import cpu_devices
+from tuning_playbook import records
+from tuning_playbook import study as study_lib
+from tuning_playbook import study_runner
+from tuning_playbook import termination
+from tuning_playbook import tracking
+from tuning_playbook import trial_claims
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The study's config file.", lock_config=True)
+_STUDY_DIRS = flags.DEFINE_multi_string(
+    "study_dir", [], "A study directory (repeatable: a sweep's sub-studies).")
+_VECTORIZE = flags.DEFINE_integer(
+    "vectorize", 1, "Trials trained at once as one population.", lower_bound=1)
+_RETRY_FAILED = flags.DEFINE_bool(
+    "retry_failed", False, "Train failed trials again (diverged ones stay).")
+
+
+@dataclasses.dataclass
+class _Trial:
+  trial_dir: str
+  config: ml_collections.ConfigDict
+
+
+@dataclasses.dataclass
+class _Claimed:
+  trial: _Trial
+  claim: trial_claims.Claim
+  lock_fd: int
+
+
+def study_trials(config: ml_collections.ConfigDict,
+                 studies: Sequence[study_lib.Study]) -> list[_Trial]:
+  """Every trial with its resolved config, interleaved across the studies."""
+  out = []
+  for position in range(max((len(s.trials) for s in studies), default=0)):
+    for s in studies:
+      if position < len(s.trials):
+        trial = s.trials[position]
+        out.append(_Trial(s.trial_dir(trial), study_lib.resolve_trial_config(
+            config, {**s.fixed, **trial.params}, what=f"trial {s.trial_dir(trial)}")))
+  return out
+
+
+def latest_checkpoint_step(trial_dir: str) -> int | None:
+  """The newest finished checkpoint's step (Orbax names them by step)."""
+  try:
+    names = os.listdir(os.path.join(trial_dir, records.CHECKPOINTS_DIR))
+  except OSError:
+    return None
+  steps = [int(n) for n in names if n.isdigit()]
+  return max(steps) if steps else None
+
+
+class Worker:
+  """Claims and trains trials until none unclaimed and unfinished is left."""
+
+  def __init__(self, trials: Sequence[_Trial], vectorize: int,
+               retry_failed: bool = False):
+    self.trials = list(trials)
+    self.vectorize = vectorize
+    self.retry_failed = retry_failed
+    self.cache: dict = {}  # Data sets and compiled steps, by structure.
+    self._workloads: dict[str, Any] = {}
+    self.trained = 0
+
+  def _needs_run(self, trial: _Trial) -> bool:
+    status = tracking.trial_record(trial.trial_dir, check_lock=False)["status"]
+    return not (status in records.FINISHED_STATUSES
+                or (status == records.FAILED and not self.retry_failed))
+
+  def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
+    """(structure, resume step); None when the trial must train alone."""
+    from tuning_playbook import population  # pylint: disable=g-import-not-at-top
+    try:
+      workload = self._workload(trial.config)
+    except Exception:  # pylint: disable=broad-except
+      return None  # Reported when it trains (alone).
+    if config_schema.profile_step_range(trial.config) is not None:
+      return None
+    return (population.structure_key(trial.config, workload),
+            latest_checkpoint_step(trial.trial_dir))
+
+  def _workload(self, config: ml_collections.ConfigDict):
+    from tuning_playbook import train  # pylint: disable=g-import-not-at-top
+    name = config.workload
+    if name not in self._workloads:
+      self._workloads[name] = train.validate_before_compiling(config)
+    return self._workloads[name]
+
+  def _claim(self, trial: _Trial) -> _Claimed | None:
+    claim = trial_claims.try_claim(trial.trial_dir)
+    if claim is None:
+      return None
+    lock_fd = study_runner.try_lock(trial.trial_dir)
+    if lock_fd is None:
+      claim.release()
+      return None
+    if not self._needs_run(trial):  # Finished by whoever held it.
+      os.close(lock_fd)
+      claim.release()
+      return None
+    return _Claimed(trial, claim, lock_fd)
+
+  def next_group(self) -> list[_Claimed]:
+    """Claims the next population: up to `vectorize` trials of one key."""
+    group: list[_Claimed] = []
+    key = None
+    for trial in self.trials:
+      if len(group) == self.vectorize:
+        break
+      if not self._needs_run(trial):
+        continue
+      if group:
+        if key is None or self._group_key(trial) != key:
+          continue
+      claimed = self._claim(trial)
+      if claimed is None:
+        continue
+      if not group:
+        key = self._group_key(trial) if self.vectorize > 1 else None
+        if key is None:
+          return [claimed]
+      group.append(claimed)
+    return group
+
+  def run(self) -> int:
+    """Trains groups until none is left; returns how many trials it trained."""
+    while True:
+      group = self.next_group()
+      if not group:
+        return self.trained
+      self._train(group)
+      self.trained += len(group)
+
+  def _train(self, group: list[_Claimed]) -> None:
+    dirs = [c.trial.trial_dir for c in group]
+    command = sys.argv
+    started = study_runner.now()
+    for d in dirs:
+      study_runner.write_runner_file(d, status="running", pid=os.getpid(),
+                                     started=started, command=command,
+                                     population=dirs)
+    logging.info("Training %d trial(s) as one population: %s", len(dirs),
+                 ", ".join(dirs))
+    stop = threading.Event()
+    heartbeat = threading.Thread(
+        target=_refresh_claims, args=([c.claim for c in group], stop),
+        daemon=True, name="claim-heartbeat")
+    heartbeat.start()
+    returncode, error = 0, None
+    try:
+      with _logging_to([os.path.join(d, tracking.LOG_FILE) for d in dirs],
+                       started, command):
+        returncode, error = self._train_logged(group)
+    finally:
+      stop.set()
+      for d in dirs:
+        study_runner.write_runner_file(
+            d, status="exited", returncode=returncode, error=error,
+            started=started, finished=study_runner.now(), command=command,
+            population=dirs)
+      for c in group:
+        os.close(c.lock_fd)
+        c.claim.release()
+
+  def _train_logged(self, group: list[_Claimed]) -> tuple[int, str | None]:
+    """Trains the group; returns (exit status as a trial process, error)."""
+    from tuning_playbook import population  # pylint: disable=g-import-not-at-top
+    from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+    trials = [c.trial for c in group]
+    try:
+      if len(trials) == 1:
+        run.run_trial(trials[0].config, trials[0].trial_dir)
+      else:
+        workload = self._workload(trials[0].config)
+        population.PopulationTrainer(
+            [t.config for t in trials], [t.trial_dir for t in trials], workload,
+            cache=self.cache).train()
+      return 0, None
+    except run.BAD_INPUT_ERRORS as e:
+      logging.error("Bad input: %s", e)
+      return cli.BAD_INPUT_EXIT_CODE, str(e)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("Population failed.")
+      for t in trials:
+        _record_failed(t, e)
+      return 1, None
+
+
+def _record_failed(trial: _Trial, error: Exception) -> None:
+  """Marks an unfinished trial failed, as a failing trial process does."""
+  summary = records.read_summary(trial.trial_dir)
+  if summary and summary.get("status") in records.ENDED_STATUSES:
+    return
+  config = trial.config
+  records.write_summary(trial.trial_dir, {
+      "status": records.FAILED, "reason": f"{type(error).__name__}: {error}",
+      "traceback": traceback.format_exc(), "best_step": None,
+      "best_metric": config.best_metric, "best_mode": config.best_mode,
+      "best_value": None, "final_step": None,
+      "max_train_steps": config.max_train_steps,
+      "total_train_steps": config_schema.total_train_steps(config),
+      "best_checkpoint": None})
+
+
+def _refresh_claims(claims: Sequence[trial_claims.Claim],
+                    stop: threading.Event) -> None:
+  while not stop.wait(1.0):
+    for claim in claims:
+      claim.refresh()
+
+
+@contextlib.contextmanager
+def _logging_to(paths: Sequence[str], started: str,
+                command: Sequence[str]) -> Iterator[None]:
+  """Copies this process's log lines into each trial's log.txt meanwhile."""
+  handlers = []
+  for path in paths:
+    with open(path, "a") as f:
+      f.write(f"=== {started} worker {os.getpid()}: {' '.join(command)}\n")
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(std_logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(cli.QuietLibraries())
+    handlers.append(handler)
+  root = std_logging.getLogger()
+  for handler in handlers:
+    root.addHandler(handler)
+  try:
+    yield
+  finally:
+    for handler in handlers:
+      root.removeHandler(handler)
+      handler.close()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  config = cli.loaded_config(_CONFIG)
+  cpu_devices.configure_thread_pool()  # Before the backend starts.
+  termination.install_sigterm_exit()
+  try:
+    studies = [study_lib.load_study(d) for d in _STUDY_DIRS.value]
+    trials = study_trials(config, studies)
+  except study_lib.StudyError as e:
+    cli.fail(str(e))
+  trained = Worker(trials, _VECTORIZE.value, _RETRY_FAILED.value).run()
+  logging.info("No unclaimed unfinished trial left; trained %d.", trained)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "study_dir"])
+  app.run(main, flags_parser=cli.parse_flags)
