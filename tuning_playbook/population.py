@@ -275,6 +275,10 @@ class PopulationTrainer:
 
     self.evaluator, self.trial_evaluator = _cached(
         cache, ("evaluators",) + structure[:2], make_evaluators)
+    # One trial's state, to evaluate alone or to checkpoint: one program for
+    # the whole tree (indexing leaf by leaf would compile one per shape).
+    self._take_trial = _cached(cache, ("take_trial",) + structure[:2], lambda: jax.jit(
+        _trial, out_shardings=jax.tree.map(lambda _: replicated, abstract_one)))
     self.metrics_buffer = jax.device_put(
         np.zeros((self.num_trials, config.log_every_steps,
                   len(train_step_lib.STEP_METRICS)), np.float32), replicated)
@@ -365,7 +369,7 @@ class PopulationTrainer:
     def evaluate(i: int) -> tuple[dict[str, float], Any]:
       self.watchdog.begin("eval", "the evals and checkpoints at step {}", step)
       if len(evals) == 1:  # A trial's own last step: evaluate it alone.
-        state = _trial(self.state, i)
+        state = self._take_trial(self.state, i)
         metrics = self.trial_evaluator.evaluate(state)
         if self.config.ema_decay > 0:
           metrics.update(self.trial_evaluator.evaluate(
@@ -378,7 +382,7 @@ class PopulationTrainer:
               train_step_lib.ema_state(self.state), self.num_trials,
               prefix="eval_ema")):
             metrics.update(ema)
-      return evaluated[i], _trial(self.state, i)
+      return evaluated[i], self._take_trial(self.state, i)
 
     ended = []
     for i in due:

@@ -186,8 +186,6 @@ class Worker:
       study_runner.write_runner_file(d, status="running", pid=os.getpid(),
                                      started=started, command=command,
                                      population=dirs)
-    logging.info("Training %d trial(s) as one population: %s", len(dirs),
-                 ", ".join(dirs))
     stop = threading.Event()
     heartbeat = threading.Thread(
         target=_refresh_claims, args=([c.claim for c in group], stop),
@@ -197,6 +195,8 @@ class Worker:
     try:
       with _logging_to([os.path.join(d, tracking.LOG_FILE) for d in dirs],
                        started, command):
+        logging.info("Training %d trial(s) as one population: %s", len(dirs),
+                     ", ".join(dirs))
         returncode, error = self._train_logged(group)
     finally:
       stop.set()

@@ -1,0 +1,141 @@
+"""Studies run by study workers: `sweep --run --vectorize=K` against one
+process per trial, kill and relaunch, workers started at once (subprocesses)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+
+from tests import helpers
+from tests import test_sweep
+
+REPO = test_sweep.REPO
+CNN = "configs/mnist1d_cnn.py"
+CNN_SHORT = ("--config.max_train_steps=60", "--config.eval_every_steps=20",
+             "--config.log_every_steps=10", "--config.data.batches_per_transfer=8")
+
+
+def _trial_dirs(study_dir):
+  trials = os.path.join(study_dir, "trials")
+  return [os.path.join(trials, t) for t in sorted(os.listdir(trials))]
+
+
+def _metrics(trial_dir, name="metrics.jsonl"):
+  return helpers.without_timing(helpers.read_jsonl(os.path.join(trial_dir, name)))
+
+
+def _assert_close_rows(got, want, rtol):
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  for g, w in zip(got, want):
+    assert set(g) == set(w)
+    for key in w:
+      np.testing.assert_allclose(g[key], w[key], rtol=rtol, atol=2e-6,
+                                 err_msg=f"{key} at step {w['step']}")
+
+
+def test_vectorized_study_matches_one_process_per_trial(tmp_path):
+  # The shipped config and its default search space, on 2 simulated
+  # devices (data parallel) both ways.
+  args = ("--num_trials=4", "--run") + CNN_SHORT
+  env = test_sweep._env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  alone = tmp_path / "alone"
+  test_sweep._sweep(alone, *args, "--isolation=process", "--parallel=2",
+                    config=CNN, fake=False, env=env)
+  grouped = tmp_path / "grouped"
+  test_sweep._sweep(grouped, *args, "--vectorize=4", config=CNN, fake=False,
+                    env=env)
+  want = test_sweep._read_csv(alone / "results.csv")
+  got = test_sweep._read_csv(grouped / "results.csv")
+  assert [r["status"] for r in got] == ["completed"] * 4
+  for g, w in zip(got, want):
+    for key in ("trial_id", "status", "best_step", "final_step",
+                "optimizer.learning_rate", "optimizer.warmup_steps"):
+      assert g[key] == w[key], key
+    np.testing.assert_allclose(float(g["best_value"]), float(w["best_value"]),
+                               atol=1e-6)
+  for g_dir, w_dir in zip(_trial_dirs(grouped), _trial_dirs(alone)):
+    _assert_close_rows(_metrics(g_dir), _metrics(w_dir), rtol=1e-5)
+    runner = helpers.read_json(os.path.join(g_dir, "runner.json"))
+    assert runner["status"] == "exited" and runner["returncode"] == 0
+    assert len(runner["population"]) == 4
+    with open(os.path.join(g_dir, "log.txt")) as f:
+      log = f.read()
+    assert log.count("worker") >= 1 and "Training 4 trial(s) as one population" in log
+
+
+def _wait_for_checkpoints(study_dir, step, timeout=180):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    trials = _trial_dirs(study_dir) if os.path.isdir(study_dir / "trials") else []
+    if trials and all(
+        any(n.isdigit() and int(n) >= step
+            for n in os.listdir(os.path.join(t, "checkpoints")))
+        for t in trials if os.path.isdir(os.path.join(t, "checkpoints"))) and all(
+            os.path.isdir(os.path.join(t, "checkpoints")) for t in trials):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"no checkpoint at step {step} in time")
+
+
+def test_killed_vectorized_study_resumes_exactly(tmp_path):
+  args = ("--num_trials=3", "--run", "--vectorize=3",
+          "--config.max_train_steps=400", "--config.eval_every_steps=40",
+          "--config.log_every_steps=10")
+  reference = tmp_path / "reference"
+  test_sweep._sweep(reference, *args, fake=False)
+  study = tmp_path / "study"
+  sweep = subprocess.Popen(test_sweep._sweep_argv(study, *args, fake=False),
+                           cwd=REPO, env=test_sweep._env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  _wait_for_checkpoints(study, 80)
+  sweep.send_signal(signal.SIGTERM)
+  _, err = sweep.communicate(timeout=120)
+  assert sweep.returncode != 0, err[-2000:]
+  statuses = [helpers.read_json(os.path.join(t, "runner.json"))["status"]
+              for t in _trial_dirs(study)]
+  unfinished = [t for t in _trial_dirs(study)
+                if not os.path.exists(os.path.join(t, "summary.json"))]
+  assert unfinished, statuses  # Killed while training.
+  test_sweep._sweep(study, *args, fake=False)
+  for got, want in zip(_trial_dirs(study), _trial_dirs(reference)):
+    _assert_close_rows(_metrics(got), _metrics(want), rtol=1e-6)
+    _assert_close_rows(_metrics(got, "grad_norms.jsonl"),
+                       _metrics(want, "grad_norms.jsonl"), rtol=1e-6)
+    assert (helpers.read_json(os.path.join(got, "summary.json"))["best_value"]
+            == helpers.read_json(os.path.join(want, "summary.json"))["best_value"])
+  rows = test_sweep._read_csv(study / "results.csv")
+  assert [r["status"] for r in rows] == ["completed"] * 3
+
+
+def test_vectorizing_workers_started_at_once_train_each_trial_once(tmp_path):
+  study = tmp_path / "study"
+  argv = test_sweep._sweep_argv(study, "--num_trials=6", "--worker",
+                                "--vectorize=2", fake=False)
+  # Plan the study first, so that the workers race only for trials.
+  test_sweep._sweep(study, "--num_trials=6", fake=False)
+  workers = [subprocess.Popen(argv, cwd=REPO, env=test_sweep._env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-3000:]
+  for trial in _trial_dirs(study):
+    with open(os.path.join(trial, "log.txt")) as f:
+      assert f.read().count(" worker ") == 1, trial
+    assert helpers.read_json(os.path.join(trial, "summary.json"))["status"] == "completed"
+
+
+def test_vectorize_needs_study_workers(tmp_path):
+  result = test_sweep._sweep(tmp_path / "s", "--num_trials=2", "--run",
+                             "--vectorize=2", "--isolation=process",
+                             fake=False, expect_ok=False)
+  assert result.returncode == 2
+  assert "--vectorize=2" in result.stderr and "--isolation=process" in result.stderr
+  result = test_sweep._sweep(tmp_path / "f", "--num_trials=2", "--run",
+                             "--isolation=worker", expect_ok=False)
+  assert result.returncode == 2
+  assert "--trainer_module=fake_trainer" in result.stderr
+  assert not os.path.exists(tmp_path / "f" / "trials" / "0000" / "log.txt")
