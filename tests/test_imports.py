@@ -9,7 +9,7 @@ _PROBE = r"""
 import importlib, pkgutil, sys
 import tuning_playbook, workloads
 names = [m.name for m in pkgutil.walk_packages(tuning_playbook.__path__, "tuning_playbook.")
-         if not m.name.endswith(("main", "sweep", "analyze", "__main__"))]
+         if not m.name.endswith(("main", "sweep", "analyze", "study_worker", "__main__"))]
 names += ["workloads." + m.name for m in pkgutil.iter_modules(workloads.__path__)]
 for name in names:
   importlib.import_module(name)

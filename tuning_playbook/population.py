@@ -7,7 +7,9 @@ Trials that share a structure (`structure_key`: the same config except the
 seed and the continuous optimizer hyperparameters, which live in the
 optimizer state) stack their parameters, optimizer state (hyperparameters
 included), BatchNorm statistics, EMA and RNG along a leading axis, and one
-`jax.vmap` of the single-run train step trains them all. Each trial follows
+compiled program of the single-run train step trains them all, batched with
+`jax.vmap` on accelerators or traced side by side on CPUs (`over_trials`).
+Each trial follows
 the computation it would follow alone: the same initialisation (its seed),
 the same data order (trials with one seed share one stream; otherwise each
 has its own order over one in-memory copy of the data) and its own

@@ -10,7 +10,11 @@ command per trial with `print_commands`, and with `run` runs the unfinished
 trials (relaunching resumes), refreshing the records as trials start and end.
 Used by `tuning_playbook.sweep` and `tuning_playbook.playbook`.
 
-Every trial process of a launch shares one JAX persistent compilation cache,
+Trials run in study workers (`study_worker.py`, `--vectorize` trials at a
+time) or, with `isolation="process"`, one trainer process each
+(`study_runner.run_trials`); see `resolve_isolation`.
+
+Every trial or worker process of a launch shares one JAX persistent compilation cache,
 `<study_dir>/.jax_cache` (the studies' common directory when there are
 several), with no minimum compile time or entry size, so a trial whose
 programs have the shapes of an earlier one loads them instead of compiling.

@@ -10,9 +10,14 @@ config file defines `get_search_space(config, num_trials)` (see
 tuning_playbook/search_space.py): the sweep calls it with the config as
 resolved (every `--config.*` override applied) and --num_trials.
 
-  --run --parallel=4       runs the trials with 4 local workers, each as
-                           `python -m tuning_playbook.main` in its trial
-                           directory; relaunching the same command resumes.
+  --run --parallel=4       runs the trials in 4 local study workers
+                           (study_worker.py: long-lived processes that keep
+                           imports, data and compiled steps from trial to
+                           trial); relaunching the same command resumes.
+  --vectorize=8            each worker trains up to 8 trials of one structure
+                           at once as one compiled program (population.py).
+  --isolation=process      one `python -m tuning_playbook.main` process per
+                           trial instead (used for a custom --trainer_module).
   --print_commands         prints one shell command per trial, to run each
                            trial as its own job on a cluster; rerunning the
                            sweep without --run then refreshes results.csv.
