@@ -2,7 +2,7 @@
 
   python benchmarks/study_throughput.py [--config=configs/mnist1d_cnn.py] \
       [--num_trials=16] [--max_train_steps=1000] [--parallel=1,2] \
-      [--vectorize=0] [--scan=2,4,8,16]
+      [--vectorize=4] [--scan=2,8,16]
 
 Runs the same study (the config's default search space, seed 0) through
 `python -m tuning_playbook.sweep --run`, each time in a new study directory.
@@ -42,7 +42,7 @@ _STEPS = flags.DEFINE_integer("max_train_steps", 1000, "Steps per trial.")
 _PARALLEL = flags.DEFINE_list(
     "parallel", ["1", "2"], "Trial processes, and study workers, at once.")
 _VECTORIZE = flags.DEFINE_integer(
-    "vectorize", 0, "Trials per population (0: num_trials / parallel).")
+    "vectorize", 4, "Trials per population (0: num_trials / parallel).")
 _SCAN = flags.DEFINE_list(
     "scan", [], "Population sizes to time as well (e.g. 1,2,4,8,16).")
 

@@ -121,3 +121,19 @@ def test_stacked_batches_and_transfer_grouping():
   groups = list(sharding.stack_batches(batches, 3))
   assert len(groups) == 2
   np.testing.assert_array_equal(groups[1]["x"][:, 0, 0], [3, 4, 5])
+
+
+@pytest.mark.parametrize("process_index,process_count,batch,k", [
+    (0, 1, 16, 8), (1, 2, 8, 5), (0, 1, 250, 3)])
+def test_in_memory_groups_of_batches_are_the_batches_stacked(
+    builder, process_index, process_count, batch, k):
+  # Groups span epochs of 203 examples, and a batch of 250 spans two.
+  stream = _memory_stream(builder, process_index, process_count, batch)
+  for start in (0, 7, 13):
+    stacked = list(itertools.islice(stream.iterate_stacked(start, k), 6))
+    one_by_one = _take(stream, start, 6 * k)
+    for g, group in enumerate(stacked):
+      for key in ("inputs", "label"):
+        assert group[key].shape[:2] == (k, batch)
+        np.testing.assert_array_equal(
+            group[key], np.stack([b[key] for b in one_by_one[g * k:(g + 1) * k]]))

@@ -108,14 +108,14 @@ def test_mfu_against_the_peak_of_all_devices():
 
 
 def _slow_input(monkeypatch, seconds):
-  stack = sharding.stack_batches
+  stacked = sharding.stacked_stream
 
-  def slow(batches, k):
-    for group in stack(batches, k):
+  def slow(stream, start_step, k):
+    for group in stacked(stream, start_step, k):
       time.sleep(seconds)
       yield group
 
-  monkeypatch.setattr(sharding, "stack_batches", slow)
+  monkeypatch.setattr(sharding, "stacked_stream", slow)
 
 
 def test_slow_input_is_flagged_with_the_figures(data_dir, tmp_path, monkeypatch,

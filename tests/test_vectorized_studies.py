@@ -66,22 +66,27 @@ def test_vectorized_study_matches_one_process_per_trial(tmp_path):
 
 
 def _wait_for_checkpoints(study_dir, step, timeout=180):
+  """Waits until every trial has a checkpoint at `step` or later."""
+  def reached(trial):
+    try:
+      names = os.listdir(os.path.join(trial, "checkpoints"))
+    except OSError:
+      return False
+    return any(n.isdigit() and int(n) >= step for n in names)
+
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    trials = _trial_dirs(study_dir) if os.path.isdir(study_dir / "trials") else []
-    if trials and all(
-        any(n.isdigit() and int(n) >= step
-            for n in os.listdir(os.path.join(t, "checkpoints")))
-        for t in trials if os.path.isdir(os.path.join(t, "checkpoints"))) and all(
-            os.path.isdir(os.path.join(t, "checkpoints")) for t in trials):
-      return
-    time.sleep(0.2)
+    if os.path.isdir(study_dir / "trials"):
+      trials = _trial_dirs(study_dir)
+      if trials and all(reached(t) for t in trials):
+        return
+    time.sleep(0.1)
   raise AssertionError(f"no checkpoint at step {step} in time")
 
 
 def test_killed_vectorized_study_resumes_exactly(tmp_path):
   args = ("--num_trials=3", "--run", "--vectorize=3",
-          "--config.max_train_steps=400", "--config.eval_every_steps=40",
+          "--config.max_train_steps=1500", "--config.eval_every_steps=40",
           "--config.log_every_steps=10")
   reference = tmp_path / "reference"
   test_sweep._sweep(reference, *args, fake=False)

@@ -70,8 +70,8 @@ class InMemoryTrainStream:
     """Shape (without batch) and dtype of the model inputs."""
     return self._inputs.shape[1:], self._inputs.dtype
 
-  def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    """This host's slices of the global batches from `start_step` on."""
+  def _indices(self, start_step: int) -> Iterator[np.ndarray]:
+    """This host's example indices of each global batch from `start_step` on."""
     n, size = self.examples_per_epoch, self.global_batch_size
     lo, hi = self._host_offset, self._host_offset + self.local_batch_size
     position = start_step * size
@@ -89,5 +89,28 @@ class InMemoryTrainStream:
         if position == (epoch + 1) * n:
           epoch += 1
           order = epoch_permutation(self._seed, epoch, n)
-      index = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces))[lo:hi]
+      yield (pieces[0] if len(pieces) == 1 else np.concatenate(pieces))[lo:hi]
+
+  def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    """This host's slices of the global batches from `start_step` on."""
+    for index in self._indices(start_step):
       yield {"inputs": self._inputs[index], "label": self._labels[index]}
+
+  def iterate_stacked(self, start_step: int,
+                      k: int) -> Iterator[dict[str, np.ndarray]]:
+    """`iterate`'s batches k at a time along a leading axis, each group
+    gathered in one copy (what `sharding.stack_batches` would give)."""
+    n, size = self.examples_per_epoch, self.global_batch_size
+    lo, hi = self._host_offset, self._host_offset + self.local_batch_size
+    orders: dict[int, np.ndarray] = {}
+    step = start_step
+    while True:
+      begin, end = step * size, (step + k) * size
+      epochs = range(begin // n, (end - 1) // n + 1)
+      orders = {e: orders.get(e) if e in orders else
+                epoch_permutation(self._seed, e, n) for e in epochs}
+      stream = np.concatenate([orders[e] for e in epochs])
+      offset = begin - epochs[0] * n
+      index = stream[offset:offset + k * size].reshape(k, size)[:, lo:hi]
+      yield {"inputs": self._inputs[index], "label": self._labels[index]}
+      step += k

@@ -288,9 +288,9 @@ class PopulationTrainer:
     k = config.data.batches_per_transfer
     start = self.step // k * k
     if self.shared_data:
-      source = sharding.stack_batches(streams[0].iterate(start), k)
+      source = sharding.stacked_stream(streams[0], start, k)
     else:
-      per_trial = [sharding.stack_batches(s.iterate(start), k) for s in streams]
+      per_trial = [sharding.stacked_stream(s, start, k) for s in streams]
       source = ({name: np.stack([b[name] for b in group]) for name in group[0]}
                 for group in zip(*per_trial))
     self.batches = sharding.prefetch_to_devices(

@@ -45,6 +45,16 @@ def stack_batches(batches: Iterable[dict[str, np.ndarray]],
     yield {key: np.stack([b[key] for b in group]) for key in group[0]}
 
 
+def stacked_stream(stream: Any, start_step: int,
+                   k: int) -> Iterator[dict[str, np.ndarray]]:
+  """A train stream's batches from `start_step`, k at a time along a leading
+  axis: the stream's own `iterate_stacked` when it has one (one copy per
+  group), else `stack_batches` of its `iterate`."""
+  if hasattr(stream, "iterate_stacked"):
+    return stream.iterate_stacked(start_step, k)
+  return stack_batches(stream.iterate(start_step), k)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -22,6 +22,7 @@ evals and checkpoints are not in it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -116,6 +117,16 @@ def make_train_stream(config, workload, builder):
       shuffle_buffer=config.data.shuffle_buffer, cache=config.data.cache, **common)
 
 
+@dataclasses.dataclass
+class _PendingFetch:
+  """The metrics of steps first..last, on their way to the host."""
+  first: int
+  last: int
+  started: float
+  input_wait: float
+  buffer: jax.Array
+
+
 class Trainer:
   """One trial's compiled steps, data, state and records.
 
@@ -196,7 +207,7 @@ class Trainer:
     k = config.data.batches_per_transfer
     self._transfer_start = self.step // k * k
     self.batches = sharding.prefetch_to_devices(
-        sharding.stack_batches(self.stream.iterate(self._transfer_start), k),
+        sharding.stacked_stream(self.stream, self._transfer_start, k),
         stacked_sharding, size=config.data.prefetch_batches)
     self._transfer = None
     self._compiled = False
@@ -224,6 +235,7 @@ class Trainer:
       # The log interval's start, and its seconds spent waiting for input
       # with nothing left for the devices to do.
       started, waited = clock(), 0.0
+      pending = None  # The metrics of the last log step, if not recorded yet.
       while step < until_step:
         dog.begin("step", "train step {}", step + 1)
         if self._transfer is None or step % k == 0:
@@ -246,17 +258,44 @@ class Trainer:
         self.step = step
         if step == profile_stop:
           started += self.profiler.stop(self.state)
+        if pending is not None and pending.buffer.is_ready():
+          reason, pending = self._finish_fetch(pending), None
+          if reason is not None:
+            return reason
         is_eval = step % eval_every == 0 or step == last_step
         if step % log_every and not is_eval and step != until_step:
           continue
         self.report_progress(step)
-        reason = self._log(first_unlogged, is_eval, started, waited)
+        if pending is not None:  # Not there yet: wait for it, in order.
+          reason, pending = self._finish_fetch(pending), None
+          if reason is not None:
+            return reason
+        if is_eval or step == until_step:
+          reason = self._log(first_unlogged, is_eval, started, waited)
+        else:
+          # A plain log step: the metrics come over while training goes on.
+          pending = _PendingFetch(first_unlogged, step, started, waited,
+                                  self.metrics_buffer.copy())
+          pending.buffer.copy_to_host_async()
+          reason = None
         first_unlogged = step + 1
         started, waited = clock(), 0.0
         if reason is not None:
           logging.warning("Diverged: %s", reason)
           return reason
     return None
+
+  def _finish_fetch(self, pending: _PendingFetch) -> str | None:
+    """Records the steps of a fetch started at a log step; their time ends
+    now, when the devices are seen to have finished them."""
+    reason = self._log(pending.first, False, pending.started, pending.input_wait,
+                       last=pending.last, buffer=pending.buffer)
+    if reason is not None:
+      # The run ends at the interval that diverged; the steps trained since
+      # are dropped (no checkpoint follows a divergence).
+      self.step = pending.last
+      logging.warning("Diverged: %s", reason)
+    return reason
 
   def _compile_step(self) -> None:
     """Compiles the train step for the first transfer; reads its FLOPs.
@@ -268,21 +307,23 @@ class Trainer:
     self.records.throughput.set_step_flops(throughput.step_flops(compiled, jax.device_count()))
     self._compiled = True
 
-  def _log(self, first: int, is_eval: bool, started: float,
-           input_wait: float) -> str | None:
-    """Fetches the metrics of steps first..step (one transfer), evaluates, checkpoints.
+  def _log(self, first: int, is_eval: bool, started: float, input_wait: float,
+           last: int | None = None, buffer: jax.Array | None = None) -> str | None:
+    """Fetches the metrics of steps first..last (one transfer), evaluates, checkpoints.
 
-    `started` is the clock at the interval's start, `input_wait` its seconds
-    spent waiting for batches.
+    `last` defaults to the current step and `buffer` to the live metrics
+    buffer; `started` is the clock at the interval's start, `input_wait` its
+    seconds spent waiting for batches.
     """
     with jax.transfer_guard("allow"):
-      return self._log_allowed(first, is_eval, started, input_wait)
+      return self._log_allowed(first, is_eval, started, input_wait,
+                               self.step if last is None else last,
+                               self.metrics_buffer if buffer is None else buffer)
 
   def _log_allowed(self, first: int, is_eval: bool, started: float,
-                   input_wait: float) -> str | None:
-    step = self.step
+                   input_wait: float, step: int, buffer: jax.Array) -> str | None:
     self.watchdog.begin("log", "the metrics of steps {}..{}", first, step)
-    buffer = np.asarray(jax.device_get(self.metrics_buffer))
+    buffer = np.asarray(jax.device_get(buffer))
     # The fetch waited for the interval's last step: its time is all the steps'.
     seconds = time.perf_counter() - started
     rows = buffer[[(s - 1) % len(buffer) for s in range(first, step + 1)]]
