@@ -184,3 +184,24 @@ def test_trials_of_another_structure_are_refused(tmp_path):
     population.PopulationTrainer(configs, [str(tmp_path / "a"), str(tmp_path / "b")],
                                  workload)
   assert not os.path.exists(tmp_path / "a")
+
+
+def test_worker_records_a_failing_population_and_goes_on(tmp_path):
+  # Two trials whose model code raises share a population; it fails, both
+  # are recorded failed with the error, and the next population trains.
+  from tuning_playbook import study_worker  # pylint: disable=g-import-not-at-top
+  broken = [_tiny(workload="tests.broken_workload", **{"optimizer.learning_rate": lr})
+            for lr in (0.05, 0.02)]
+  good = [_tiny(**{"optimizer.learning_rate": lr}) for lr in (0.05, 0.02)]
+  trials = [study_worker._Trial(str(tmp_path / f"t{i}"), c)
+            for i, c in enumerate(broken + good)]
+  assert study_worker.Worker(trials, vectorize=2).run() == 4
+  summaries = [helpers.read_json(os.path.join(t.trial_dir, records.SUMMARY_FILE))
+               for t in trials]
+  assert [s["status"] for s in summaries] == ["failed", "failed",
+                                              "completed", "completed"]
+  assert "defect in BrokenModel.__call__" in summaries[0]["reason"]
+  runner = helpers.read_json(os.path.join(trials[0].trial_dir, "runner.json"))
+  assert runner["returncode"] == 1 and len(runner["population"]) == 2
+  with open(os.path.join(trials[1].trial_dir, "log.txt")) as f:
+    assert "Population failed" in f.read()

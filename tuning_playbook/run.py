@@ -35,13 +35,18 @@ def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     raise
   except Exception as e:  # pylint: disable=broad-except
     logging.exception("Trial failed.")
-    summary = {"status": records.FAILED, "reason": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc(), "best_step": None,
-               "best_metric": config.best_metric, "best_mode": config.best_mode,
-               "best_value": None, "final_step": None,
-               "max_train_steps": config.max_train_steps,
-               "total_train_steps": config_schema.total_train_steps(config),
-               "best_checkpoint": None}
     if jax.process_index() == 0 and os.path.isdir(workdir):
-      records.write_summary(workdir, summary)
+      records.write_summary(workdir, failed_summary(config, e))
     raise
+
+
+def failed_summary(config: ml_collections.ConfigDict,
+                   error: Exception) -> dict[str, Any]:
+  """summary.json of a trial that failed with `error` (call while handling it)."""
+  return {"status": records.FAILED, "reason": f"{type(error).__name__}: {error}",
+          "traceback": traceback.format_exc(), "best_step": None,
+          "best_metric": config.best_metric, "best_mode": config.best_mode,
+          "best_value": None, "final_step": None,
+          "max_train_steps": config.max_train_steps,
+          "total_train_steps": config_schema.total_train_steps(config),
+          "best_checkpoint": None}

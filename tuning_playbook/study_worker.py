@@ -32,7 +32,6 @@ import logging as std_logging
 import os
 import sys
 import threading
-import traceback
 from typing import Any, Iterator, Sequence
 
 from absl import app
@@ -235,18 +234,11 @@ class Worker:
 
 def _record_failed(trial: _Trial, error: Exception) -> None:
   """Marks an unfinished trial failed, as a failing trial process does."""
+  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   summary = records.read_summary(trial.trial_dir)
   if summary and summary.get("status") in records.ENDED_STATUSES:
     return
-  config = trial.config
-  records.write_summary(trial.trial_dir, {
-      "status": records.FAILED, "reason": f"{type(error).__name__}: {error}",
-      "traceback": traceback.format_exc(), "best_step": None,
-      "best_metric": config.best_metric, "best_mode": config.best_mode,
-      "best_value": None, "final_step": None,
-      "max_train_steps": config.max_train_steps,
-      "total_train_steps": config_schema.total_train_steps(config),
-      "best_checkpoint": None})
+  records.write_summary(trial.trial_dir, run.failed_summary(trial.config, error))
 
 
 def _refresh_claims(claims: Sequence[trial_claims.Claim],
