@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 import tensorflow_datasets as tfds
 
 from tests import helpers
@@ -87,7 +89,14 @@ def test_records_and_summary(completed_run):
   assert summary["best_step"] == best["step"]
   assert summary["best_value"] == best["eval/validation/error_rate"]
   assert summary["best_checkpoint"].endswith(f"checkpoints/{best['step']}")
-  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == 1
+  board = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  board.Reload()
+  for key in ("train/loss", "eval/validation/error_rate"):
+    logged = [(r["step"], r[key]) for r in rows if key in r]
+    assert [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+            for e in board.Tensors(key)] == [
+                (step, pytest.approx(value, rel=1e-6)) for step, value in logged]
   assert helpers.read_json(os.path.join(workdir, "config.json"))["batch_size"] == 16
   grad_rows = helpers.read_jsonl(os.path.join(workdir, "grad_norms.jsonl"))
   assert [r["step"] for r in grad_rows] == list(range(1, 41))

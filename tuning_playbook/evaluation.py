@@ -1,6 +1,7 @@
 """Periodic evaluation on validation, a fixed training subset and test.
 
-All splits share one global eval batch shape, so the eval step compiles once;
+All splits share one global eval batch shape, so the eval step compiles once
+(`compile`, before training);
 padded rows weigh 0, and per-batch sums are fetched together after the last
 batch and added in float64, so the metrics equal the exact full-split values.
 
@@ -74,6 +75,15 @@ class Evaluator:
         eval_step, in_shardings=(state_sharding, self._batch_sharding),
         out_shardings=sharding.replicated(self._mesh))
     return other
+
+  def compile(self, state) -> None:
+    """Compiles the eval step for `state` (arrays or their shapes) now, so
+    that an error in it shows before training and no eval pays for it."""
+    local = self.splits[0].local_batch_spec()
+    batch = {k: jax.ShapeDtypeStruct((shape[0] * jax.process_count(),) + shape[1:],
+                                     dtype, sharding=self._batch_sharding)
+             for k, (shape, dtype) in local.items()}
+    self.compiled_step.lower(state, batch).compile()
 
   def _global_batches(self, split: input_pipeline.EvalSplit):
     for local_batch in split.batches():

@@ -187,6 +187,11 @@ class EvalSplit:
       for _ in range(self.num_batches - produced):
         yield _pad_batch(empty, self.local_batch_size)
 
+  def local_batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of this host's padded batches."""
+    padded = _pad_batch(self._empty_template(), self.local_batch_size)
+    return {k: (v.shape, v.dtype) for k, v in padded.items()}
+
   def _empty_template(self):
     spec = self.dataset.element_spec
     return {k: np.zeros((0,) + tuple(v.shape), v.dtype.as_numpy_dtype)

@@ -29,6 +29,7 @@ Runs in one process, on all of its devices (data parallel, as a single run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Callable, Sequence
@@ -55,6 +56,19 @@ from tuning_playbook import workload as workload_lib
 
 # Config keys that may differ between the trials of one population.
 VARYING_KEYS = ("seed",) + tuple(f"optimizer.{k}" for k in optimizers.HYPERPARAMETERS)
+
+
+@dataclasses.dataclass
+class _PendingLog:
+  """The metrics of a log step for its due trials, on their way to the host;
+  per due trial, its interval's first step, start clock and input wait."""
+  step: int
+  due: list[int]
+  evals: list[int]
+  first: list[int]
+  started: list[float]
+  waited: list[float]
+  buffer: jax.Array
 
 
 class PopulationError(ValueError):
@@ -194,21 +208,32 @@ class PopulationTrainer:
     sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
     ema = config.ema_decay > 0
 
-    def init_one(seed, hyperparams):
-      state = train_step_lib.create_train_state(model, tx, sample, seed, ema=ema)
+    def init_one(key_data, hyperparams):
+      state = train_step_lib.create_train_state(model, tx, sample, key_data, ema=ema)
       return state.replace(opt_state=optimizers.with_hyperparameters(
           state.opt_state, hyperparams))
 
     values = [optimizers.hyperparameter_values(c.optimizer, c.max_train_steps)
               for c in configs]
-    hyperparams = {k: np.array([v[k] for v in values], np.float32)
-                   for k in optimizers.HYPERPARAMETERS}
-    seeds = np.array([c.seed for c in configs], np.int32)
-    init_all = jax.vmap(init_one)
-    abstract_state = jax.eval_shape(init_all, seeds, hyperparams)
-    abstract_one = jax.eval_shape(
-        init_one, np.int32(0), {k: np.float32(0) for k in hyperparams})
+    hyperparams = [{k: np.float32(v[k]) for k in optimizers.HYPERPARAMETERS}
+                   for v in values]
+    key_data = [train_step_lib.seed_key_data(c.seed) for c in configs]
+    abstract_one = jax.eval_shape(init_one, key_data[0], hyperparams[0])
+    abstract_state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((self.num_trials,) + a.shape, a.dtype),
+        abstract_one)
+    one_sharding = jax.tree.map(lambda _: replicated, abstract_one)
+    self._abstract_trial = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_one, one_sharding)
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+    # Each trial is initialised by the same program as alone, then stacked.
+    init_trial = _cached(cache, ("init", keys[0]), lambda: train_step_lib.jit_once(
+        init_one, out_shardings=one_sharding))
+    stack = _cached(cache, ("stack", keys[0], self.num_trials), lambda: (
+        train_step_lib.jit_once(
+            lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
+            out_shardings=state_sharding)))
 
     device_kind = jax.devices()[0].device_kind
     self.records = [trial_records.TrialRecords(
@@ -222,16 +247,11 @@ class PopulationTrainer:
           f"({sorted(map(str, latest))}); group trials by their resume step")
     latest_step = latest.pop()
     if latest_step is None:
-      self.state = jax.jit(init_all, out_shardings=state_sharding)(seeds, hyperparams)
+      self.state = stack(*[init_trial(k, h) for k, h in zip(key_data, hyperparams)])
       self.step = 0
     else:
-      target = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-          abstract_one)
-      restored = [r.restore(latest_step, target) for r in self.records]
-      self.state = jax.jit(
-          lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
-          out_shardings=state_sharding)(*restored)
+      self.state = stack(*[r.restore(latest_step, self._abstract_trial)
+                           for r in self.records])
       self.step = self.records[0].step
       logging.info("Resumed %d trials from their checkpoints at step %d.",
                    self.num_trials, self.step)
@@ -279,8 +299,9 @@ class PopulationTrainer:
         cache, ("evaluators",) + structure[:2], make_evaluators)
     # One trial's state, to evaluate alone or to checkpoint: one program for
     # the whole tree (indexing leaf by leaf would compile one per shape).
-    self._take_trial = _cached(cache, ("take_trial",) + structure[:2], lambda: jax.jit(
-        _trial, out_shardings=jax.tree.map(lambda _: replicated, abstract_one)))
+    self._take_trial = _cached(
+        cache, ("take_trial",) + structure[:2], lambda: train_step_lib.jit_once(
+            _trial, out_shardings=one_sharding))
     self.metrics_buffer = jax.device_put(
         np.zeros((self.num_trials, config.log_every_steps,
                   len(train_step_lib.STEP_METRICS)), np.float32), replicated)
@@ -319,6 +340,7 @@ class PopulationTrainer:
     waited = [0.0] * self.num_trials
     compiled = False
     dog = self.watchdog
+    pending = None  # The metrics of the last plain log step, if not recorded yet.
     with dog, jax.transfer_guard("disallow"):
       step = self.step
       while any(self._active):
@@ -336,41 +358,65 @@ class PopulationTrainer:
             self.state, self._transfer, self.metrics_buffer, self._active_mask)
         step += 1
         self.step = step
+        if pending is not None and pending.buffer.is_ready():
+          with jax.transfer_guard("allow"):
+            self._record(pending)
+          pending = None
         is_eval = step % eval_every == 0
         due = [i for i, active in enumerate(self._active) if active and (
             is_eval or step % log_every == 0 or step == last[i])]
         if not due:
           continue
-        evals = [i for i in due if is_eval or step == last[i]]
         with jax.transfer_guard("allow"):
-          self._log(due, evals, first, started, waited, last)
+          if pending is not None:  # Not there yet: wait for it, in order.
+            self._record(pending)
+            pending = None
+            due = [i for i in due if self._active[i]]
+          evals = [i for i in due if is_eval or step == last[i]]
+          fetch = _PendingLog(step, due, evals, [first[i] for i in due],
+                              [started[i] for i in due], [waited[i] for i in due],
+                              self.metrics_buffer.copy() if not evals else
+                              self.metrics_buffer)
+          if evals:
+            self._record(fetch)
+          elif due:
+            # Plain log steps: the metrics come over while training goes on.
+            fetch.buffer.copy_to_host_async()
+            pending = fetch
         for i in due:
           first[i], started[i], waited[i] = step + 1, clock(), 0.0
       # Summaries once training is over: waiting for a trial's last
       # checkpoint writes would stall the others.
       with jax.transfer_guard("allow"):
+        if pending is not None:
+          self._record(pending)
         for i, reason in self._ended:
           self._finish(i, reason)
     return list(self.summaries)
 
   def _compile(self) -> None:
+    """Compiles the population's train step (reading its FLOPs) and the
+    eval steps of the population and of one trial."""
     compiled = self.train_step.lower(self.state, self._transfer, self.metrics_buffer,
                                      self._active_mask).compile()
     flops = throughput.step_flops(compiled, jax.device_count())
     for r in self.records:
       r.throughput.set_step_flops(None if flops is None else flops / self.num_trials)
+    self.evaluator.compile(self.state)
+    self.trial_evaluator.compile(self._abstract_trial)
 
-  def _log(self, due: list[int], evals: list[int], first: list[int],
-           started: list[float], waited: list[float], last: list[int]) -> None:
-    step = self.step
+  def _record(self, fetch: _PendingLog) -> None:
+    """Records the steps of `fetch` for its trials; evaluates and
+    checkpoints those of `fetch.evals` (at the current step)."""
+    step = fetch.step
     self.watchdog.begin("log", "the metrics of step {}", step)
-    buffer = np.asarray(jax.device_get(self.metrics_buffer))
+    buffer = np.asarray(jax.device_get(fetch.buffer))
     now = time.perf_counter()
     evaluated: list[dict[str, float]] = []
 
     def evaluate(i: int) -> tuple[dict[str, float], Any]:
       self.watchdog.begin("eval", "the evals and checkpoints at step {}", step)
-      if len(evals) == 1:  # A trial's own last step: evaluate it alone.
+      if len(fetch.evals) == 1:  # A trial's own last step: evaluate it alone.
         state = self._take_trial(self.state, i)
         metrics = self.trial_evaluator.evaluate(state)
         if self.config.ema_decay > 0:
@@ -387,15 +433,19 @@ class PopulationTrainer:
       return evaluated[i], self._take_trial(self.state, i)
 
     ended = []
-    for i in due:
-      rows = buffer[i, [(s - 1) % buffer.shape[1] for s in range(first[i], step + 1)]]
+    for i, first, started, waited in zip(fetch.due, fetch.first, fetch.started,
+                                         fetch.waited):
+      rows = buffer[i, [(s - 1) % buffer.shape[1] for s in range(first, step + 1)]]
       fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
       reason = self.records[i].log(
-          first[i], step, fetched, seconds=now - started[i], input_wait=waited[i],
-          evaluate=(lambda i=i: evaluate(i)) if i in evals else None)
+          first, step, fetched, seconds=now - started, input_wait=waited,
+          evaluate=(lambda i=i: evaluate(i)) if i in fetch.evals else None)
       if reason is not None:
+        # Recorded at this log step; a trial seen to diverge in a fetch that
+        # came over later trains no further from the next step on (its
+        # later updates are never recorded or checkpointed).
         logging.warning("Trial %s diverged: %s", self.records[i].workdir, reason)
-      if reason is not None or step == last[i]:
+      if reason is not None or step == self.records[i].total_steps:
         self._active[i] = False
         ended.append((i, reason))
     if ended:

@@ -165,6 +165,10 @@ class SyntheticEvalSplit:
     """The local batch, with a float32 `weight` of 1 for every row."""
     yield dict(self.batch)
 
+  def local_batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of this host's batch."""
+    return {k: (v.shape, v.dtype) for k, v in self.batch.items()}
+
 
 def make_eval_splits(spec: SyntheticSpec, *, seed: int, local_batch_size: int,
                      process_index: int, process_count: int

@@ -154,11 +154,12 @@ class Trainer:
     tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
     input_shape, input_dtype = self.stream.element_spec()
     sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
-    init_fn = lambda: train_step_lib.create_train_state(
-        model, tx, sample, config.seed, ema=config.ema_decay > 0)
+    init_fn = lambda key_data: train_step_lib.create_train_state(
+        model, tx, sample, key_data, ema=config.ema_decay > 0)
+    key_data = train_step_lib.seed_key_data(config.seed)
     # Traces the model; compiles nothing. `config.model` was checked before:
     # an error here is in the workload's code and keeps its traceback.
-    abstract_state = jax.eval_shape(init_fn)
+    abstract_state = jax.eval_shape(init_fn, key_data)
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
     # The run's directory is claimed only once its config is known to work.
     self.records = trial_records.TrialRecords(
@@ -168,7 +169,8 @@ class Trainer:
                                       floor_seconds=config.watchdog_floor_seconds)
     latest = self.records.latest_step()
     if latest is None:
-      self.state = jax.jit(init_fn, out_shardings=state_sharding)()
+      self.state = train_step_lib.jit_once(
+          init_fn, out_shardings=state_sharding)(key_data)
       self.step = 0
     else:
       self.state = self.records.restore(latest, jax.tree.map(
@@ -298,13 +300,15 @@ class Trainer:
     return reason
 
   def _compile_step(self) -> None:
-    """Compiles the train step for the first transfer; reads its FLOPs.
+    """Compiles the train step for the first transfer (reading its FLOPs)
+    and the eval step.
 
-    The jitted step's cache keeps this compilation: its calls reuse it.
+    The jitted steps' caches keep these compilations: their calls reuse them.
     """
     compiled = self.train_step.lower(
         self.state, self._transfer, self.metrics_buffer).compile()
     self.records.throughput.set_step_flops(throughput.step_flops(compiled, jax.device_count()))
+    self.evaluator.compile(self.state)
     self._compiled = True
 
   def _log(self, first: int, is_eval: bool, started: float, input_wait: float,

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tuning_playbook import optimizers
@@ -47,13 +48,31 @@ class TrainState:
   ema_params: Any = dataclasses.field(default_factory=dict)
 
 
+def seed_key_data(seed: int) -> np.ndarray:
+  """The raw data (uint32) of `jax.random.key(seed)`, for any int seed."""
+  return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def jit_once(fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit` for a program run once or rarely (initialisation, slicing one
+  trial out of a population). On CPU, XLA's backend optimisations are off:
+  for a model's random initialisers they cost about a second of LLVM time per
+  compilation and gain nothing for one call."""
+  options = ({"xla_backend_optimization_level": 0}
+             if jax.default_backend() == "cpu" else None)
+  return jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+
 def create_train_state(model, tx: optax.GradientTransformation, sample_inputs,
-                       seed: int, ema: bool = False) -> TrainState:
+                       seed: int | jax.Array, ema: bool = False) -> TrainState:
   """Initializes parameters and optimizer state (call under jax.jit).
 
-  With `ema`, `ema_params` starts as a float32 copy of the parameters.
+  `seed` is an int or its `seed_key_data` (an argument, so that one compiled
+  initialisation serves every seed). With `ema`, `ema_params` starts as a
+  float32 copy of the parameters.
   """
-  key = jax.random.key(seed)
+  key = (jax.random.key(seed) if isinstance(seed, int)
+         else jax.random.wrap_key_data(seed))
   init_key, run_key = jax.random.split(key)
   variables = model.init({"params": init_key, "dropout": init_key},
                          sample_inputs, train=False)

@@ -24,13 +24,13 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
-from clu import metric_writers
 import ml_collections
 import numpy as np
 
 from tuning_playbook import checkpointing
 from tuning_playbook import config_schema
 from tuning_playbook import records
+from tuning_playbook import tensorboard_writer
 from tuning_playbook import throughput
 
 # Evaluates the state at an eval step: (eval metrics, the state to checkpoint).
@@ -136,7 +136,7 @@ class TrialRecords:
         os.path.join(self.workdir, records.GRAD_NORMS_FILE), self.is_writer)
     self.metrics_log.truncate_after(self.step)
     self.grad_log.truncate_after(self.step)
-    self.writer = metric_writers.create_default_writer(
+    self.writer = tensorboard_writer.create_default_writer(
         self.workdir, just_logging=not self.is_writer)
 
   def log(self, first: int, step: int, fetched: Sequence[dict[str, float]], *,
