@@ -288,7 +288,7 @@ class PopulationTrainer:
 
     def make_evaluators():
       population_evaluator = evaluation.Evaluator(
-          jax.vmap(eval_step, in_axes=(0, None)),
+          over_trials(eval_step, (0, None), self.num_trials, mode),
           train.make_eval_splits(config, workload, builder), mesh, state_sharding,
           on_device=train.in_memory_data(config, workload))
       # For a trial evaluated alone (at its own last step).
@@ -296,7 +296,7 @@ class PopulationTrainer:
           eval_step, jax.tree.map(lambda _: replicated, abstract_one))
 
     self.evaluator, self.trial_evaluator = _cached(
-        cache, ("evaluators",) + structure[:2], make_evaluators)
+        cache, ("evaluators", keys[0], self.num_trials, mode), make_evaluators)
     # One trial's state, to evaluate alone or to checkpoint: one program for
     # the whole tree (indexing leaf by leaf would compile one per shape).
     self._take_trial = _cached(
