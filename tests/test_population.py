@@ -205,3 +205,34 @@ def test_worker_records_a_failing_population_and_goes_on(tmp_path):
   assert runner["returncode"] == 1 and len(runner["population"]) == 2
   with open(os.path.join(trials[1].trial_dir, "log.txt")) as f:
     assert "Population failed" in f.read()
+
+
+def test_bad_input_fails_only_the_trial_at_fault(tmp_path):
+  # Of a population of three: t0's directory holds another config (refused
+  # before the population is built), t1's metrics.jsonl is unreadable (the
+  # population is refused as it opens the logs, and its trials train one by
+  # one). Only those two fail, each with its own message; t2 completes.
+  from tuning_playbook import study_worker  # pylint: disable=g-import-not-at-top
+  configs = [_tiny(**{"optimizer.learning_rate": lr}) for lr in (0.05, 0.03, 0.02)]
+  trials = [study_worker._Trial(str(tmp_path / f"t{i}"), c)
+            for i, c in enumerate(configs)]
+  os.makedirs(trials[0].trial_dir)
+  records.check_or_write_config(trials[0].trial_dir, _tiny(batch_size=8), write=True)
+  os.makedirs(trials[1].trial_dir)
+  with open(os.path.join(trials[1].trial_dir, records.METRICS_FILE), "w") as f:
+    f.write('not json\n{"step": 1}\n')
+  assert study_worker.Worker(trials, vectorize=3).run() == 3
+  runners = [helpers.read_json(os.path.join(t.trial_dir, "runner.json")) for t in trials]
+  assert [r["returncode"] for r in runners] == [2, 2, 0]
+  assert "holds a run with another config" in runners[0]["error"]
+  assert "batch_size" in runners[0]["error"]
+  assert records.METRICS_FILE in runners[1]["error"]
+  summary = helpers.read_json(os.path.join(trials[2].trial_dir, records.SUMMARY_FILE))
+  assert summary["status"] == "completed"
+  with open(os.path.join(trials[2].trial_dir, "log.txt")) as f:
+    assert "training its trials one by one" in f.read()
+  # The records at fault are left as they were.
+  assert helpers.read_json(os.path.join(trials[0].trial_dir, records.CONFIG_FILE))[
+      "batch_size"] == 8
+  with open(os.path.join(trials[1].trial_dir, records.METRICS_FILE)) as f:
+    assert f.read() == 'not json\n{"step": 1}\n'

@@ -20,8 +20,9 @@ unfinished trial is left. Each trial's `log.txt` gets the log lines of the
 population it trained in, and `runner.json` names the worker.
 
 An error in a population marks its trials failed (summary.json, as a trial
-process would) and the worker goes on with the next trials; bad input (a
-config the trainer refuses) marks them failed with the message.
+process would) and the worker goes on with the next trials. Bad input (a
+config or work directory the trainer refuses) fails only the trial at fault,
+with the message: the others of its population train without it.
 """
 
 from __future__ import annotations
@@ -190,16 +191,18 @@ class Worker:
         target=_refresh_claims, args=([c.claim for c in group], stop),
         daemon=True, name="claim-heartbeat")
     heartbeat.start()
-    returncode, error = 0, None
+    # Per trial directory: (exit status as a trial process, error).
+    outcomes: dict[str, tuple[int, str | None]] = {}
     try:
       with _logging_to([os.path.join(d, tracking.LOG_FILE) for d in dirs],
                        started, command):
         logging.info("Training %d trial(s) as one population: %s", len(dirs),
                      ", ".join(dirs))
-        returncode, error = self._train_logged(group)
+        outcomes = self._train_logged(group)
     finally:
       stop.set()
       for d in dirs:
+        returncode, error = outcomes.get(d, (1, None))
         study_runner.write_runner_file(
             d, status="exited", returncode=returncode, error=error,
             started=started, finished=study_runner.now(), command=command,
@@ -208,28 +211,71 @@ class Worker:
         os.close(c.lock_fd)
         c.claim.release()
 
-  def _train_logged(self, group: list[_Claimed]) -> tuple[int, str | None]:
-    """Trains the group; returns (exit status as a trial process, error)."""
+  def _train_logged(self, group: list[_Claimed]) -> dict[str, tuple[int, str | None]]:
+    """Trains the group; returns each trial directory's (exit status as a
+    trial process, error).
+
+    A trial whose config or directory is refused is reported alone and the
+    others train without it; if the population itself is then refused (a
+    directory's records, say), its trials train one by one, so that only the
+    trial at fault fails.
+    """
     from tuning_playbook import population  # pylint: disable=g-import-not-at-top
     from tuning_playbook import run  # pylint: disable=g-import-not-at-top
     trials = [c.trial for c in group]
-    try:
-      if len(trials) == 1:
-        run.run_trial(trials[0].config, trials[0].trial_dir)
-      else:
-        workload = self._workload(trials[0].config)
-        population.PopulationTrainer(
-            [t.config for t in trials], [t.trial_dir for t in trials], workload,
-            cache=self.cache).train()
-      return 0, None
-    except run.BAD_INPUT_ERRORS as e:
-      logging.error("Bad input: %s", e)
-      return cli.BAD_INPUT_EXIT_CODE, str(e)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.exception("Population failed.")
+    outcomes: dict[str, tuple[int, str | None]] = {}
+    if len(trials) > 1:
       for t in trials:
-        _record_failed(t, e)
-      return 1, None
+        error = _refusal(t)
+        if error is not None:
+          logging.error("Bad input (%s): %s", t.trial_dir, error)
+          outcomes[t.trial_dir] = (cli.BAD_INPUT_EXIT_CODE, error)
+      trials = [t for t in trials if t.trial_dir not in outcomes]
+    if len(trials) > 1:
+      try:
+        population.PopulationTrainer(
+            [t.config for t in trials], [t.trial_dir for t in trials],
+            self._workload(trials[0].config), cache=self.cache).train()
+        outcomes.update({t.trial_dir: (0, None) for t in trials})
+        return outcomes
+      except run.BAD_INPUT_ERRORS as e:
+        logging.error("Bad input in the population (%s); training its trials "
+                      "one by one.", e)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.exception("Population failed.")
+        for t in trials:
+          _record_failed(t, e)
+          outcomes[t.trial_dir] = (1, None)
+        return outcomes
+    for t in trials:
+      outcomes[t.trial_dir] = _train_alone(t)
+    return outcomes
+
+
+def _refusal(trial: _Trial) -> str | None:
+  """Why the trainer would refuse this trial's config or directory, if it would."""
+  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  from tuning_playbook import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.validate_before_compiling(trial.config)
+    records.check_or_write_config(trial.trial_dir, trial.config, write=False)
+  except run.BAD_INPUT_ERRORS as e:
+    return str(e)
+  return None
+
+
+def _train_alone(trial: _Trial) -> tuple[int, str | None]:
+  """Trains one trial as `tuning_playbook.main` would; (exit status, error)."""
+  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  try:
+    run.run_trial(trial.config, trial.trial_dir)
+    return 0, None
+  except run.BAD_INPUT_ERRORS as e:
+    logging.error("Bad input: %s", e)
+    return cli.BAD_INPUT_EXIT_CODE, str(e)
+  except Exception as e:  # pylint: disable=broad-except
+    _record_failed(trial, e)
+    return 1, None
 
 
 def _record_failed(trial: _Trial, error: Exception) -> None:
