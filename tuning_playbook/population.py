@@ -228,10 +228,10 @@ class PopulationTrainer:
         abstract_one, one_sharding)
     state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
     # Each trial is initialised by the same program as alone, then stacked.
-    init_trial = _cached(cache, ("init", keys[0]), lambda: train_step_lib.jit_once(
+    init_trial = _cached(cache, ("init", keys[0]), lambda: jax.jit(
         init_one, out_shardings=one_sharding))
     stack = _cached(cache, ("stack", keys[0], self.num_trials), lambda: (
-        train_step_lib.jit_once(
+        train_step_lib.jit_data_movement(
             lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees),
             out_shardings=state_sharding)))
 
@@ -300,8 +300,8 @@ class PopulationTrainer:
     # One trial's state, to evaluate alone or to checkpoint: one program for
     # the whole tree (indexing leaf by leaf would compile one per shape).
     self._take_trial = _cached(
-        cache, ("take_trial",) + structure[:2], lambda: train_step_lib.jit_once(
-            _trial, out_shardings=one_sharding))
+        cache, ("take_trial",) + structure[:2],
+        lambda: train_step_lib.jit_data_movement(_trial, out_shardings=one_sharding))
     self.metrics_buffer = jax.device_put(
         np.zeros((self.num_trials, config.log_every_steps,
                   len(train_step_lib.STEP_METRICS)), np.float32), replicated)

@@ -169,8 +169,7 @@ class Trainer:
                                       floor_seconds=config.watchdog_floor_seconds)
     latest = self.records.latest_step()
     if latest is None:
-      self.state = train_step_lib.jit_once(
-          init_fn, out_shardings=state_sharding)(key_data)
+      self.state = jax.jit(init_fn, out_shardings=state_sharding)(key_data)
       self.step = 0
     else:
       self.state = self.records.restore(latest, jax.tree.map(

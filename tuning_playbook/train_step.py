@@ -53,11 +53,11 @@ def seed_key_data(seed: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
-def jit_once(fn: Callable, **jit_kwargs) -> Callable:
-  """`jax.jit` for a program run once or rarely (initialisation, slicing one
-  trial out of a population). On CPU, XLA's backend optimisations are off:
-  for a model's random initialisers they cost about a second of LLVM time per
-  compilation and gain nothing for one call."""
+def jit_data_movement(fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit` for a program that only moves data (stacking trials, slicing
+  one out of a population), bit-exact at any optimisation level: on CPU
+  compiled without XLA's backend optimisations, which cost LLVM time and gain
+  nothing for a copy run a few times."""
   options = ({"xla_backend_optimization_level": 0}
              if jax.default_backend() == "cpu" else None)
   return jax.jit(fn, compiler_options=options, **jit_kwargs)
