@@ -96,7 +96,7 @@ class Evaluator:
   def evaluate_population(self, state, num_trials: int,
                           prefix: str = "eval") -> list[dict[str, float]]:
     """Each trial's metrics, for a step whose sums have a leading trial axis
-    (an eval step over the trials, `population.over_trials`)."""
+    (an eval step under `jax.vmap`, see population.py)."""
     return self._evaluate(state, prefix, num_trials=num_trials)
 
   def _evaluate(self, state, prefix: str,

@@ -288,7 +288,9 @@ class PopulationTrainer:
 
     def make_evaluators():
       population_evaluator = evaluation.Evaluator(
-          over_trials(eval_step, (0, None), self.num_trials, mode),
+          # vmap in every mode: unrolled, the eval step compiled 0.5 s longer
+          # (4 trials) to save 4 ms per eval.
+          jax.vmap(eval_step, in_axes=(0, None)),
           train.make_eval_splits(config, workload, builder), mesh, state_sharding,
           on_device=train.in_memory_data(config, workload))
       # For a trial evaluated alone (at its own last step).
@@ -296,7 +298,7 @@ class PopulationTrainer:
           eval_step, jax.tree.map(lambda _: replicated, abstract_one))
 
     self.evaluator, self.trial_evaluator = _cached(
-        cache, ("evaluators", keys[0], self.num_trials, mode), make_evaluators)
+        cache, ("evaluators", keys[0], self.num_trials), make_evaluators)
     # One trial's state, to evaluate alone or to checkpoint: one program for
     # the whole tree (indexing leaf by leaf would compile one per shape).
     self._take_trial = _cached(
