@@ -375,16 +375,16 @@ class PopulationTrainer:
             pending = None
             due = [i for i in due if self._active[i]]
           evals = [i for i in due if is_eval or step == last[i]]
-          fetch = _PendingLog(step, due, evals, [first[i] for i in due],
-                              [started[i] for i in due], [waited[i] for i in due],
-                              self.metrics_buffer.copy() if not evals else
-                              self.metrics_buffer)
+          intervals = ([first[i] for i in due], [started[i] for i in due],
+                       [waited[i] for i in due])
           if evals:
-            self._record(fetch)
+            self._record(_PendingLog(step, due, evals, *intervals,
+                                     self.metrics_buffer))
           elif due:
             # Plain log steps: the metrics come over while training goes on.
-            fetch.buffer.copy_to_host_async()
-            pending = fetch
+            pending = _PendingLog(step, due, [], *intervals,
+                                  self.metrics_buffer.copy())
+            pending.buffer.copy_to_host_async()
         for i in due:
           first[i], started[i], waited[i] = step + 1, clock(), 0.0
       # Summaries once training is over: waiting for a trial's last
@@ -397,15 +397,17 @@ class PopulationTrainer:
     return list(self.summaries)
 
   def _compile(self) -> None:
-    """Compiles the population's train step (reading its FLOPs) and the
-    eval steps of the population and of one trial."""
+    """Compiles the population's train step (reading its FLOPs) and its eval
+    steps: the population's, and one trial's when trials end apart."""
     compiled = self.train_step.lower(self.state, self._transfer, self.metrics_buffer,
                                      self._active_mask).compile()
     flops = throughput.step_flops(compiled, jax.device_count())
     for r in self.records:
       r.throughput.set_step_flops(None if flops is None else flops / self.num_trials)
     self.evaluator.compile(self.state)
-    self.trial_evaluator.compile(self._abstract_trial)
+    if len({r.total_steps for r in self.records}) > 1:
+      # Trials that end at different steps are each evaluated alone there.
+      self.trial_evaluator.compile(self._abstract_trial)
 
   def _record(self, fetch: _PendingLog) -> None:
     """Records the steps of `fetch` for its trials; evaluates and
