@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
+from tuning_playbook import sharding
 from tuning_playbook import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -103,7 +104,9 @@ def main(argv):
   with tempfile.TemporaryDirectory() as workdir:
     trainer = train.Trainer(config, workdir, workload)
     bare_step = jax.jit(trainer.step_fn, donate_argnums=0)
-    batch = jax.tree.map(lambda x: x[0], next(trainer.batches))
+    # The first global batch itself (the loop's transfers may hold indices).
+    batch = sharding.to_global(next(trainer.stream.iterate(0)),
+                               sharding.batch_sharding(sharding.create_mesh()))
     bare_state = jax.tree.map(lambda x: x.copy(), trainer.state)
 
     def run_framework():

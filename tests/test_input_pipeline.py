@@ -2,12 +2,14 @@
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests import helpers
 from tests import tiny_workload
+from tuning_playbook import device_examples
 from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
 from tuning_playbook import sharding
@@ -121,6 +123,55 @@ def test_stacked_batches_and_transfer_grouping():
   groups = list(sharding.stack_batches(batches, 3))
   assert len(groups) == 2
   np.testing.assert_array_equal(groups[1]["x"][:, 0, 0], [3, 4, 5])
+
+
+@pytest.mark.parametrize("process_index,process_count,batch,k", [
+    (0, 1, 16, 8), (1, 2, 8, 5), (0, 1, 250, 3)])
+def test_index_transfers_name_the_batches_of_the_host_gather(
+    builder, process_index, process_count, batch, k):
+  stream = _memory_stream(builder, process_index, process_count, batch)
+  examples = stream.examples()
+  for start in (0, 7, 13):
+    transfers = device_examples.transfers(stream, start, k, on_device=True)
+    host = stream.iterate_stacked(start, k)
+    for transfer, group in itertools.islice(zip(transfers, host), 6):
+      assert list(transfer) == [device_examples.INDEX_KEY]
+      index = transfer[device_examples.INDEX_KEY]
+      assert index.dtype == np.int32 and index.shape == (k, batch)
+      for key in ("inputs", "label"):
+        np.testing.assert_array_equal(examples[key][index], group[key])
+
+
+def test_examples_on_the_devices_gather_the_batches_in_the_step(builder):
+  stream = _memory_stream(builder, 0, 1, 16)
+  mesh = sharding.create_mesh()
+  examples = device_examples.put(stream, mesh)
+  assert all(a.sharding.is_fully_replicated for a in examples.values())
+  stacked = sharding.stacked_batch_sharding(mesh)
+  pick = jax.jit(lambda b, e, t: device_examples.gather(
+      {n: x[t] for n, x in b.items()}, e))
+  transfers = device_examples.transfers(stream, 5, 4, on_device=True)
+  host = stream.iterate_stacked(5, 4)
+  for transfer, group in itertools.islice(zip(transfers, host), 3):
+    on_devices = sharding.to_global(transfer, stacked)
+    for t in range(4):
+      batch = pick(on_devices, examples, t)
+      assert batch["inputs"].sharding.is_equivalent_to(
+          sharding.batch_sharding(mesh), batch["inputs"].ndim)
+      for key in ("inputs", "label"):
+        np.testing.assert_array_equal(np.asarray(batch[key]), group[key][t])
+
+
+def test_only_small_in_memory_splits_go_on_the_devices(builder):
+  stream = _memory_stream(builder, 0, 1, 16)
+  size_mb = stream.nbytes / 2**20
+  assert device_examples.holds_on_device(stream, max_mb=size_mb)
+  assert not device_examples.holds_on_device(stream, max_mb=size_mb * 0.99)
+  assert not device_examples.holds_on_device(stream, max_mb=0)
+  assert not device_examples.holds_on_device(_tf_stream(builder), max_mb=1e6)
+  # Batches pass through a step that has no examples on the devices.
+  batch = {"inputs": np.ones((2, 3))}
+  assert device_examples.gather(batch, {}) is batch
 
 
 @pytest.mark.parametrize("process_index,process_count,batch,k", [

@@ -11,7 +11,7 @@ import pytest
 
 from tests import helpers
 from tuning_playbook import config_schema
-from tuning_playbook import sharding
+from tuning_playbook import device_examples
 from tuning_playbook import throughput
 from tuning_playbook import train
 
@@ -108,14 +108,14 @@ def test_mfu_against_the_peak_of_all_devices():
 
 
 def _slow_input(monkeypatch, seconds):
-  stacked = sharding.stacked_stream
+  transfers = device_examples.transfers
 
-  def slow(stream, start_step, k):
-    for group in stacked(stream, start_step, k):
+  def slow(*args, **kwargs):
+    for group in transfers(*args, **kwargs):
       time.sleep(seconds)
       yield group
 
-  monkeypatch.setattr(sharding, "stacked_stream", slow)
+  monkeypatch.setattr(device_examples, "transfers", slow)
 
 
 def test_slow_input_is_flagged_with_the_figures(data_dir, tmp_path, monkeypatch,

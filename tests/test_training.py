@@ -112,6 +112,25 @@ def test_one_compilation_for_train_and_one_for_eval(completed_run):
   assert compiled.count("eval_step") == 1
 
 
+def test_examples_on_the_devices_train_as_gathered_on_the_host(
+    completed_run, data_dir, tmp_path, caplog):
+  config, workdir, _, _ = completed_run
+  assert config.data.on_device_max_mb > 0  # The run gathered on the devices.
+  host_config = helpers.load_config(**{
+      "data.data_dir": data_dir, "eval_batch_size": 24, "model.dropout_rate": 0.0,
+      "data.on_device_max_mb": 0})
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(host_config, str(tmp_path))
+  assert "Training batches are gathered on the host." in caplog.text
+  for records in ("grad_norms.jsonl", "metrics.jsonl"):
+    on_devices = helpers.read_jsonl(os.path.join(workdir, records))
+    on_host = helpers.read_jsonl(str(tmp_path / records))
+    assert len(on_devices) == len(on_host) > 1
+    for a, b in zip(on_devices, on_host):
+      assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {
+          k: v for k, v in b.items() if not k.startswith("perf/")}
+
+
 def test_eval_metrics_equal_exact_full_split(completed_run, data_dir):
   config, workdir, summary, _ = completed_run
   rows = {r["step"]: r for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}

@@ -129,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   # train step picks its batch from it on the device. Larger k means fewer
   # transfers and less host work per step, and k batches of device memory.
   c.data.batches_per_transfer = 1
+  # An in-memory training split of up to this many MiB is held on every
+  # device: transfers carry example indices and the step gathers its batch
+  # there (no host gather per batch). 0: always gather on the host.
+  c.data.on_device_max_mb = 512
   # Random batches of the workload's shapes instead of its data set (which is
   # then neither downloaded nor read): measures throughput without data. Needs
   # the workload's `synthetic_spec`; metrics are those of random labels.
@@ -234,6 +238,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _validate_batch_norm(config, num_devices)
   if config.data.batches_per_transfer < 1:
     _fail("data.batches_per_transfer", config.data.batches_per_transfer, "must be >= 1")
+  if config.data.on_device_max_mb < 0:
+    _fail("data.on_device_max_mb", config.data.on_device_max_mb,
+          "must be >= 0 (0: gather batches on the host)")
   if config.data.prefetch_batches < 1:
     _fail("data.prefetch_batches", config.data.prefetch_batches, "must be >= 1")
   if config.data.shuffle_buffer < 1:

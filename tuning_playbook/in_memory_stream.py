@@ -100,6 +100,12 @@ class InMemoryTrainStream:
                       k: int) -> Iterator[dict[str, np.ndarray]]:
     """`iterate`'s batches k at a time along a leading axis, each group
     gathered in one copy (what `sharding.stack_batches` would give)."""
+    for index in self.stacked_indices(start_step, k):
+      yield {"inputs": self._inputs[index], "label": self._labels[index]}
+
+  def stacked_indices(self, start_step: int, k: int) -> Iterator[np.ndarray]:
+    """The example indices of `iterate_stacked`'s groups: int32[k, local batch]
+    (this host's columns of k global batches)."""
     n, size = self.examples_per_epoch, self.global_batch_size
     lo, hi = self._host_offset, self._host_offset + self.local_batch_size
     orders: dict[int, np.ndarray] = {}
@@ -108,9 +114,17 @@ class InMemoryTrainStream:
       begin, end = step * size, (step + k) * size
       epochs = range(begin // n, (end - 1) // n + 1)
       orders = {e: orders.get(e) if e in orders else
-                epoch_permutation(self._seed, e, n) for e in epochs}
+                epoch_permutation(self._seed, e, n).astype(np.int32)
+                for e in epochs}
       stream = np.concatenate([orders[e] for e in epochs])
       offset = begin - epochs[0] * n
-      index = stream[offset:offset + k * size].reshape(k, size)[:, lo:hi]
-      yield {"inputs": self._inputs[index], "label": self._labels[index]}
+      yield stream[offset:offset + k * size].reshape(k, size)[:, lo:hi]
       step += k
+
+  def examples(self) -> dict[str, np.ndarray]:
+    """The whole split, the arrays `stacked_indices` index (shared, not copied)."""
+    return {"inputs": self._inputs, "label": self._labels}
+
+  @property
+  def nbytes(self) -> int:
+    return self._inputs.nbytes + self._labels.nbytes

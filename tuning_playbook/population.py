@@ -12,7 +12,8 @@ compiled program of the single-run train step trains them all, batched with
 Each trial follows
 the computation it would follow alone: the same initialisation (its seed),
 the same data order (trials with one seed share one stream; otherwise each
-has its own order over one in-memory copy of the data) and its own
+has its own order over one in-memory copy of the data, held once on the
+devices when small: device_examples.py) and its own
 hyperparameters and schedule, including a prepended warmup of its own length.
 
 Each trial keeps the records of a single run (`trial_records.TrialRecords`):
@@ -42,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from tuning_playbook import config_paths
+from tuning_playbook import device_examples
 from tuning_playbook import evaluation
 from tuning_playbook import input_pipeline
 from tuning_playbook import optimizers
@@ -201,6 +203,11 @@ class PopulationTrainer:
     streams = [_stream_for(c, workload, builder, base_seed, base_stream)
                for c in configs]
     self.shared_data = len({c.seed for c in configs}) == 1
+    on_device = device_examples.holds_on_device(base_stream,
+                                                config.data.on_device_max_mb)
+    # One copy of the training split on the devices, shared by every trial.
+    self.examples = (_cached(cache, ("examples", data_key), lambda: (
+        device_examples.put(base_stream, mesh))) if on_device else {})
 
     model = workload.create_model(config)
     tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
@@ -268,17 +275,17 @@ class PopulationTrainer:
       loop = train_step_lib.for_loop(train_step_lib.make_train_step(
           model, tx, workload.loss_fn, config.grad_clip_norm,
           workload.weights_fn, ema_decay=config.ema_decay))
-      trained = over_trials(loop, (0, None if self.shared_data else 0, 0),
+      trained = over_trials(loop, (0, None if self.shared_data else 0, 0, None),
                             self.num_trials, mode)
 
-      def population_step(state, batches, buffer, active):
-        new_state, new_buffer = trained(state, batches, buffer)
+      def population_step(state, batches, buffer, active, examples):
+        new_state, new_buffer = trained(state, batches, buffer, examples)
         return (_keep_active(active, new_state, state),
                 _keep_active(active, new_buffer, buffer))
 
       return jax.jit(population_step,
                      in_shardings=(state_sharding, batch_sharding, replicated,
-                                   replicated),
+                                   replicated, replicated),
                      out_shardings=(state_sharding, replicated),
                      donate_argnums=(0, 2))
 
@@ -311,9 +318,10 @@ class PopulationTrainer:
     k = config.data.batches_per_transfer
     start = self.step // k * k
     if self.shared_data:
-      source = sharding.stacked_stream(streams[0], start, k)
+      source = device_examples.transfers(streams[0], start, k, on_device)
     else:
-      per_trial = [sharding.stacked_stream(s, start, k) for s in streams]
+      per_trial = [device_examples.transfers(s, start, k, on_device)
+                   for s in streams]
       source = ({name: np.stack([b[name] for b in group]) for name in group[0]}
                 for group in zip(*per_trial))
     self.batches = sharding.prefetch_to_devices(
@@ -357,7 +365,8 @@ class PopulationTrainer:
             compiled = True
             started, waited = [clock()] * self.num_trials, [0.0] * self.num_trials
         self.state, self.metrics_buffer = self.train_step(
-            self.state, self._transfer, self.metrics_buffer, self._active_mask)
+            self.state, self._transfer, self.metrics_buffer, self._active_mask,
+            self.examples)
         step += 1
         self.step = step
         if pending is not None and pending.buffer.is_ready():
@@ -400,7 +409,7 @@ class PopulationTrainer:
     """Compiles the population's train step (reading its FLOPs) and its eval
     steps: the population's, and one trial's when trials end apart."""
     compiled = self.train_step.lower(self.state, self._transfer, self.metrics_buffer,
-                                     self._active_mask).compile()
+                                     self._active_mask, self.examples).compile()
     flops = throughput.step_flops(compiled, jax.device_count())
     for r in self.records:
       r.throughput.set_step_flops(None if flops is None else flops / self.num_trials)

@@ -36,6 +36,7 @@ import numpy as np
 
 from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
+from tuning_playbook import device_examples
 from tuning_playbook import distributed
 from tuning_playbook import evaluation
 from tuning_playbook import in_memory_stream
@@ -190,7 +191,7 @@ class Trainer:
     stacked_sharding = sharding.stacked_batch_sharding(mesh)
     self.train_step = jax.jit(
         train_step_lib.for_loop(self.step_fn),
-        in_shardings=(state_sharding, stacked_sharding, replicated),
+        in_shardings=(state_sharding, stacked_sharding, replicated, replicated),
         out_shardings=(state_sharding, replicated), donate_argnums=(0, 2))
     self.metrics_buffer = jax.device_put(
         np.zeros((config.log_every_steps, len(train_step_lib.STEP_METRICS)),
@@ -205,10 +206,16 @@ class Trainer:
         num_train_steps=self.total_steps, writer=self.records.writer,
         every_steps=None, every_secs=None,
         on_steps=range(0, self.total_steps + 1, config.log_every_steps))
+    on_device = device_examples.holds_on_device(self.stream,
+                                                config.data.on_device_max_mb)
+    # The training split on every device (transfers carry indices), or {}.
+    self.examples = device_examples.put(self.stream, mesh) if on_device else {}
+    logging.info("Training batches are gathered %s.",
+                 "on the devices" if on_device else "on the host")
     k = config.data.batches_per_transfer
     self._transfer_start = self.step // k * k
     self.batches = sharding.prefetch_to_devices(
-        sharding.stacked_stream(self.stream, self._transfer_start, k),
+        device_examples.transfers(self.stream, self._transfer_start, k, on_device),
         stacked_sharding, size=config.data.prefetch_batches)
     self._transfer = None
     self._compiled = False
@@ -254,7 +261,7 @@ class Trainer:
         if step == profile_start:
           started += self.profiler.start(self.state)
         self.state, self.metrics_buffer = self.train_step(
-            self.state, self._transfer, self.metrics_buffer)
+            self.state, self._transfer, self.metrics_buffer, self.examples)
         step += 1
         self.step = step
         if step == profile_stop:
@@ -305,7 +312,7 @@ class Trainer:
     The jitted steps' caches keep these compilations: their calls reuse them.
     """
     compiled = self.train_step.lower(
-        self.state, self._transfer, self.metrics_buffer).compile()
+        self.state, self._transfer, self.metrics_buffer, self.examples).compile()
     self.records.throughput.set_step_flops(throughput.step_flops(compiled, jax.device_count()))
     self.evaluator.compile(self.state)
     self._compiled = True

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tuning_playbook import device_examples
 from tuning_playbook import optimizers
 
 Batch = dict[str, jax.Array]
@@ -233,20 +234,24 @@ def make_eval_step(model, loss_fn: Callable, correct_fn: Callable,
 
 
 def for_loop(step_fn: Callable) -> Callable:
-  """`step(state, batches, buffer) -> (state, buffer)`: the loop's compiled step.
+  """`step(state, batches, buffer, examples) -> (state, buffer)`: the loop's
+  compiled step.
 
   `batches` holds k batches along a leading axis; step t trains on batch
   `t % k`, so one transfer serves k steps and the host feeds the same device
-  array until the next. The step's metrics go to row `t % rows` of `buffer`
+  array until the next. With training examples on the devices (`examples`
+  not empty) the batches are example indices, gathered there
+  (device_examples.py). The step's metrics go to row `t % rows` of `buffer`
   (float32[rows, len(STEP_METRICS)]), which stays on the device until the
   host fetches it, once per log interval.
   """
 
-  def step_in_loop(state: TrainState, batches: Batch, buffer: jax.Array):
+  def step_in_loop(state: TrainState, batches: Batch, buffer: jax.Array,
+                   examples: Batch):
     k = next(iter(batches.values())).shape[0]
     batch = {name: jax.lax.dynamic_index_in_dim(x, state.step % k, keepdims=False)
              for name, x in batches.items()}
-    new_state, metrics = step_fn(state, batch)
+    new_state, metrics = step_fn(state, device_examples.gather(batch, examples))
     row = jnp.stack([metrics[name].astype(jnp.float32) for name in STEP_METRICS])
     return new_state, buffer.at[state.step % buffer.shape[0]].set(row)
 
