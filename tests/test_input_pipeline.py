@@ -13,6 +13,7 @@ from tuning_playbook import device_examples
 from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
 from tuning_playbook import sharding
+from tuning_playbook import stable_hash
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,12 @@ def test_in_memory_groups_of_batches_are_the_batches_stacked(
         assert group[key].shape[:2] == (k, batch)
         np.testing.assert_array_equal(
             group[key], np.stack([b[key] for b in one_by_one[g * k:(g + 1) * k]]))
+
+
+def test_epoch_order_breaks_score_ties_by_example_index(monkeypatch):
+  # Real scores are 64-bit hashes and nearly never tie; force ties.
+  scores = (np.arange(1000, dtype=np.uint64) * 7919) % 97
+  assert not np.array_equal(np.argsort(scores), np.argsort(scores, kind="stable"))
+  monkeypatch.setattr(stable_hash, "hash64", lambda seed, epoch, index: scores[index])
+  order = in_memory_stream.epoch_permutation(0, 0, 1000)
+  assert order.tolist() == sorted(range(1000), key=lambda i: (scores[i], i))
