@@ -10,6 +10,7 @@ import numpy as np
 
 from tests import helpers
 from tests import test_sweep
+from tuning_playbook import trial_claims
 
 REPO = test_sweep.REPO
 CNN = "configs/mnist1d_cnn.py"
@@ -144,3 +145,33 @@ def test_vectorize_needs_study_workers(tmp_path):
   assert result.returncode == 2
   assert "--trainer_module=fake_trainer" in result.stderr
   assert not os.path.exists(tmp_path / "f" / "trials" / "0000" / "log.txt")
+
+
+def test_a_launch_waits_for_trials_claimed_elsewhere_and_trains_one_given_up(tmp_path):
+  study = tmp_path / "study"
+  test_sweep._sweep(study, "--num_trials=2", fake=False)  # Plans the study.
+  first, held = _trial_dirs(study)
+  # A live runner elsewhere (this test's process) holds the second trial.
+  claim = trial_claims.try_claim(held)
+  assert claim is not None
+  sweep = subprocess.Popen(
+      test_sweep._sweep_argv(study, "--num_trials=2", "--run", fake=False),
+      cwd=REPO, env=test_sweep._env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    worker_log = study / "workers" / "worker-0.log"
+    test_sweep._wait_for(
+        lambda: "No unclaimed unfinished trial left" in (
+            worker_log.read_text() if worker_log.exists() else ""),
+        180, "the launch's worker to train the first trial and exit")
+    assert helpers.read_json(os.path.join(first, "summary.json"))["status"] == "completed"
+    time.sleep(5)  # The launch, not a worker, must wait for the held trial.
+    assert sweep.poll() is None
+    assert not os.path.exists(os.path.join(held, "summary.json"))
+  finally:
+    claim.release()  # Its runner gives it up unfinished.
+  _, err = sweep.communicate(timeout=180)
+  assert sweep.returncode == 0, err[-3000:]
+  assert "Waiting for 1 trial(s) claimed by runners elsewhere" in err
+  assert helpers.read_json(os.path.join(held, "summary.json"))["status"] == "completed"
+  assert worker_log.read_text().count("launch:") == 2

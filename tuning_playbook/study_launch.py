@@ -78,6 +78,7 @@ class LaunchOptions:
   stop_rule: StopRule | None = None
   # A worker: trials another live runner (here or elsewhere) claimed are left
   # to it, and the launch ends when no unclaimed unfinished trial is left.
+  # Otherwise the launch waits for such trials to finish.
   worker: bool = False
   # Trials trained at once as one population (study workers only).
   vectorize: int = 1
@@ -191,10 +192,19 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
     try:
       if isolation == "worker":
         root = os.path.commonpath([os.path.abspath(s.study_dir) for s in studies])
-        study_runner.run_workers(
-            worker_command(studies, options), options.parallel,
-            log_dir=os.path.join(root, WORKER_LOGS_DIR), env=env,
-            on_poll=lambda: [record(s) for s in studies])
+        on_poll = lambda: [record(s) for s in studies]
+        while True:
+          study_runner.run_workers(
+              worker_command(studies, options), options.parallel,
+              log_dir=os.path.join(root, WORKER_LOGS_DIR), env=env,
+              on_poll=on_poll)
+          # Workers leave trials that runners elsewhere claimed; a launch
+          # that is not itself a worker waits for them, as the trial runner
+          # does, and trains any that such a runner gave up unfinished.
+          if options.worker or not study_runner.wait_for_claims_elsewhere(
+              [job.trial_dir for job in jobs], options.retry_failed,
+              on_poll=on_poll):
+            break
       elif options.stop_rule is None:
         study_runner.run_trials(jobs, options.parallel,
                                 retry_failed=options.retry_failed,

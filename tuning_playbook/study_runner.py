@@ -106,6 +106,40 @@ def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
               or (status == records.FAILED and not retry_failed))
 
 
+def claimed_elsewhere(trial_dir: str) -> bool:
+  """Whether the trial's claim is held by a live runner (see trial_claims)."""
+  return (trial_claims.read_claim(trial_dir) is not None
+          and not trial_claims.is_stale(trial_dir))
+
+
+def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
+                              on_poll: Callable[[], None] | None = None,
+                              poll_seconds: float = 2.0) -> bool:
+  """Waits while unfinished trials are claimed by runners elsewhere.
+
+  Returns False once every such trial has finished, True as soon as one of
+  them is left unfinished and unclaimed (its runner stopped, or its claim
+  went stale): it is for the caller to train. `on_poll()` runs every
+  `poll_seconds` (to refresh the records).
+  """
+  waiting = [d for d in trial_dirs
+             if _needs_run(d, retry_failed) and claimed_elsewhere(d)]
+  if waiting:
+    logging.info("Waiting for %d trial(s) claimed by runners elsewhere: %s",
+                 len(waiting), ", ".join(waiting))
+  while waiting:
+    time.sleep(poll_seconds)
+    if on_poll is not None:
+      on_poll()
+    waiting = [d for d in waiting if _needs_run(d, retry_failed)]
+    released = [d for d in waiting if not claimed_elsewhere(d)]
+    if released:
+      logging.info("Trial(s) released unfinished by their runner: %s",
+                   ", ".join(released))
+      return True
+  return False
+
+
 def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
             cwd: str | None, env: dict[str, str] | None) -> _Running | None:
   """Starts the trial; None (recorded as failed) if it cannot be started."""
