@@ -198,3 +198,9 @@ def test_epoch_order_breaks_score_ties_by_example_index(monkeypatch):
   monkeypatch.setattr(stable_hash, "hash64", lambda seed, epoch, index: scores[index])
   order = in_memory_stream.epoch_permutation(0, 0, 1000)
   assert order.tolist() == sorted(range(1000), key=lambda i: (scores[i], i))
+
+
+def test_indices_are_int32_unless_the_split_needs_int64():
+  assert in_memory_stream.index_dtype(203) == np.int32
+  assert in_memory_stream.index_dtype(2**31) == np.int32  # Largest index 2^31 - 1.
+  assert in_memory_stream.index_dtype(2**31 + 1) == np.int64

@@ -35,6 +35,11 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return order
 
 
+def index_dtype(n: int) -> np.dtype:
+  """int32 for indices into n examples, int64 if n needs it."""
+  return np.dtype(np.int32 if n <= np.iinfo(np.int32).max + 1 else np.int64)
+
+
 class InMemoryTrainStream:
   """Same interface as `input_pipeline.TrainStream`, without tf.data per step.
 
@@ -112,8 +117,10 @@ class InMemoryTrainStream:
 
   def stacked_indices(self, start_step: int, k: int) -> Iterator[np.ndarray]:
     """The example indices of `iterate_stacked`'s groups: int32[k, local batch]
-    (this host's columns of k global batches)."""
+    (int64 for splits of 2^31 examples or more), this host's columns of k
+    global batches."""
     n, size = self.examples_per_epoch, self.global_batch_size
+    dtype = index_dtype(n)
     lo, hi = self._host_offset, self._host_offset + self.local_batch_size
     orders: dict[int, np.ndarray] = {}
     step = start_step
@@ -121,7 +128,7 @@ class InMemoryTrainStream:
       begin, end = step * size, (step + k) * size
       epochs = range(begin // n, (end - 1) // n + 1)
       orders = {e: orders.get(e) if e in orders else
-                epoch_permutation(self._seed, e, n).astype(np.int32)
+                epoch_permutation(self._seed, e, n).astype(dtype)
                 for e in epochs}
       stream = np.concatenate([orders[e] for e in epochs])
       offset = begin - epochs[0] * n
