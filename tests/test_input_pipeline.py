@@ -146,7 +146,7 @@ def test_index_transfers_name_the_batches_of_the_host_gather(
 def test_examples_on_the_devices_gather_the_batches_in_the_step(builder):
   stream = _memory_stream(builder, 0, 1, 16)
   mesh = sharding.create_mesh()
-  examples = device_examples.put(stream, mesh)
+  examples = device_examples.place(stream, mesh, max_mb=1e6)
   assert all(a.sharding.is_fully_replicated for a in examples.values())
   stacked = sharding.stacked_batch_sharding(mesh)
   pick = jax.jit(lambda b, e, t: device_examples.gather(

@@ -34,9 +34,12 @@ def holds_on_device(stream: Any, max_mb: float) -> bool:
           and stream.nbytes <= max_mb * 2**20)
 
 
-def put(stream: Any, mesh: Mesh) -> Examples:
-  """The stream's whole split on every device of `mesh` (each host passes
-  the same arrays: the in-memory order is global)."""
+def place(stream: Any, mesh: Mesh, max_mb: float) -> Examples:
+  """The stream's whole split on every device of `mesh` when it
+  `holds_on_device`, else {} (each host passes the same arrays: the
+  in-memory order is global)."""
+  if not holds_on_device(stream, max_mb):
+    return {}
   replicated = sharding.replicated(mesh)
   return {name: jax.make_array_from_process_local_data(replicated, array)
           for name, array in stream.examples().items()}
@@ -45,7 +48,7 @@ def put(stream: Any, mesh: Mesh) -> Examples:
 def transfers(stream: Any, start_step: int, k: int,
               on_device: bool) -> Iterator[dict[str, np.ndarray]]:
   """This host's transfers from `start_step`, k batches each: index arrays
-  for examples on the devices, else the batches themselves."""
+  for examples on the devices (`place` gave some), else the batches."""
   if on_device:
     return ({INDEX_KEY: np.ascontiguousarray(index)}
             for index in stream.stacked_indices(start_step, k))

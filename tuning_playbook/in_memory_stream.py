@@ -82,30 +82,9 @@ class InMemoryTrainStream:
     """Shape (without batch) and dtype of the model inputs."""
     return self._inputs.shape[1:], self._inputs.dtype
 
-  def _indices(self, start_step: int) -> Iterator[np.ndarray]:
-    """This host's example indices of each global batch from `start_step` on."""
-    n, size = self.examples_per_epoch, self.global_batch_size
-    lo, hi = self._host_offset, self._host_offset + self.local_batch_size
-    position = start_step * size
-    epoch = position // n
-    order = epoch_permutation(self._seed, epoch, n)
-    while True:
-      pieces = []
-      needed = size
-      while needed:
-        offset = position - epoch * n
-        take = min(needed, n - offset)
-        pieces.append(order[offset:offset + take])
-        position += take
-        needed -= take
-        if position == (epoch + 1) * n:
-          epoch += 1
-          order = epoch_permutation(self._seed, epoch, n)
-      yield (pieces[0] if len(pieces) == 1 else np.concatenate(pieces))[lo:hi]
-
   def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """This host's slices of the global batches from `start_step` on."""
-    for index in self._indices(start_step):
+    for (index,) in self.stacked_indices(start_step, 1):
       yield {"inputs": self._inputs[index], "label": self._labels[index]}
 
   def iterate_stacked(self, start_step: int,

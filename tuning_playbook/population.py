@@ -203,11 +203,11 @@ class PopulationTrainer:
     streams = [_stream_for(c, workload, builder, base_seed, base_stream)
                for c in configs]
     self.shared_data = len({c.seed for c in configs}) == 1
-    on_device = device_examples.holds_on_device(base_stream,
-                                                config.data.on_device_max_mb)
-    # One copy of the training split on the devices, shared by every trial.
-    self.examples = (_cached(cache, ("examples", data_key), lambda: (
-        device_examples.put(base_stream, mesh))) if on_device else {})
+    # One copy of the training split on the devices, shared by every trial
+    # (or {}: batches gathered on the host).
+    self.examples = _cached(cache, ("examples", data_key), lambda: (
+        device_examples.place(base_stream, mesh, config.data.on_device_max_mb)))
+    on_device = bool(self.examples)
 
     model = workload.create_model(config)
     tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)

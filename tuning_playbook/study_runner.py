@@ -106,7 +106,7 @@ def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
               or (status == records.FAILED and not retry_failed))
 
 
-def claimed_elsewhere(trial_dir: str) -> bool:
+def _claimed_elsewhere(trial_dir: str) -> bool:
   """Whether the trial's claim is held by a live runner (see trial_claims)."""
   return (trial_claims.read_claim(trial_dir) is not None
           and not trial_claims.is_stale(trial_dir))
@@ -123,7 +123,7 @@ def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
   `poll_seconds` (to refresh the records).
   """
   waiting = [d for d in trial_dirs
-             if _needs_run(d, retry_failed) and claimed_elsewhere(d)]
+             if _needs_run(d, retry_failed) and _claimed_elsewhere(d)]
   if waiting:
     logging.info("Waiting for %d trial(s) claimed by runners elsewhere: %s",
                  len(waiting), ", ".join(waiting))
@@ -132,7 +132,7 @@ def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
     if on_poll is not None:
       on_poll()
     waiting = [d for d in waiting if _needs_run(d, retry_failed)]
-    released = [d for d in waiting if not claimed_elsewhere(d)]
+    released = [d for d in waiting if not _claimed_elsewhere(d)]
     if released:
       logging.info("Trial(s) released unfinished by their runner: %s",
                    ", ".join(released))

@@ -206,16 +206,16 @@ class Trainer:
         num_train_steps=self.total_steps, writer=self.records.writer,
         every_steps=None, every_secs=None,
         on_steps=range(0, self.total_steps + 1, config.log_every_steps))
-    on_device = device_examples.holds_on_device(self.stream,
-                                                config.data.on_device_max_mb)
     # The training split on every device (transfers carry indices), or {}.
-    self.examples = device_examples.put(self.stream, mesh) if on_device else {}
+    self.examples = device_examples.place(self.stream, mesh,
+                                          config.data.on_device_max_mb)
     logging.info("Training batches are gathered %s.",
-                 "on the devices" if on_device else "on the host")
+                 "on the devices" if self.examples else "on the host")
     k = config.data.batches_per_transfer
     self._transfer_start = self.step // k * k
     self.batches = sharding.prefetch_to_devices(
-        device_examples.transfers(self.stream, self._transfer_start, k, on_device),
+        device_examples.transfers(self.stream, self._transfer_start, k,
+                                  on_device=bool(self.examples)),
         stacked_sharding, size=config.data.prefetch_batches)
     self._transfer = None
     self._compiled = False
