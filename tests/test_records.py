@@ -273,6 +273,20 @@ def test_config_differences_name_the_dotted_field():
       "optimizer.learning_rate: 0.1 -> 0.2"]
 
 
+def test_config_differences_let_a_key_added_since_take_its_default():
+  # A run recorded before `data.on_device_max_mb` existed (default 512).
+  old = {"data": {"cache": True}, "seed": 0}
+  assert records.config_differences(
+      old, {"data": {"cache": True, "on_device_max_mb": 512}, "seed": 0}) == []
+  assert records.config_differences(
+      old, {"data": {"cache": True, "on_device_max_mb": 0}, "seed": 0}) == [
+          "data.on_device_max_mb: '<absent>' -> 0"]
+  # A key the base config does not have is a difference at any value.
+  assert records.config_differences(old, {"data": {"cache": True}, "seed": 0,
+                                          "model": {"width": 512}}) == [
+      "model.width: '<absent>' -> 512"]
+
+
 def test_resume_refuses_a_log_with_a_bad_middle_line_and_keeps_it(tmp_path):
   workdir = str(tmp_path / "run")
   flags = ("--config.max_train_steps=20", f"--config.data.data_dir={tmp_path / 'data'}")

@@ -5,7 +5,9 @@ at varying moments (during training, evals and checkpoint saves).
 """
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -153,6 +155,25 @@ def test_another_config_is_refused_and_nothing_touched(reference_run, data_flag)
   assert "optimizer.learning_rate: 0.05 -> 0.3" in result.stderr
   assert "batch_size: 16 -> 32" in result.stderr
   assert _tree_digest(reference_run) == before
+
+
+def test_a_run_recorded_before_a_config_key_existed_is_the_same_run(
+    reference_run, data_flag, tmp_path):
+  workdir = str(tmp_path / "older")
+  shutil.copytree(reference_run, workdir)
+  config = helpers.read_json(os.path.join(workdir, "config.json"))
+  del config["data"]["on_device_max_mb"]
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  before = _tree_digest(workdir)
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS)
+  assert result.returncode == 0 and "already finished" in result.stderr, (
+      result.stderr[-3000:])
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS,
+                            "--config.data.on_device_max_mb=0")
+  assert result.returncode == 2
+  assert "data.on_device_max_mb: '<absent>' -> 0" in result.stderr
+  assert _tree_digest(workdir) == before
 
 
 def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):

@@ -266,6 +266,12 @@ def test_changed_definition_is_refused_and_extension_keeps_trials(tmp_path):
   assert "search_space.optimizer.learning_rate" in result.stderr
   assert _read_json(study_dir / "study.json") == before
 
+  # A study recorded before a base-config key existed: the same study.
+  older = dict(before, base_config={k: v for k, v in before["base_config"].items()
+                                    if k != "data.on_device_max_mb"})
+  assert len(older["base_config"]) == len(before["base_config"]) - 1
+  with open(study_dir / "study.json", "w") as f:
+    json.dump(older, f)
   _sweep(study_dir, "--num_trials=10")
   after = _read_json(study_dir / "study.json")
   assert after["trials"][:4] == before["trials"]

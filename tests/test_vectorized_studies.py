@@ -64,6 +64,11 @@ def test_vectorized_study_matches_one_process_per_trial(tmp_path):
     with open(os.path.join(g_dir, "log.txt")) as f:
       log = f.read()
     assert log.count("worker") >= 1 and "Training 4 trial(s) as one population" in log
+    # Its own lines, not its partners': one eval line per eval of its own.
+    evals = [r for r in _metrics(g_dir) if "eval/test/accuracy" in r]
+    assert len(evals) >= 3 and log.count("] eval/test/accuracy=") == len(evals)
+    ended = [line for line in log.splitlines() if ": completed at step" in line]
+    assert len(ended) == 1 and f"Trial {g_dir}: completed" in ended[0], ended
 
 
 def _wait_for_checkpoints(study_dir, step, timeout=180):

@@ -17,9 +17,13 @@ free-form: the workload's model checks its own fields.
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import ml_collections
+
+from tuning_playbook import config_paths
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "nadam")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -140,6 +144,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   return c
+
+
+def added_at_default(key: str, value: Any) -> bool:
+  """Whether a record written before the dotted `key` existed agrees with
+  `value`: true when `key` is a base-config key at its default (keys come
+  with the default that keeps the behaviour from before them)."""
+  defaults = config_paths.flatten(base_config())
+  return key in defaults and _as_json(defaults[key]) == _as_json(value)
+
+
+def _as_json(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
 
 
 def _fail(key: str, value, allowed: str):

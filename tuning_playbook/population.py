@@ -52,6 +52,7 @@ from tuning_playbook import sharding
 from tuning_playbook import throughput
 from tuning_playbook import train
 from tuning_playbook import train_step as train_step_lib
+from tuning_playbook import trial_logs
 from tuning_playbook import trial_records
 from tuning_playbook import watchdog
 from tuning_playbook import workload as workload_lib
@@ -412,7 +413,8 @@ class PopulationTrainer:
                                      self._active_mask, self.examples).compile()
     flops = throughput.step_flops(compiled, jax.device_count())
     for r in self.records:
-      r.throughput.set_step_flops(None if flops is None else flops / self.num_trials)
+      with trial_logs.about(r.workdir):
+        r.throughput.set_step_flops(None if flops is None else flops / self.num_trials)
     self.evaluator.compile(self.state)
     if len({r.total_steps for r in self.records}) > 1:
       # Trials that end at different steps are each evaluated alone there.
@@ -450,14 +452,15 @@ class PopulationTrainer:
                                          fetch.waited):
       rows = buffer[i, [(s - 1) % buffer.shape[1] for s in range(first, step + 1)]]
       fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
-      reason = self.records[i].log(
-          first, step, fetched, seconds=now - started, input_wait=waited,
-          evaluate=(lambda i=i: evaluate(i)) if i in fetch.evals else None)
-      if reason is not None:
-        # Recorded at this log step; a trial seen to diverge in a fetch that
-        # came over later trains no further from the next step on (its
-        # later updates are never recorded or checkpointed).
-        logging.warning("Trial %s diverged: %s", self.records[i].workdir, reason)
+      with trial_logs.about(self.records[i].workdir):
+        reason = self.records[i].log(
+            first, step, fetched, seconds=now - started, input_wait=waited,
+            evaluate=(lambda i=i: evaluate(i)) if i in fetch.evals else None)
+        if reason is not None:
+          # Recorded at this log step; a trial seen to diverge in a fetch that
+          # came over later trains no further from the next step on (its
+          # later updates are never recorded or checkpointed).
+          logging.warning("Trial %s diverged: %s", self.records[i].workdir, reason)
       if reason is not None or step == self.records[i].total_steps:
         self._active[i] = False
         ended.append((i, reason))
@@ -468,8 +471,9 @@ class PopulationTrainer:
   def _finish(self, i: int, reason: str | None) -> None:
     """Writes trial i's summary once its checkpoints are written (watched)."""
     self.watchdog.begin("finish", "the last checkpoint writes (Orbax)")
-    self.records[i].wait_for_checkpoints()
-    self.summaries[i] = self.records[i].finish(reason, self.compute_dtype)
-    logging.info("Trial %s: %s at step %d.", self.records[i].workdir,
-                 self.summaries[i]["status"], self.records[i].step)
+    with trial_logs.about(self.records[i].workdir):
+      self.records[i].wait_for_checkpoints()
+      self.summaries[i] = self.records[i].finish(reason, self.compute_dtype)
+      logging.info("Trial %s: %s at step %d.", self.records[i].workdir,
+                   self.summaries[i]["status"], self.records[i].step)
 

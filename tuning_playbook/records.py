@@ -19,6 +19,7 @@ import ml_collections
 
 from tuning_playbook import atomic_files
 from tuning_playbook import config_paths
+from tuning_playbook import config_schema
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -63,10 +64,13 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Lines `key: old -> new` for every field that differs."""
+  """Lines `key: old -> new` for every field that differs (a key that `old`
+  predates, at its default, does not)."""
   a, b = config_paths.flatten(old), config_paths.flatten(new)
   lines = []
   for key in sorted(set(a) | set(b)):
+    if key not in a and config_schema.added_at_default(key, b[key]):
+      continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       lines.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
   return lines

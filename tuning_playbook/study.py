@@ -180,13 +180,16 @@ def read_study_json(study_dir: str) -> dict[str, Any] | None:
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-  """Human-readable list of the identity fields that differ."""
+  """Human-readable list of the identity fields that differ (a base-config
+  key that `old` predates, at its default, does not)."""
   diffs = []
   for field in IDENTITY_FIELDS:
     a, b = _plain(old.get(field)), _plain(new.get(field))
     if isinstance(a, dict) and isinstance(b, dict):
       keys = [k for k in dict.fromkeys(list(a) + list(b))
-              if a.get(k) != b.get(k)]
+              if a.get(k) != b.get(k) and not (
+                  field == "base_config" and k not in a
+                  and config_schema.added_at_default(k, b[k]))]
       if keys:
         diffs.extend(f"{field}.{k}: {a.get(k, '<absent>')!r} -> "
                      f"{b.get(k, '<absent>')!r}" for k in keys)

@@ -17,7 +17,8 @@ with a heartbeat, `trial_claims`, and the trial's `.lock` for as long as the
 worker lives), so any number of workers on any machines sharing the study
 directory never train a trial twice; a worker exits when no unclaimed
 unfinished trial is left. Each trial's `log.txt` gets the log lines of the
-population it trained in, and `runner.json` names the worker.
+population it trained in (its own metrics and the population's lines), and
+`runner.json` names the worker.
 
 An error in a population marks its trials failed (summary.json, as a trial
 process would) and the worker goes on with the next trials. Bad input (a
@@ -50,6 +51,7 @@ from tuning_playbook import study_runner
 from tuning_playbook import termination
 from tuning_playbook import tracking
 from tuning_playbook import trial_claims
+from tuning_playbook import trial_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The study's config file.", lock_config=True)
@@ -194,8 +196,7 @@ class Worker:
     # Per trial directory: (exit status as a trial process, error).
     outcomes: dict[str, tuple[int, str | None]] = {}
     try:
-      with _logging_to([os.path.join(d, tracking.LOG_FILE) for d in dirs],
-                       started, command):
+      with _logging_to(dirs, started, command):
         logging.info("Training %d trial(s) as one population: %s", len(dirs),
                      ", ".join(dirs))
         outcomes = self._train_logged(group)
@@ -295,17 +296,20 @@ def _refresh_claims(claims: Sequence[trial_claims.Claim],
 
 
 @contextlib.contextmanager
-def _logging_to(paths: Sequence[str], started: str,
+def _logging_to(trial_dirs: Sequence[str], started: str,
                 command: Sequence[str]) -> Iterator[None]:
-  """Copies this process's log lines into each trial's log.txt meanwhile."""
+  """Copies this process's log lines into each trial's log.txt meanwhile
+  (lines about one trial only into its own)."""
   handlers = []
-  for path in paths:
+  for trial_dir in trial_dirs:
+    path = os.path.join(trial_dir, tracking.LOG_FILE)
     with open(path, "a") as f:
       f.write(f"=== {started} worker {os.getpid()}: {' '.join(command)}\n")
     handler = std_logging.FileHandler(path)
     handler.setFormatter(std_logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(cli.QuietLibraries())
+    handler.addFilter(trial_logs.OnlyAbout(trial_dir))
     handlers.append(handler)
   root = std_logging.getLogger()
   for handler in handlers:
