@@ -83,6 +83,23 @@ def test_preprocess_shapes_dtypes_and_range(train_mode, height, width):
   assert np.all(image <= (1 - MEAN) / STD + 1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_augmentation_switched_off_trains_on_center_crops(name):
+  config = helpers.load_config(CONFIGS[name])
+  config.model.image_size = 32
+  workload = workload_lib.load_workload(config.workload, config)
+  assert workload.regularization_off["data.augment"] is False
+  example = {"image": random_image(48, 40), "label": tf.constant(3, tf.int64)}
+  seed = tf.constant([4, 1], tf.int64)
+  center = workload.preprocess(example, train=False, seed=seed)["inputs"].numpy()
+  assert not np.array_equal(
+      workload.preprocess(example, train=True, seed=seed)["inputs"].numpy(), center)
+  config.data.augment = False
+  workload = workload_lib.load_workload(config.workload, config)
+  np.testing.assert_array_equal(
+      workload.preprocess(example, train=True, seed=seed)["inputs"].numpy(), center)
+
+
 def test_augmentation_is_a_seeded_crop_then_flip():
   image = random_image(48, 40)
   flips = set()

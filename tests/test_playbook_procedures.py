@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from tests import helpers
 from tests import test_analysis_report as browser_checks
 from tuning_playbook import procedures
 
@@ -82,6 +83,20 @@ def test_every_procedure_follows_the_protocol():
     assert module.DESCRIPTION and callable(module.plan) and callable(module.analyze)
     for argument in module.ARGUMENTS:
       assert argument.kind in procedures.ARGUMENT_KINDS
+
+
+@pytest.mark.parametrize("name,switched_off", [
+    ("cifar10_wrn", {"model.dropout_rate": 0.0, "data.augment": False}),
+    ("imagenet_vit", {"model.dropout_rate": 0.0, "model.label_smoothing": 0.0,
+                      "data.augment": False})])
+def test_lr_sweep_switches_off_regularization_and_augmentation(name, switched_off):
+  config = helpers.load_config(os.path.join(helpers.REPO, "configs", f"{name}.py"))
+  plan = procedures.load("lr_sweep").plan(config, {"steps": 100}, None)
+  fixed = plan.search_space["fixed"]
+  for key, value in switched_off.items():
+    assert fixed[key] == value, key
+  assert fixed["optimizer.schedule"] == "constant"
+  assert fixed["optimizer.weight_decay"] == 0.0
 
 
 @pytest.mark.slow

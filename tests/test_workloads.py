@@ -184,9 +184,12 @@ def crop_and_flip(out, image):
   return matches
 
 
+CIFAR10_CONFIG = load_config("cifar10_wrn")
+
+
 def test_cifar10_preprocess_eval_only_normalizes(cifar10_examples):
   for example in cifar10_examples["test"]:
-    out = cifar10_wrn.preprocess(example, train=False,
+    out = cifar10_wrn.preprocess(example, train=False, config=CIFAR10_CONFIG,
                                  seed=tf.constant([0, 0], tf.int64))
     assert out["inputs"].dtype == tf.float32 and out["label"].dtype == tf.int32
     np.testing.assert_allclose(out["inputs"], normalized(example["image"]),
@@ -194,10 +197,23 @@ def test_cifar10_preprocess_eval_only_normalizes(cifar10_examples):
     assert int(out["label"]) == int(example["label"])
 
 
+def test_cifar10_augmentation_switched_off_trains_on_the_eval_images(
+    cifar10_examples):
+  config = load_config("cifar10_wrn")
+  config.data.augment = False
+  assert cifar10_wrn.REGULARIZATION_OFF["data.augment"] is False
+  for seed, example in enumerate(cifar10_examples["train"]):
+    out = cifar10_wrn.preprocess(example, train=True, config=config,
+                                 seed=tf.constant([seed, 3], tf.int64))
+    np.testing.assert_allclose(out["inputs"], normalized(example["image"]),
+                               atol=1e-5)
+
+
 def test_cifar10_augmentation_is_a_seeded_crop_and_flip(cifar10_examples):
   example = cifar10_examples["train"][0]
   augment = lambda s: cifar10_wrn.preprocess(
-      example, train=True, seed=tf.constant([s, 3], tf.int64))["inputs"].numpy()
+      example, train=True, config=CIFAR10_CONFIG,
+      seed=tf.constant([s, 3], tf.int64))["inputs"].numpy()
   outputs = {s: augment(s) for s in range(8)}
   windows = set()
   for seed, out in outputs.items():
@@ -219,7 +235,7 @@ def tiny_wrn_config(**batch_norm):
 
 
 def cifar10_batch(examples):
-  inputs = [cifar10_wrn.preprocess(e, train=True,
+  inputs = [cifar10_wrn.preprocess(e, train=True, config=CIFAR10_CONFIG,
                                    seed=tf.constant([i, 0], tf.int64))["inputs"]
             for i, e in enumerate(examples)]
   return jnp.asarray(np.stack(inputs))

@@ -141,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
   # then neither downloaded nor read): measures throughput without data. Needs
   # the workload's `synthetic_spec`; metrics are those of random labels.
   c.data.synthetic = False
+  # The train-time augmentation of the workload's `preprocess` (random crops
+  # and flips, say); False trains on the examples as evaluated. Workloads
+  # without augmentation ignore it.
+  c.data.augment = True
 
   c.model = ml_collections.ConfigDict()
   return c

@@ -59,7 +59,9 @@ Optional names, with the defaults used when a module leaves them out:
       each with the value that switches it off. The learning-rate sweep that
       picks max_train_steps (tuning_playbook/procedures/lr_sweep.py) trains
       without them; `optimizer.weight_decay` is switched off by the framework
-      and need not be listed. Default: {} (nothing to switch off).
+      and need not be listed. A `preprocess` that augments should do so only
+      when `config.data.augment` (True by default) and list
+      `"data.augment": False` here. Default: {} (nothing to switch off).
 
 Mixed precision: `compute_dtype(config)` is the dtype the model computes in
 (`config.compute_dtype`). A workload honours it by passing `dtype=` to its

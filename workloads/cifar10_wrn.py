@@ -27,8 +27,7 @@ SPLITS = {"train": "train[:45000]", "validation": "train[45000:]",
           "test": "test"}
 NUM_CLASSES = 10
 # The regularizer and its "off" value (see tuning_playbook/workload.py).
-# The crop-and-flip augmentation of `preprocess` has no switch.
-REGULARIZATION_OFF = {"model.dropout_rate": 0.0}
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0, "data.augment": False}
 IMAGE_SHAPE = (32, 32, 3)
 PAD = 4
 CHANNEL_MEAN = (0.4914, 0.4822, 0.4465)
@@ -37,10 +36,12 @@ CHANNEL_STD = (0.2470, 0.2435, 0.2616)
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def preprocess(example, *, train: bool, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-  """Scales to [0, 1], augments (train only), normalizes each channel."""
+def preprocess(example, *, train: bool, seed: tf.Tensor,
+               config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
+  """Scales to [0, 1], augments (train only, with `config.data.augment`),
+  normalizes each channel."""
   image = tf.cast(example["image"], tf.float32) / 255.0
-  if train:
+  if train and config.data.augment:
     crop_seed, flip_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=2))
     height, width, _ = IMAGE_SHAPE

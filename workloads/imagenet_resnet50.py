@@ -27,8 +27,7 @@ from workloads import imagenet_data
 
 SPLITS = imagenet_data.SPLITS
 # The regularizer and its "off" value (see tuning_playbook/workload.py).
-# The Inception-crop augmentation of `preprocess` has no switch.
-REGULARIZATION_OFF = {"model.label_smoothing": 0.0}
+REGULARIZATION_OFF = {"model.label_smoothing": 0.0, "data.augment": False}
 dataset_builder = imagenet_data.dataset_builder
 # depth -> (blocks per stage, bottleneck blocks).
 STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False),
@@ -119,7 +118,8 @@ def create_model(config: ml_collections.ConfigDict) -> ResNet:
 
 
 def preprocess(example, *, train: bool, seed, config: ml_collections.ConfigDict):
-  return imagenet_data.preprocess(example, train=train, seed=seed,
+  return imagenet_data.preprocess(example, train=train and config.data.augment,
+                                  seed=seed,
                                   image_size=model_config(config).image_size)
 
 

@@ -28,8 +28,8 @@ from workloads import imagenet_data
 
 SPLITS = imagenet_data.SPLITS
 # The regularizers and their "off" values (see tuning_playbook/workload.py).
-# The Inception-crop augmentation of `preprocess` has no switch.
-REGULARIZATION_OFF = {"model.dropout_rate": 0.0, "model.label_smoothing": 0.0}
+REGULARIZATION_OFF = {"model.dropout_rate": 0.0, "model.label_smoothing": 0.0,
+                      "data.augment": False}
 dataset_builder = imagenet_data.dataset_builder
 # size -> (hidden_size, depth, num_heads, mlp_dim).
 SIZES = {"Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536),
@@ -162,7 +162,8 @@ def create_model(config: ml_collections.ConfigDict) -> VisionTransformer:
 
 
 def preprocess(example, *, train: bool, seed, config: ml_collections.ConfigDict):
-  return imagenet_data.preprocess(example, train=train, seed=seed,
+  return imagenet_data.preprocess(example, train=train and config.data.augment,
+                                  seed=seed,
                                   image_size=model_config(config).image_size)
 
 
