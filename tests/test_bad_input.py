@@ -81,6 +81,28 @@ def test_ghost_batch_norm_needs_a_dividing_virtual_batch():
     config_schema.validate(config)
 
 
+def test_a_bad_config_value_exits_before_the_trainer_is_imported(tmp_path):
+  # The CLI as `python -m tuning_playbook.main`, reporting at exit whether
+  # TensorFlow, Orbax or the trainer had been imported.
+  code = ("import runpy, sys\n"
+          "try:\n"
+          "  runpy.run_module('tuning_playbook.main', run_name='__main__')\n"
+          "finally:\n"
+          "  print(sorted(m for m in ('tensorflow', 'orbax.checkpoint', "
+          "'tuning_playbook.train') if m in sys.modules))\n")
+  for override, expected in [
+      ("--config.optimizer.name=adamw", "config.optimizer.name='adamw' is invalid"),
+      ("--config.workload=no_such_workload", "no module workloads.no_such_workload")]:
+    argv = helpers.main_command(str(tmp_path / "run"), override)
+    import subprocess  # pylint: disable=g-import-not-at-top
+    result = subprocess.run([argv[0], "-c", code] + argv[3:], cwd=helpers.REPO,
+                            env=helpers.subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert result.stdout.strip() == "[]"
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_nothing_is_compiled_before_the_error(monkeypatch, tmp_path):
   def no_jit(*args, **kwargs):
     raise AssertionError("compiled before validating")

@@ -15,9 +15,11 @@ from absl import logging
 from ml_collections import config_flags
 
 from tuning_playbook import cli
+from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
 from tuning_playbook import distributed
 from tuning_playbook import termination
+from tuning_playbook import workload as workload_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/<name>.py).", lock_config=True)
@@ -35,8 +37,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
-  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   config = cli.loaded_config(_CONFIG)
+  try:  # The config's own values and workload first, before the trainer's imports.
+    config_schema.validate(config)
+    workload_lib.load_workload(config.workload)
+  except (config_schema.ConfigError, workload_lib.UnknownWorkloadError) as e:
+    cli.fail(str(e))
+  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   cpu_devices.configure_thread_pool()  # Before the backend starts.
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
