@@ -160,6 +160,7 @@ def test_checkpoints_hold_the_average_beside_the_raw_params(reference_run):
   assert any(not np.array_equal(e, p) for e, p in zip(ema, raw))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(reference_run, data_flag, tmp_path):
   workdir = str(tmp_path / "killed")
   proc = subprocess.Popen(

@@ -288,6 +288,7 @@ def _mock_as_dataset(self, split, **kwargs):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_train_eval_checkpoint_and_resume_on_mock_imagenet(name, tmp_path, caplog):
   data_dir = str(tmp_path / "data")
   _write_mock_metadata(data_dir)

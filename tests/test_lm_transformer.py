@@ -188,6 +188,7 @@ def _write_mock_metadata(data_dir, num_examples):
   builder.info.write_to_directory(builder.data_dir)
 
 
+@pytest.mark.slow
 def test_train_eval_checkpoint_and_resume_on_mock_lm1b(tmp_path, monkeypatch, caplog):
   num_examples, length = 10, 16
   data_dir = str(tmp_path / "data")

@@ -92,6 +92,7 @@ def test_batch_norm_over_processes_matches_numpy():
     assert rc == 0, err[-4000:]
 
 
+@pytest.mark.slow
 def test_killed_two_process_job_resumes_exactly(two_by_two, data_flag, tmp_path):
   workdir = str(tmp_path / "killed")
   command = helpers.main_command(workdir, data_flag, *RUN_FLAGS)
@@ -113,6 +114,7 @@ def test_killed_two_process_job_resumes_exactly(two_by_two, data_flag, tmp_path)
               helpers.read_jsonl(os.path.join(two_by_two[0], "metrics.jsonl"))))
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_on_one_process(two_by_two, data_flag, tmp_path):
   """A checkpoint written by 2 processes x 2 devices restores on 1 x 1."""
   workdir = str(tmp_path / "topology")
@@ -148,6 +150,7 @@ def _start_long_job(workdir, data_flag, *extra):
   return procs
 
 
+@pytest.mark.slow
 def test_a_stopped_peer_trips_the_default_watchdog(data_flag, tmp_path):
   """The automatic watchdog (the default) with a short floor, not a fixed limit."""
   procs = _start_long_job(str(tmp_path / "hung"), data_flag,

@@ -58,6 +58,7 @@ def _check_stability_record(row, trial_dir, window=10):
                                  or row["first_nonfinite_step"] is not None)
 
 
+@pytest.mark.slow
 def test_instability_check(source):
   study_dir = source + "_instability"
   _playbook("instability_check", study_dir, f"--from_study={source}",
@@ -106,6 +107,7 @@ def test_instability_check(source):
   assert 'id="instability_check"' in page
 
 
+@pytest.mark.slow
 def test_warmup(source):
   study_dir = source + "_warmup"
   _playbook("warmup", study_dir, f"--from_study={source}",
@@ -144,6 +146,7 @@ def test_warmup(source):
   assert 'id="warmup"' in page
 
 
+@pytest.mark.slow
 def test_next_round_trains_the_best_trial_longer(source):
   study_dir = source + "_x2"
   _playbook("next_round", study_dir, f"--from_study={source}",

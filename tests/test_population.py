@@ -62,6 +62,7 @@ def _train_population(configs, root, mode):
 
 
 @pytest.mark.parametrize("mode,rtol", [("unroll", 1e-5), ("vmap", 2e-3)])
+@pytest.mark.slow
 def test_population_follows_each_trial_alone(tmp_path, mode, rtol):
   # Different learning rates and momenta, warmups of different lengths
   # (prepended: different last steps), two seeds (own init and data order),
@@ -83,6 +84,7 @@ def test_population_follows_each_trial_alone(tmp_path, mode, rtol):
     _assert_same_records(dirs[i], alone, rtol)
 
 
+@pytest.mark.slow
 def test_population_with_dropout_and_batch_norm_follows_alone(tmp_path):
   configs = [_tiny(**{"optimizer.learning_rate": lr, "seed": seed,
                       "model.use_batch_norm": True})

@@ -287,6 +287,7 @@ def test_config_differences_let_a_key_added_since_take_its_default():
       "model.width: '<absent>' -> 512"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_log_with_a_bad_middle_line_and_keeps_it(tmp_path):
   workdir = str(tmp_path / "run")
   flags = ("--config.max_train_steps=20", f"--config.data.data_dir={tmp_path / 'data'}")

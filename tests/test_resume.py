@@ -56,6 +56,7 @@ def _kept_steps(workdir):
                 if d.isdigit())
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_same_result(reference_run, data_flag, tmp_path):
   workdir = str(tmp_path / "killed")
   metrics = os.path.join(workdir, "metrics.jsonl")
@@ -118,6 +119,7 @@ def _run_and_kill_after_checkpoint(workdir, data_flag, step, num_devices):
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
 
+@pytest.mark.slow
 def test_half_written_checkpoints_are_never_restored(reference_run, data_flag, tmp_path):
   workdir = str(tmp_path / "run")
   _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=2)
@@ -169,13 +171,10 @@ def test_a_run_recorded_before_a_config_key_existed_is_the_same_run(
   result = helpers.run_main(workdir, data_flag, *RUN_FLAGS)
   assert result.returncode == 0 and "already finished" in result.stderr, (
       result.stderr[-3000:])
-  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS,
-                            "--config.data.on_device_max_mb=0")
-  assert result.returncode == 2
-  assert "data.on_device_max_mb: '<absent>' -> 0" in result.stderr
-  assert _tree_digest(workdir) == before
+  assert _tree_digest(workdir) == before  # Another value is refused: test_records.
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):
   """A checkpoint written on 2 devices resumes on 4 to nearly the same result."""
   workdir = str(tmp_path / "topology")
@@ -193,6 +192,7 @@ def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):
       assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
 
 
+@pytest.mark.slow
 def test_a_failed_summary_is_dropped_when_the_run_starts_again(data_flag, tmp_path):
   workdir = str(tmp_path / "failed_then_resumed")
   _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=1)

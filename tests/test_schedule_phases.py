@@ -147,6 +147,7 @@ def test_total_train_steps_of_old_and_new_records():
       "warmup_steps": 10}}).total_train_steps == 100
 
 
+@pytest.mark.slow
 def test_mnist1d_cnn_trains_warmup_plus_max_train_steps(tmp_path):
   workdir = tmp_path / "run"
   result = helpers.run_main(

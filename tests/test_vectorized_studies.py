@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from tests import helpers
 from tests import test_sweep
@@ -36,6 +37,7 @@ def _assert_close_rows(got, want, rtol):
                                  err_msg=f"{key} at step {w['step']}")
 
 
+@pytest.mark.slow
 def test_vectorized_study_matches_one_process_per_trial(tmp_path):
   # The shipped config and its default search space, on 2 simulated
   # devices (data parallel) both ways.
@@ -90,6 +92,7 @@ def _wait_for_checkpoints(study_dir, step, timeout=180):
   raise AssertionError(f"no checkpoint at step {step} in time")
 
 
+@pytest.mark.slow
 def test_killed_vectorized_study_resumes_exactly(tmp_path):
   args = ("--num_trials=3", "--run", "--vectorize=3",
           "--config.max_train_steps=1500", "--config.eval_every_steps=40",
@@ -121,6 +124,7 @@ def test_killed_vectorized_study_resumes_exactly(tmp_path):
   assert [r["status"] for r in rows] == ["completed"] * 3
 
 
+@pytest.mark.slow
 def test_vectorizing_workers_started_at_once_train_each_trial_once(tmp_path):
   study = tmp_path / "study"
   argv = test_sweep._sweep_argv(study, "--num_trials=6", "--worker",
@@ -152,6 +156,7 @@ def test_vectorize_needs_study_workers(tmp_path):
   assert not os.path.exists(tmp_path / "f" / "trials" / "0000" / "log.txt")
 
 
+@pytest.mark.slow
 def test_a_launch_waits_for_trials_claimed_elsewhere_and_trains_one_given_up(tmp_path):
   study = tmp_path / "study"
   test_sweep._sweep(study, "--num_trials=2", fake=False)  # Plans the study.
