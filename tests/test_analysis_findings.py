@@ -225,6 +225,29 @@ def test_not_enough_trials(tmp_path):
   assert "sampling" not in by_kind(findings)
 
 
+def test_a_procedure_study_leaves_out_the_checks_that_do_not_apply(tmp_path):
+  # The study of test_not_enough_trials, as a seed_variance study's reruns.
+  specs = fx.clean_specs()
+  for i in (1, 2, 3):
+    specs[i].best = 0.18 + 0.01 * i
+  study_dir = fx.write_study(str(tmp_path / "s"), specs)
+  path = os.path.join(study_dir, "study.json")
+  with open(path) as f:
+    record = json.load(f)
+  record["procedure"] = {"name": "seed_variance", "parameters": {}}
+  with open(path, "w") as f:
+    json.dump(record, f)
+  _, findings = analyse(study_dir)
+  kinds = by_kind(findings)
+  assert "not_enough_trials" not in kinds
+  (note,) = kinds["procedure_checks"]
+  assert note.details == {"procedure": "seed_variance", "left_out": {
+      "not_enough_trials": "reruns of the same hyperparameters, not a sample "
+                           "of a search space"}}
+  assert "not_enough_trials (reruns of the same hyperparameters" in note.message
+  assert "infeasible" in kinds  # The other general checks still run.
+
+
 def test_enough_trials_in_the_clean_study(clean):
   _, findings = clean
   (hit,) = by_kind(findings)["sampling"]

@@ -118,6 +118,8 @@ def test_lr_sweep_then_seed_variance(tmp_path):
 
   found, payload, page = _findings(sweep_dir)
   assert payload["procedure"]["name"] == "lr_sweep"
+  general = {f["kind"] for f in found.values()} - {"lr_sweep", "procedure_checks"}
+  assert general and not general & set(procedures.load("lr_sweep").GENERAL_CHECKS_LEFT_OUT)
   assert 'id="lr_sweep"' in page
   # The page as a reader sees it: the procedure's section and finding render,
   # and every image (its plot included) loads.

@@ -33,6 +33,9 @@ REPORT_DIR = "report"
 FINDINGS_FILE = "findings.json"
 INDEX_FILE = "index.html"
 
+# The finding that names the general checks a procedure study leaves out;
+# it is shown in the procedure's section.
+PROCEDURE_CHECKS = "procedure_checks"
 SECTION_OF_KIND = {
     "overfitting": "curves", "late_variance": "curves",
     "still_improving": "curves", "saturated": "curves", "curves_ok": "curves",
@@ -285,6 +288,28 @@ def _procedure_analysis(study, writer
   return module.analyze(study, save_figure)
 
 
+def _without_checks_left_out(study, found: list[findings_lib.Finding]
+                             ) -> list[findings_lib.Finding]:
+  """Drops the general findings that the study's procedure leaves out (its
+  `GENERAL_CHECKS_LEFT_OUT`: kind -> why), and says which it dropped."""
+  name = (study.procedure or {}).get("name")
+  if not name:
+    return found
+  try:
+    left_out = dict(getattr(procedures.load(name), "GENERAL_CHECKS_LEFT_OUT", {}))
+  except procedures.ProcedureError:
+    return found  # Reported by the procedure's own analysis.
+  dropped = {f.kind: left_out[f.kind] for f in found if f.kind in left_out}
+  if not dropped:
+    return found
+  kept = [f for f in found if f.kind not in left_out]
+  return kept + [findings_lib.Finding(
+      PROCEDURE_CHECKS, PROCEDURE_CHECKS, findings_lib.INFO,
+      f"General checks left out for this {name} study: "
+      + "; ".join(f"{kind} ({why})" for kind, why in sorted(dropped.items()))
+      + ".", {"procedure": name, "left_out": dropped})]
+
+
 def _clear_old_images(report_dir: str) -> None:
   """Removes figures of an earlier report (trials may have changed since)."""
   for path in glob.glob(os.path.join(report_dir, "*.png")):
@@ -319,6 +344,7 @@ def analyse(study: study_data.Study,
            + bootstrap.check(study, result, thresholds)
            + throughput_checks.check(study, thresholds)
            + loss_trend.check(study, thresholds))
+  found = _without_checks_left_out(study, found)
   found = next_steps.attach(study, found, thresholds)
   return Analysis(study, groups, flags, stats, result, found)
 
@@ -341,11 +367,14 @@ def write_report(study_dir: str, report_dir: str | None = None,
       _sampling_section(study, writer, analysis.bootstrap),
       _leaderboard_section(study, report_dir, thresholds)]
   by_id = {s.id: s for s in sections}
-  for finding in analysis.findings:
-    by_id[SECTION_OF_KIND.get(finding.kind, "search_space")].findings.append(finding)
   procedure_findings, procedure_section = _procedure_analysis(study, writer)
+  for finding in analysis.findings:
+    if finding.kind == PROCEDURE_CHECKS and procedure_section is not None:
+      procedure_section.findings.append(finding)
+    else:
+      by_id[SECTION_OF_KIND.get(finding.kind, "search_space")].findings.append(finding)
   if procedure_section is not None:
-    procedure_section.findings.extend(procedure_findings)
+    procedure_section.findings[:0] = procedure_findings
     sections.insert(0, procedure_section)
   all_findings = procedure_findings + analysis.findings
 

@@ -29,6 +29,9 @@ The registry is the module path: procedure `<name>` is the module
       name and parameters); `save_figure(fig, name, caption)` stores a
       matplotlib figure in the report and returns its report_html.Image.
       Every finding's kind is the procedure's name.
+  GENERAL_CHECKS_LEFT_OUT: Mapping[str, str] = {}   (optional)
+      Kinds of the general analysis' findings that do not apply to the
+      procedure's study, each with why (the report names them instead).
 
 A study planned by a procedure is an ordinary study (study.json with a
 `procedure` field, trials/, results.csv, a tracking-table row), so the sweep's

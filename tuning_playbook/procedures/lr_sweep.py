@@ -45,6 +45,16 @@ _FIXED = {"optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
           "optimizer.weight_decay": 0.0}
 _IF_PRESENT = {"optimizer.hold_steps": 0}
 DEFAULT_DECADES = 1.0  # The default grid spans lr / 10 ... lr * 10.
+_PICKS_STEPS = "this sweep picks max_train_steps itself"
+GENERAL_CHECKS_LEFT_OUT = {
+    "near_boundary": "its own finding checks the grid's edges",
+    "not_enough_trials": "a grid, not a quasi-random sample",
+    "sampling": "a grid, not a quasi-random sample",
+    "still_improving": _PICKS_STEPS, "saturated": _PICKS_STEPS,
+    "best_step_early": _PICKS_STEPS, "best_step_late": _PICKS_STEPS,
+    "overfitting": "trained without regularization on purpose",
+    "late_variance": "a constant learning rate on purpose",
+}
 
 ARGUMENTS = (
     Argument("learning_rates", "floats", None,

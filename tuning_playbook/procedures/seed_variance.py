@@ -41,6 +41,9 @@ REFERENCE = "from_trial"
 # are within trial noise.
 NOISE_MULTIPLE = 2.0
 COMPARED_TOP_TRIALS = 5
+_RERUNS = "reruns of the same hyperparameters, not a sample of a search space"
+GENERAL_CHECKS_LEFT_OUT = {"near_boundary": _RERUNS, "not_enough_trials": _RERUNS,
+                           "sampling": _RERUNS}
 
 ARGUMENTS = (
     Argument("num_seeds", "int", 5, "Reruns of each trial (new seeds)."),
