@@ -206,8 +206,9 @@ class PopulationTrainer:
     self.shared_data = len({c.seed for c in configs}) == 1
     # One copy of the training split on the devices, shared by every trial
     # (or {}: batches gathered on the host).
-    self.examples = _cached(cache, ("examples", data_key), lambda: (
-        device_examples.place(base_stream, mesh, config.data.on_device_max_mb)))
+    max_mb = config.data.on_device_max_mb
+    self.examples = _cached(cache, ("examples", data_key, max_mb), lambda: (
+        device_examples.place(base_stream, mesh, max_mb)))
     on_device = bool(self.examples)
 
     model = workload.create_model(config)

@@ -185,11 +185,11 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   diffs = []
   for field in IDENTITY_FIELDS:
     a, b = _plain(old.get(field)), _plain(new.get(field))
-    if isinstance(a, dict) and isinstance(b, dict):
-      keys = [k for k in dict.fromkeys(list(a) + list(b))
-              if a.get(k) != b.get(k) and not (
-                  field == "base_config" and k not in a
-                  and config_schema.added_at_default(k, b[k]))]
+    if field == "base_config" and isinstance(a, dict) and isinstance(b, dict):
+      # Compared as a run's config.json is (records.config_differences).
+      diffs.extend(f"{field}.{line}" for line in records.config_differences(a, b))
+    elif isinstance(a, dict) and isinstance(b, dict):
+      keys = [k for k in dict.fromkeys(list(a) + list(b)) if a.get(k) != b.get(k)]
       if keys:
         diffs.extend(f"{field}.{k}: {a.get(k, '<absent>')!r} -> "
                      f"{b.get(k, '<absent>')!r}" for k in keys)
