@@ -74,11 +74,12 @@ def cadence_fractions(config, workload, steps: int) -> dict[str, float]:
   totals = {"eval": 0.0, "checkpoint": 0.0}
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    trainer = train.Trainer(config, workdir, workload)
-    trainer.evaluator.evaluate = _timed(trainer.evaluator.evaluate, totals, "eval")
-    trainer.records.ckpt.save = _timed(trainer.records.ckpt.save, totals, "checkpoint")
-    trainer.records.ckpt.wait = _timed(trainer.records.ckpt.wait, totals, "checkpoint")
-    trainer.finish(trainer.train(trainer.total_steps))
+    trainer = train.Trainer([config], [workdir], [workload])
+    evaluator, records = trainer.programs.trial_evaluator, trainer.records[0]
+    evaluator.evaluate = _timed(evaluator.evaluate, totals, "eval")
+    records.ckpt.save = _timed(records.ckpt.save, totals, "checkpoint")
+    records.ckpt.wait = _timed(records.ckpt.wait, totals, "checkpoint")
+    trainer.run()
     wall = time.perf_counter() - start
   return {"wall_seconds": wall, "steps": trainer.total_steps,
           "eval_every_steps": config.eval_every_steps,
@@ -102,12 +103,12 @@ def main(argv):
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, total)
   workload = train.validate_before_compiling(config)
   with tempfile.TemporaryDirectory() as workdir:
-    trainer = train.Trainer(config, workdir, workload)
-    bare_step = jax.jit(trainer.step_fn, donate_argnums=0)
+    trainer = train.Trainer([config], [workdir], [workload])
+    bare_step = jax.jit(trainer.programs.step_fn, donate_argnums=0)
     # The first global batch itself (the loop's transfers may hold indices).
-    batch = sharding.to_global(next(trainer.stream.iterate(0)),
+    batch = sharding.to_global(next(trainer.records[0].stream.iterate(0)),
                                sharding.batch_sharding(sharding.create_mesh()))
-    bare_state = jax.tree.map(lambda x: x.copy(), trainer.state)
+    bare_state = trainer.programs.take_trial(trainer.state, 0)
 
     def run_framework():
       start = time.perf_counter()
@@ -134,7 +135,7 @@ def main(argv):
       else:
         framework.append(run_framework())
         bare.append(run_bare())
-    trainer.finish(None)
+    trainer.finish()
   ratio = statistics.median(f / b for f, b in zip(framework, bare))
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "
         f"workload={config.workload} batch_size={config.batch_size} "

@@ -301,10 +301,10 @@ def test_train_eval_checkpoint_and_resume_on_mock_imagenet(name, tmp_path, caplo
   with tfds.testing.mock_data(data_dir=data_dir, as_dataset_fn=_mock_as_dataset,
                               policy=tfds.testing.MockPolicy.USE_FILES):
     # Interrupted after the eval and checkpoint at step 2, then resumed.
-    trainer = train.Trainer(config, workdir, train.validate_before_compiling(config))
-    assert trainer.train(2) is None
-    trainer.records.ckpt.wait()
-    trainer.records.ckpt.close()
+    trainer = train.Trainer([config], [workdir], [train.validate_before_compiling(config)])
+    assert trainer.train(2) == [None]
+    trainer.records[0].ckpt.wait()
+    trainer.records[0].ckpt.close()
     with caplog.at_level(logging.INFO):
       summary = train.train_and_evaluate(config, workdir)
   assert "Resumed from checkpoint at step 2." in caplog.text

@@ -209,10 +209,10 @@ def test_train_eval_checkpoint_and_resume_on_mock_lm1b(tmp_path, monkeypatch, ca
     texts = [ex["text"] for ex in tfds.as_numpy(
         tfds.builder("lm1b", data_dir=data_dir).as_dataset(split="test"))]
     # Interrupted after the eval and checkpoint at step 2, then resumed.
-    trainer = train.Trainer(config, workdir, train.validate_before_compiling(config))
-    assert trainer.train(2) is None
-    trainer.records.ckpt.wait()
-    trainer.records.ckpt.close()
+    trainer = train.Trainer([config], [workdir], [train.validate_before_compiling(config)])
+    assert trainer.train(2) == [None]
+    trainer.records[0].ckpt.wait()
+    trainer.records[0].ckpt.close()
     with caplog.at_level(logging.INFO):
       summary = train.train_and_evaluate(config, workdir)
   assert "Resumed from checkpoint at step 2." in caplog.text

@@ -249,7 +249,7 @@ def test_synthetic_language_model_batches_and_eval_splits():
   assert len(np.unique(batch["label"])) > 200  # Uniform over the vocabulary.
 
   splits = synthetic_data.make_eval_splits(
-      spec, seed=0, local_batch_size=8, process_index=1, process_count=2)
+      spec, local_batch_size=8, process_index=1, process_count=2)
   assert [s.name for s in splits] == ["validation", "train", "test"]
   for split in splits:
     (only,) = list(split.batches())

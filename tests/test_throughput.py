@@ -56,9 +56,9 @@ def test_peak_per_device_kind(kind, peak):
 
 def test_step_flops_match_a_hand_count_and_compile_once(data_dir, tmp_path):
   config = mlp_config(data_dir)
-  trainer = train.Trainer(config, str(tmp_path), train.validate_before_compiling(config))
+  trainer = train.Trainer([config], [str(tmp_path)], [train.validate_before_compiling(config)])
   trainer.train(40)
-  flops = trainer.records.throughput.flops_per_step
+  flops = trainer.records[0].throughput.flops_per_step
   expected = hand_count_flops(BATCH)  # 32.8 MFLOPs.
   # XLA counts every multiply-add of the dots, so never less than the hand
   # count; the rest is elementwise work: Adam's update (about 20 FLOPs per
@@ -67,20 +67,20 @@ def test_step_flops_match_a_hand_count_and_compile_once(data_dir, tmp_path):
   assert expected <= flops <= 1.10 * expected, (flops, expected)
   # The compilation the FLOPs came from is the one the loop runs.
   assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
-  trainer.finish(None)
+  trainer.finish()
 
 
 def test_perf_metrics_of_an_interval_match_its_wall_time(data_dir, tmp_path):
   config = mlp_config(data_dir)
-  trainer = train.Trainer(config, str(tmp_path), train.validate_before_compiling(config))
+  trainer = train.Trainer([config], [str(tmp_path)], [train.validate_before_compiling(config)])
   trainer.train(20)  # Compiles.
   began = time.perf_counter()
   trainer.train(40)  # One log interval: steps 21..40.
   wall = time.perf_counter() - began
-  trainer.finish(None)
+  trainer.finish()
   rows = {r["step"]: r for r in helpers.read_jsonl(str(tmp_path / "metrics.jsonl"))}
   row = rows[40]
-  flops_per_step = trainer.records.throughput.flops_per_step
+  flops_per_step = trainer.records[0].throughput.flops_per_step
   assert row["perf/examples_per_second"] > 0 and row["perf/flops_per_second"] > 0
   steps_per_second = row["perf/examples_per_second"] / BATCH
   assert row["perf/flops_per_second"] == pytest.approx(flops_per_step * steps_per_second,
@@ -90,7 +90,9 @@ def test_perf_metrics_of_an_interval_match_its_wall_time(data_dir, tmp_path):
   assert 0.5 * wall <= interval_seconds <= wall
   assert "perf/mfu" not in row  # No known peak on CPU.
   assert 0 <= row["perf/input_wait_fraction"] < 1
-  summary = helpers.read_json(str(tmp_path / "summary.json"))
+  # Stopped at 40 of 100 steps: no summary (it resumes), the same perf figures.
+  assert not os.path.exists(tmp_path / "summary.json")
+  summary = trainer.records[0].throughput.summary()
   assert summary["perf"]["flops_per_step"] == flops_per_step
   assert summary["perf"]["device_count"] == jax.device_count()
   assert summary["perf"]["peak_flops_per_second"] is None

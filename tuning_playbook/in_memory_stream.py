@@ -22,6 +22,13 @@ import numpy as np
 from tuning_playbook import input_pipeline
 from tuning_playbook import stable_hash
 
+def used_for(config, workload) -> bool:
+  """Whether a trial of `config` trains from this stream: real data held in
+  memory (`data.cache`) by a workload with no per-example `preprocess`."""
+  return (not config.data.synthetic and config.data.cache
+          and not workload.custom_preprocess)
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   """The order of the n examples in `epoch` (int64 indices): their hashes'
   stable ascending order."""

@@ -20,6 +20,7 @@ import ml_collections
 from tuning_playbook import config_schema
 from tuning_playbook import records
 from tuning_playbook import train
+from tuning_playbook import trial_setup
 from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
@@ -27,10 +28,11 @@ BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError
                     records.RecordsError, train.ResumeError)
 
 
-def run_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_trial(config: ml_collections.ConfigDict, workdir: str,
+              cache: trial_setup.SetupCache | None = None) -> dict[str, Any]:
   """Runs `train.train_and_evaluate`, recording an unexpected error as failed."""
   try:
-    return train.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir, cache)
   except BAD_INPUT_ERRORS:
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -43,7 +43,6 @@ import ml_collections
 from ml_collections import config_flags
 
 from tuning_playbook import cli
-from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
@@ -107,8 +106,9 @@ class Worker:
     self.trials = list(trials)
     self.vectorize = vectorize
     self.retry_failed = retry_failed
-    self.cache: dict = {}  # Data sets and compiled steps, by structure.
-    self._workloads: dict[str, Any] = {}
+    from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
+    # Data sets and programs, kept from one population to the next.
+    self.cache = trial_setup.SetupCache()
     self.trained = 0
 
   def _needs_run(self, trial: _Trial) -> bool:
@@ -119,21 +119,16 @@ class Worker:
   def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
     """(structure, resume step); None when the trial must train alone."""
     from tuning_playbook import population  # pylint: disable=g-import-not-at-top
+    from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
     try:
-      workload = self._workload(trial.config)
+      workload = trial_setup.validate_before_compiling(trial.config)
     except Exception:  # pylint: disable=broad-except
       return None  # Reported when it trains (alone).
-    if config_schema.profile_step_range(trial.config) is not None:
+    # What only trains alone (profile_steps, several processes) never groups.
+    if population.refusal([trial.config] * 2, [workload] * 2) is not None:
       return None
     return (population.structure_key(trial.config, workload),
             latest_checkpoint_step(trial.trial_dir))
-
-  def _workload(self, config: ml_collections.ConfigDict):
-    from tuning_playbook import train  # pylint: disable=g-import-not-at-top
-    name = config.workload
-    if name not in self._workloads:
-      self._workloads[name] = train.validate_before_compiling(config)
-    return self._workloads[name]
 
   def _claim(self, trial: _Trial) -> _Claimed | None:
     claim = trial_claims.try_claim(trial.trial_dir)
@@ -221,8 +216,9 @@ class Worker:
     directory's records, say), its trials train one by one, so that only the
     trial at fault fails.
     """
-    from tuning_playbook import population  # pylint: disable=g-import-not-at-top
     from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+    from tuning_playbook import train  # pylint: disable=g-import-not-at-top
+    from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
     trials = [c.trial for c in group]
     outcomes: dict[str, tuple[int, str | None]] = {}
     if len(trials) > 1:
@@ -234,9 +230,10 @@ class Worker:
       trials = [t for t in trials if t.trial_dir not in outcomes]
     if len(trials) > 1:
       try:
-        population.PopulationTrainer(
-            [t.config for t in trials], [t.trial_dir for t in trials],
-            self._workload(trials[0].config), cache=self.cache).train()
+        # Each trial's workload is bound to its own config.
+        train.Trainer([t.config for t in trials], [t.trial_dir for t in trials],
+                      [trial_setup.validate_before_compiling(t.config)
+                       for t in trials], cache=self.cache).run()
         outcomes.update({t.trial_dir: (0, None) for t in trials})
         return outcomes
       except run.BAD_INPUT_ERRORS as e:
@@ -249,27 +246,27 @@ class Worker:
           outcomes[t.trial_dir] = (1, None)
         return outcomes
     for t in trials:
-      outcomes[t.trial_dir] = _train_alone(t)
+      outcomes[t.trial_dir] = _train_alone(t, self.cache)
     return outcomes
 
 
 def _refusal(trial: _Trial) -> str | None:
   """Why the trainer would refuse this trial's config or directory, if it would."""
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
-  from tuning_playbook import train  # pylint: disable=g-import-not-at-top
+  from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
   try:
-    train.validate_before_compiling(trial.config)
+    trial_setup.validate_before_compiling(trial.config)
     records.check_or_write_config(trial.trial_dir, trial.config, write=False)
   except run.BAD_INPUT_ERRORS as e:
     return str(e)
   return None
 
 
-def _train_alone(trial: _Trial) -> tuple[int, str | None]:
+def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
   """Trains one trial as `tuning_playbook.main` would; (exit status, error)."""
   from tuning_playbook import run  # pylint: disable=g-import-not-at-top
   try:
-    run.run_trial(trial.config, trial.trial_dir)
+    run.run_trial(trial.config, trial.trial_dir, cache)
     return 0, None
   except run.BAD_INPUT_ERRORS as e:
     logging.error("Bad input: %s", e)

@@ -9,7 +9,8 @@ Float inputs are standard normal; integer inputs (token ids, say) and labels
 are uniform in [0, num_classes). The training stream cycles through a few
 local batches generated once from a NumPy RNG seeded with (config.seed, host),
 so a step costs no input time and a resumed run trains on the same batches.
-Each host generates only its own share of the global batch. Each eval split is
+Each host generates only its own share of the global batch. The eval splits
+are the same for every seed (trials are scored on the same examples); each is
 one global batch of `config.eval_batch_size`, or of `config.batch_size` when
 that is 0 (the three splits share it), so its metrics are those of random
 labels: an error rate near 1 - 1 / num_classes.
@@ -108,6 +109,9 @@ def random_examples(spec: SyntheticSpec, n: int,
                          spec.num_classes)}
 
 
+_EVAL_SEED = 0  # The eval splits do not depend on config.seed.
+
+
 def _rng(seed: int, process_index: int, stream: int) -> np.random.Generator:
   return np.random.default_rng([seed, process_index, stream])
 
@@ -170,12 +174,16 @@ class SyntheticEvalSplit:
     return {k: (v.shape, v.dtype) for k, v in self.batch.items()}
 
 
-def make_eval_splits(spec: SyntheticSpec, *, seed: int, local_batch_size: int,
+def make_eval_splits(spec: SyntheticSpec, *, local_batch_size: int,
                      process_index: int, process_count: int
                      ) -> list[SyntheticEvalSplit]:
-  """Validation, train and test splits of one shared random global batch."""
+  """Validation, train and test splits of one shared random global batch.
+
+  The same for every `config.seed`, as a data set's eval splits are: trials
+  of a study are scored on the same examples.
+  """
   batch = random_examples(spec, local_batch_size,
-                          _rng(seed, process_index, _EVAL_STREAM))
+                          _rng(_EVAL_SEED, process_index, _EVAL_STREAM))
   batch["weight"] = np.ones((local_batch_size,), np.float32)
   return [SyntheticEvalSplit(name=name, batch=batch,
                              local_batch_size=local_batch_size,

@@ -39,13 +39,13 @@ def main(argv):
     config.eval_every_steps = config.max_train_steps
   workload = train.validate_before_compiling(config)
   with tempfile.TemporaryDirectory() as workdir:
-    trainer = train.Trainer(config, workdir, workload)
+    trainer = train.Trainer([config], [workdir], [workload])
     trainer.train(_WARMUP.value)
     jax.block_until_ready(trainer.state)
     with jax.profiler.trace(_TRACE_DIR.value):
       trainer.train(total)
       jax.block_until_ready(trainer.state)
-    trainer.finish(None)
+    trainer.finish()
     print(f"trace of steps {_WARMUP.value + 1}..{total} written to {_TRACE_DIR.value}")
 
 
