@@ -306,3 +306,44 @@ def test_every_population_of_a_worker_trains_its_own_loss(tmp_path):
     _assert_same_records(trials[i].trial_dir, alone, 1e-5)
   smoothed, plain = _rows(trials[2].trial_dir), _rows(trials[0].trial_dir)
   assert abs(smoothed[-1]["train/loss"] - plain[-1]["train/loss"]) > 0.1
+
+
+def test_trials_differing_in_dropout_rate_share_one_program(tmp_path):
+  # The tiny workload declares model.dropout_rate traced: three rates (0
+  # included, where a plain rate skips the mask) train as one program, each
+  # with the records of the trial alone.
+  configs = [_tiny(seed=seed, **{"model.dropout_rate": rate})
+             for seed, rate in ((0, 0.0), (1, 0.1), (0, 0.3))]
+  workloads = [train.validate_before_compiling(c) for c in configs]
+  assert population.refusal(configs, workloads) is None
+  dirs = [str(tmp_path / f"p{i}") for i in range(3)]
+  trainer = train.Trainer(configs, dirs, workloads, mode="unroll")
+  assert trainer.programs.train_step is not None
+  assert list(trainer.hyperparams) == ["model.dropout_rate"]
+  trainer.run()
+  assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
+  for i, config in enumerate(configs):
+    alone = str(tmp_path / f"a{i}")
+    train.train_and_evaluate(config, alone)
+    _assert_same_records(dirs[i], alone, 1e-5)
+  rates = [_rows(d)[-1]["train/loss"] for d in dirs]
+  assert len(set(rates)) == 3
+
+
+@pytest.mark.slow
+def test_a_worker_groups_trials_differing_in_label_smoothing_and_dropout(tmp_path):
+  # ViT trials that differ in label smoothing, dropout rate and seed train
+  # as one population of a study worker, each as it trains alone.
+  from tuning_playbook import study_worker  # pylint: disable=g-import-not-at-top
+  configs = [_tiny_vit(seed=seed, **{"model.label_smoothing": ls,
+                                     "model.dropout_rate": rate})
+             for seed, ls, rate in ((1, 0.0, 0.0), (2, 0.9, 0.0), (1, 0.1, 0.3))]
+  trials = [study_worker._Trial(str(tmp_path / f"t{i}"), c)
+            for i, c in enumerate(configs)]
+  assert study_worker.Worker(trials, vectorize=3).run() == 3
+  for i, config in enumerate(configs):
+    runner = helpers.read_json(os.path.join(trials[i].trial_dir, "runner.json"))
+    assert len(runner["population"]) == 3
+    alone = str(tmp_path / f"alone{i}")
+    train.train_and_evaluate(config, alone)
+    _assert_same_records(trials[i].trial_dir, alone, 1e-5)

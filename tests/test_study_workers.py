@@ -178,12 +178,13 @@ def test_trials_share_one_compilation_cache_and_the_user_setting_wins(tmp_path):
 
 @pytest.mark.slow
 def test_second_trial_loads_its_programs_from_the_compilation_cache(tmp_path):
-  """Two real trials of the same shapes, one after the other."""
+  """Two real trial processes of the same shapes, one after the other (a
+  study worker's second trial reuses the first's programs in memory)."""
   study_dir = tmp_path / "study"
   env = test_sweep._env(JAX_DEBUG_LOG_MODULES="jax._src.compiler")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  test_sweep._sweep(study_dir, "--num_trials=2", "--worker", env=env,
-                    fake=False)
+  test_sweep._sweep(study_dir, "--num_trials=2", "--run", "--isolation=process",
+                    env=env, fake=False)
   cache = study_dir / ".jax_cache"
   assert len(os.listdir(cache)) > 0
   first, second = _trial_dirs(study_dir)

@@ -9,11 +9,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tuning_playbook import batch_norm
+from tuning_playbook import layers
 
 NUM_FEATURES = 6
 NUM_CLASSES = 3
 SIZES = {"train": 203, "validation": 61, "test": 47}
 INPUT_KEY = "x"
+TRACED_HYPERPARAMETERS = ("model.dropout_rate",)
 LABEL_KEY = "y"
 
 
@@ -61,7 +63,7 @@ class Model(nn.Module):
   def __call__(self, x, train: bool):
     if self.use_batch_norm:
       x = batch_norm.from_config(self.batch_norm_config)()(x, train=train)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(NUM_CLASSES)(x)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
@@ -55,19 +56,41 @@ def seed_shapes_data(config: ml_collections.ConfigDict,
 
 
 def structure_key(config: ml_collections.ConfigDict,
-                  workload: workload_lib.Workload) -> str:
+                  workload: workload_lib.Workload,
+                  traced: Sequence[str] | None = None) -> str:
   """Trials with equal keys can be trained as one population.
 
-  Everything but `VARYING_KEYS` must agree (model, optimizer and schedule
-  names, batch size, step counts, cadences, data, ...): it changes shapes or
-  code. The seed must agree too when `seed_shapes_data`.
+  Everything but `VARYING_KEYS` and the workload's traced hyperparameters
+  must agree (model, optimizer and schedule names, batch size, step counts,
+  cadences, data, ...): it changes shapes or code. The seed must agree too
+  when `seed_shapes_data`. `traced` narrows the traced hyperparameters left
+  out to those given (a program's key: the others are compiled in).
   """
   varying = set(VARYING_KEYS)
   if seed_shapes_data(config, workload):
     varying.discard("seed")
+  traced = set(workload.traced_hyperparameters if traced is None else traced)
   flat = config_paths.flatten(records.config_to_dict(config))
-  return json.dumps({k: v for k, v in flat.items() if k not in varying},
+  # A traced value must be a float in every trial: its type stays in the key.
+  return json.dumps({k: type(v).__name__ if k in traced else v
+                     for k, v in flat.items() if k not in varying},
                     sort_keys=True, default=str)
+
+
+def traced_keys(configs: Sequence[ml_collections.ConfigDict],
+                workload: workload_lib.Workload) -> tuple[str, ...]:
+  """The workload's traced hyperparameters whose values differ between the
+  trials: the ones their program takes as values (the others are constants)."""
+  flats = [config_paths.flatten(records.config_to_dict(c)) for c in configs]
+  return tuple(k for k in workload.traced_hyperparameters
+               if len({repr(f.get(k)) for f in flats}) > 1)
+
+
+def traced_values(configs: Sequence[ml_collections.ConfigDict],
+                  keys: Sequence[str]) -> dict[str, np.ndarray]:
+  """{key: float32[num_trials]}: each trial's value of each traced key."""
+  flats = [config_paths.flatten(records.config_to_dict(c)) for c in configs]
+  return {k: np.array([f[k] for f in flats], np.float32) for k in keys}
 
 
 def refusal(configs: Sequence[ml_collections.ConfigDict],

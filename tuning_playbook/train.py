@@ -125,11 +125,17 @@ class Trainer:
     self._replicated = sharding.replicated(mesh)
     data = cache.data_for(config, workloads[0], mesh)
     streams = [data.stream_for(c, w) for c, w in zip(configs, workloads)]
+    # Traced hyperparameters that differ between the trials are the
+    # programs' arguments; the others are compiled in, as alone.
+    traced = population.traced_keys(configs, workloads[0])
     spec = trial_setup.ProgramSpec(
-        structure=population.structure_key(config, workloads[0]),
+        structure=population.structure_key(config, workloads[0], traced),
         num_trials=self.num_trials,
         shared_data=len({c.seed for c in configs}) == 1,
-        mode=mode or population.default_mode(self.num_trials))
+        mode=mode or population.default_mode(self.num_trials), traced=traced)
+    # {key: float32[num_trials]}, on the host (evals) and on the devices.
+    self._host_hyperparams = population.traced_values(configs, traced)
+    self.hyperparams = jax.device_put(self._host_hyperparams, self._replicated)
     self.programs = cache.programs_for(spec, config, workloads[0], data, mesh)
     self.train_step = self.programs.train_step
     # The directories are claimed only once the configs are known to work.
@@ -251,7 +257,7 @@ class Trainer:
           self._shift_intervals(self.profiler.start(self.state))
         self.state, self.metrics_buffer = self.train_step(
             self.state, self._transfer, self.metrics_buffer, self._active_mask,
-            self.examples)
+            self.examples, self.hyperparams)
         step += 1
         self.step = step
         if step == profile_stop:
@@ -332,17 +338,19 @@ class Trainer:
     The jitted steps' caches keep these compilations: their calls reuse them.
     """
     compiled = self.train_step.lower(self.state, self._transfer, self.metrics_buffer,
-                                     self._active_mask, self.examples).compile()
+                                     self._active_mask, self.examples,
+                                     self.hyperparams).compile()
     flops = throughput.step_flops(compiled, jax.device_count())
     for t in self.trials:
       with trial_logs.about(t.records.workdir):
         t.records.throughput.set_step_flops(
             None if flops is None else flops / self.num_trials)
     if self.programs.population_evaluator is not None:
-      self.programs.population_evaluator.compile(self.state)
+      self.programs.population_evaluator.compile((self.state, self.hyperparams))
     if self.num_trials == 1 or len({t.last_step for t in self.trials}) > 1:
       # A trial alone, or trials that end apart (each evaluated alone then).
-      self.programs.trial_evaluator.compile(self.programs.abstract_trial)
+      self.programs.trial_evaluator.compile(
+          (self.programs.abstract_trial, self._trial_hyperparams(0)))
     self._compiled = True
 
   def _record(self, fetch: _PendingLog) -> None:
@@ -389,22 +397,29 @@ class Trainer:
       state = programs.take_trial(self.state, i)
       with self.trials[i].progress.timed("eval"):
         if len(fetch.evals) == 1 or programs.population_evaluator is None:
-          metrics = programs.trial_evaluator.evaluate(state)
+          hyperparams = self._trial_hyperparams(i)
+          evaluator = programs.trial_evaluator
+          metrics = evaluator.evaluate((state, hyperparams))
           if ema:
-            metrics.update(programs.trial_evaluator.evaluate(
-                train_step_lib.ema_state(state), prefix="eval_ema"))
+            metrics.update(evaluator.evaluate(
+                (train_step_lib.ema_state(state), hyperparams), prefix="eval_ema"))
           return metrics, state
         if not evaluated:
           evaluator = programs.population_evaluator
-          evaluated.extend(evaluator.evaluate_population(self.state, self.num_trials))
+          evaluated.extend(evaluator.evaluate_population(
+              (self.state, self.hyperparams), self.num_trials))
           if ema:
             for metrics, ema_metrics in zip(evaluated, evaluator.evaluate_population(
-                train_step_lib.ema_state(self.state), self.num_trials,
-                prefix="eval_ema")):
+                (train_step_lib.ema_state(self.state), self.hyperparams),
+                self.num_trials, prefix="eval_ema")):
               metrics.update(ema_metrics)
       return evaluated[i], state
 
     return evaluate
+
+  def _trial_hyperparams(self, i: int) -> dict[str, np.float32]:
+    """Trial i's values of the traced hyperparameters."""
+    return {k: v[i] for k, v in self._host_hyperparams.items()}
 
   def finish(self) -> list[dict[str, Any] | None]:
     """Waits for each trial's checkpoints; writes and returns the summaries

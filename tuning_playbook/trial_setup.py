@@ -124,7 +124,8 @@ def data_key(config: ml_collections.ConfigDict,
   seed unless it shapes the data (`population.seed_shapes_data`).
   """
   flat = config_paths.flatten(records.config_to_dict(config))
-  left_out = set(_LOOP_ONLY_KEYS)
+  # Traced hyperparameters are read by the model and loss only (workload.py).
+  left_out = set(_LOOP_ONLY_KEYS) | set(workload.traced_hyperparameters)
   if not population.seed_shapes_data(config, workload):
     left_out.add("seed")
   return json.dumps({k: v for k, v in flat.items()
@@ -169,10 +170,12 @@ def build_data(config: ml_collections.ConfigDict, workload: workload_lib.Workloa
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
   """What the compiled programs of a set of trials depend on."""
-  structure: str  # population.structure_key of every trial.
+  structure: str  # population.structure_key of every trial, given `traced`.
   num_trials: int
   shared_data: bool  # One batch for all trials (one seed), or one each.
   mode: str  # population.over_trials mode.
+  # The traced hyperparameters that the programs take as values.
+  traced: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -182,17 +185,24 @@ class Programs:
   init_trial: Callable  # (key_data, hyperparameters) -> one trial's state.
   stack: Callable  # (*trial states) -> the stacked state.
   take_trial: Callable  # (stacked state, index) -> one trial's state.
-  train_step: Callable  # (state, batches, buffer, active, examples).
+  # (state, batches, buffer, active, examples, hyperparameters).
+  train_step: Callable
   step_fn: Callable  # One trial's step on one batch, unjitted: (state, batch).
   batch_sharding: Any
-  trial_evaluator: evaluation.Evaluator  # One trial's state.
-  population_evaluator: evaluation.Evaluator | None  # Stacked (N > 1).
+  # Evaluators of (state, traced hyperparameters): one trial's, and the
+  # stacked trials' (N > 1).
+  trial_evaluator: evaluation.Evaluator
+  population_evaluator: evaluation.Evaluator | None
 
 
 def build_programs(spec: ProgramSpec, config: ml_collections.ConfigDict,
                    workload: workload_lib.Workload, data: Data,
                    mesh: jax.sharding.Mesh) -> Programs:
-  """Jits the programs of `spec` for trials of `config`'s structure."""
+  """Jits the programs of `spec` for trials of `config`'s structure.
+
+  The train and eval steps take the values of `spec.traced` per trial
+  (`_trial_steps`).
+  """
   replicated = sharding.replicated(mesh)
   model = workload.create_model(config)
   tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
@@ -200,65 +210,99 @@ def build_programs(spec: ProgramSpec, config: ml_collections.ConfigDict,
   sample = jnp.zeros((1,) + tuple(input_shape), input_dtype)
   ema = config.ema_decay > 0
 
-  def init_one(key_data, hyperparams):
+  def init_one(key_data, opt_hyperparams):
     state = train_step_lib.create_train_state(model, tx, sample, key_data, ema=ema)
     return state.replace(opt_state=optimizers.with_hyperparameters(
-        state.opt_state, hyperparams))
+        state.opt_state, opt_hyperparams))
 
+  trial_loop, eval_step = _trial_steps(config, workload, model, tx)
   # Traces the model; compiles nothing. `config.model` was checked before:
   # an error here is in the workload's code and keeps its traceback.
   abstract_one = jax.eval_shape(
       init_one, train_step_lib.seed_key_data(0), trial_hyperparameters(config))
-  one_sharding = jax.tree.map(lambda _: replicated, abstract_one)
-  state_sharding = one_sharding  # Every leaf replicated, with or without the axis.
+  # Every leaf replicated, with or without the trial axis.
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_one)
+  hyperparams_sharding = {k: replicated for k in spec.traced}
   batch_sharding = (sharding.stacked_batch_sharding(mesh) if spec.shared_data
                     else NamedSharding(mesh, PartitionSpec(None, None,
                                                            sharding.DATA_AXIS)))
-  step_fn = train_step_lib.make_train_step(
-      model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn,
-      ema_decay=config.ema_decay)
-  loop = train_step_lib.for_loop(step_fn)
   trained = population.over_trials(
-      loop, (0, None if spec.shared_data else 0, 0, None), spec.num_trials,
-      spec.mode)
+      trial_loop, (0, None if spec.shared_data else 0, 0, None, 0),
+      spec.num_trials, spec.mode)
 
-  def train_step(state, batches, buffer, active, examples):
-    new_state, new_buffer = trained(state, batches, buffer, examples)
+  def step_in_loop(state, batches, buffer, active, examples, hyperparams):
+    new_state, new_buffer = trained(state, batches, buffer, examples, hyperparams)
     if spec.num_trials == 1:  # A trial alone stops the loop when it ends.
       return new_state, new_buffer
     return (population.keep_active(active, new_state, state),
             population.keep_active(active, new_buffer, buffer))
 
-  eval_step = train_step_lib.make_eval_step(
-      model, workload.loss_fn, workload.correct_fn, workload.weights_fn)
   trial_evaluator = evaluation.Evaluator(
-      eval_step, data.eval_splits, mesh, one_sharding, on_device=data.in_memory)
+      eval_step, data.eval_splits, mesh, (state_sharding, hyperparams_sharding),
+      on_device=data.in_memory)
   population_evaluator = None
   if spec.num_trials > 1:
     # vmap in every mode: unrolled, the eval step compiled 0.5 s longer
     # (4 trials) to save 4 ms per eval.
     population_evaluator = trial_evaluator.for_step(
-        jax.vmap(eval_step, in_axes=(0, None)), state_sharding)
+        jax.vmap(eval_step, in_axes=(0, None)),
+        (state_sharding, hyperparams_sharding))
   return Programs(
       abstract_trial=jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract_one, one_sharding),
-      init_trial=jax.jit(init_one, out_shardings=one_sharding),
+          abstract_one, state_sharding),
+      init_trial=jax.jit(init_one, out_shardings=state_sharding),
       stack=train_step_lib.jit_data_movement(population.stack,
                                              out_shardings=state_sharding),
       # One trial's state, to evaluate alone or to checkpoint: one program
       # for the whole tree (indexing leaf by leaf would compile one per shape).
       take_trial=train_step_lib.jit_data_movement(population.take,
-                                                  out_shardings=one_sharding),
+                                                  out_shardings=state_sharding),
       train_step=jax.jit(
-          train_step,
+          step_in_loop,  # The name profiles show (xprof/summarize_trace.py).
           in_shardings=(state_sharding, batch_sharding, replicated, replicated,
-                        replicated),
+                        replicated, hyperparams_sharding),
           out_shardings=(state_sharding, replicated), donate_argnums=(0, 2)),
-      step_fn=step_fn,
+      step_fn=train_step_lib.make_train_step(
+          model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn,
+          ema_decay=config.ema_decay),
       batch_sharding=batch_sharding,
       trial_evaluator=trial_evaluator,
       population_evaluator=population_evaluator)
+
+
+def _trial_steps(config: ml_collections.ConfigDict, workload: workload_lib.Workload,
+                 model: Any, tx: Any) -> tuple[Callable, Callable]:
+  """One trial's loop step `(state, batches, buffer, examples, hyperparams)`
+  and eval step `((state, hyperparams), batch)`.
+
+  `hyperparams` holds the values of the traced hyperparameters (a dict of
+  float32 scalars): the steps build the model and loss of a config that
+  holds them. Without any (`{}`), they use `model` and the workload's loss,
+  built once from `config`.
+  """
+
+  def model_and_loss(hyperparams):
+    if not hyperparams:
+      return model, workload.loss_fn
+    view = workload_lib.with_traced_values(config, hyperparams)
+    bound = workload_lib.load_workload(config.workload, view)
+    return bound.create_model(view), bound.loss_fn
+
+  def trial_loop(state, batches, buffer, examples, hyperparams):
+    trial_model, loss_fn = model_and_loss(hyperparams)
+    step = train_step_lib.make_train_step(
+        trial_model, tx, loss_fn, config.grad_clip_norm, workload.weights_fn,
+        ema_decay=config.ema_decay)
+    return train_step_lib.for_loop(step)(state, batches, buffer, examples)
+
+  def eval_step(state_and_hyperparams, batch):
+    state, hyperparams = state_and_hyperparams
+    trial_model, loss_fn = model_and_loss(hyperparams)
+    return train_step_lib.make_eval_step(
+        trial_model, loss_fn, workload.correct_fn, workload.weights_fn)(state, batch)
+
+  return trial_loop, eval_step
 
 
 def trial_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, np.float32]:

@@ -62,6 +62,15 @@ Optional names, with the defaults used when a module leaves them out:
       and need not be listed. A `preprocess` that augments should do so only
       when `config.data.augment` (True by default) and list
       `"data.augment": False` here. Default: {} (nothing to switch off).
+  TRACED_HYPERPARAMETERS = ("model.dropout_rate", "model.label_smoothing")
+      Config keys of continuous, shape-free hyperparameters (floats) that
+      only `create_model` and `loss_fn` read, and only as numbers (no Python
+      `if` on them; dropout through `tuning_playbook.layers.Dropout`): trials
+      of a study that differ only in them (and in the seed and the optimizer's
+      hyperparameters) share one compiled program, which gives each trial its
+      value as a traced float32 scalar. Where a trial trains alone, or all
+      trials of a population agree, the values are plain Python numbers, as
+      without this declaration. Default: () (nothing traced).
 
 Mixed precision: `compute_dtype(config)` is the dtype the model computes in
 (`config.compute_dtype`). A workload honours it by passing `dtype=` to its
@@ -153,6 +162,8 @@ class Workload:
   synthetic_spec: Callable[[ml_collections.ConfigDict], dict[str, Any]] | None = None
   # Config key -> the value that switches that regularizer or augmentation off.
   regularization_off: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Config keys of hyperparameters the model and loss accept as traced values.
+  traced_hyperparameters: tuple[str, ...] = ()
 
 
 class UnknownWorkloadError(ValueError):
@@ -224,7 +235,37 @@ def load_workload(name: str,
       weights_fn=getattr(module, "weights_fn", None),
       synthetic_spec=getattr(module, "synthetic_spec", None),
       regularization_off=dict(getattr(module, "REGULARIZATION_OFF", {})),
+      traced_hyperparameters=_traced_hyperparameters(module, name),
   )
+
+
+def _traced_hyperparameters(module, name: str) -> tuple[str, ...]:
+  keys = tuple(getattr(module, "TRACED_HYPERPARAMETERS", ()))
+  for key in keys:
+    if not isinstance(key, str) or not all(p.isidentifier() for p in key.split(".")):
+      raise UnknownWorkloadError(
+          f"config.workload={name!r}: TRACED_HYPERPARAMETERS holds {key!r}, "
+          "not a dotted config key (e.g. 'model.dropout_rate')")
+  return keys
+
+
+def with_traced_values(config: ml_collections.ConfigDict,
+                       values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` whose dotted keys in `values` hold those (traced)
+  values; call the workload's functions with it inside the traced step."""
+  view = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    target = view
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return view
+
+
+def _is_traced(value: Any) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return isinstance(value, jax.Array)
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> np.dtype:
@@ -275,9 +316,14 @@ def merged_model_config(config: ml_collections.ConfigDict,
         f"config.model.{unknown[0]}={config.model[unknown[0]]!r} is invalid: "
         f"unknown model field for workload {config.workload!r}; allowed: "
         f"{', '.join(sorted(defaults.keys()))}")
-  merged = ml_collections.ConfigDict(defaults.to_dict())
+  traced = {name for name in config.model.keys() if _is_traced(config.model[name])}
+  # Traced values (TRACED_HYPERPARAMETERS) were checked as numbers before
+  # compiling; inside the step they are float32 arrays.
+  merged = ml_collections.ConfigDict(defaults.to_dict(), type_safe=not traced)
   for name in config.model.keys():
     value, default = config.model[name], defaults[name]
+    if name in traced and isinstance(default, float):
+      continue
     allowed_types = _NUMBER_TYPES.get(type(default))
     wrong_bool = isinstance(value, bool) and not isinstance(default, bool)
     if allowed_types and (wrong_bool or not isinstance(value, allowed_types)):
@@ -287,7 +333,7 @@ def merged_model_config(config: ml_collections.ConfigDict,
           f"(default {default!r})")
   merged.update(config.model)
   for name, (is_allowed, allowed) in (checks or {}).items():
-    if not is_allowed(merged[name]):
+    if name not in traced and not is_allowed(merged[name]):
       raise ModelConfigError(
           f"config.model.{name}={merged[name]!r} is invalid: workload "
           f"{config.workload!r} needs {allowed}")

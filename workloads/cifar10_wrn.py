@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tuning_playbook import batch_norm
+from tuning_playbook import layers
 from tuning_playbook import workload as workload_lib
 
 SPLITS = {"train": "train[:45000]", "validation": "train[45000:]",
@@ -28,6 +29,8 @@ SPLITS = {"train": "train[:45000]", "validation": "train[45000:]",
 NUM_CLASSES = 10
 # The regularizer and its "off" value (see tuning_playbook/workload.py).
 REGULARIZATION_OFF = {"model.dropout_rate": 0.0, "data.augment": False}
+# Trials differing only in it share one compiled program (workload.py).
+TRACED_HYPERPARAMETERS = ("model.dropout_rate",)
 IMAGE_SHAPE = (32, 32, 3)
 PAD = 4
 CHANNEL_MEAN = (0.4914, 0.4822, 0.4465)
@@ -71,7 +74,7 @@ class WideBlock(nn.Module):
       shortcut = conv(self.features, 1, self.strides)(y)
     y = conv(self.features, 3, self.strides)(y)
     y = nn.relu(self.norm()(y, train=train))
-    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    y = layers.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = conv(self.features, 3, 1)(y)
     return y + shortcut
 

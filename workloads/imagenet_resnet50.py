@@ -28,6 +28,8 @@ from workloads import imagenet_data
 SPLITS = imagenet_data.SPLITS
 # The regularizer and its "off" value (see tuning_playbook/workload.py).
 REGULARIZATION_OFF = {"model.label_smoothing": 0.0, "data.augment": False}
+# Trials differing only in it share one compiled program (workload.py).
+TRACED_HYPERPARAMETERS = ("model.label_smoothing",)
 dataset_builder = imagenet_data.dataset_builder
 # depth -> (blocks per stage, bottleneck blocks).
 STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False),

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tuning_playbook import layers
 from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
 
@@ -30,6 +31,8 @@ SPLITS = imagenet_data.SPLITS
 # The regularizers and their "off" values (see tuning_playbook/workload.py).
 REGULARIZATION_OFF = {"model.dropout_rate": 0.0, "model.label_smoothing": 0.0,
                       "data.augment": False}
+# Trials differing only in these share one compiled program (workload.py).
+TRACED_HYPERPARAMETERS = ("model.dropout_rate", "model.label_smoothing")
 dataset_builder = imagenet_data.dataset_builder
 # size -> (hidden_size, depth, num_heads, mlp_dim).
 SIZES = {"Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536),
@@ -58,7 +61,7 @@ class EncoderBlock(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform(),
                               bias_init=nn.initializers.normal(1e-6))
-    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    dropout = layers.Dropout(self.dropout_rate, deterministic=not train)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(
         self.num_heads, dtype=self.dtype, force_fp32_for_softmax=True,
@@ -99,7 +102,7 @@ class VisionTransformer(nn.Module):
     if self.pool == "token":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, dim))
       x = jnp.concatenate([jnp.tile(cls, (batch, 1, 1)).astype(self.dtype), x], 1)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i in range(self.depth):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
                        self.dtype, name=f"block{i}")(x, train=train)
