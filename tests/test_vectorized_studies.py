@@ -69,6 +69,9 @@ def test_vectorized_study_matches_one_process_per_trial(tmp_path):
     # Its own lines, not its partners': one eval line per eval of its own.
     evals = [r for r in _metrics(g_dir) if "eval/test/accuracy" in r]
     assert len(evals) >= 3 and log.count("] eval/test/accuracy=") == len(evals)
+    # CLU's progress notes: one per log step of its own after the first.
+    notes = log.count("Setting work unit notes")
+    assert 0 < notes < len(_metrics(g_dir)), notes
     ended = [line for line in log.splitlines() if ": completed at step" in line]
     assert len(ended) == 1 and f"Trial {g_dir}: completed" in ended[0], ended
 

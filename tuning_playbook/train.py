@@ -311,7 +311,8 @@ class Trainer:
     if not due:
       return pending
     for i in due:
-      self.trials[i].progress(step)
+      with trial_logs.about(self.trials[i].records.workdir):
+        self.trials[i].progress(step)
     with jax.transfer_guard("allow"):
       if pending is not None:  # Not there yet: wait for it, in order.
         self._record(pending)
