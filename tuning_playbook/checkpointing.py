@@ -106,8 +106,11 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
-           metrics: dict[str, float]) -> None:
+           metrics: dict[str, float] | None) -> None:
     """Starts an asynchronous save; raises any error of an earlier one.
+
+    `metrics=None` saves a checkpoint that is not an eval (a preemption's):
+    kept while it is the latest, never one of the best.
 
     Waits for the previous save first, as Orbax would, so that its deletions
     are done before `todelete/` is purged.
@@ -118,7 +121,8 @@ class Checkpointer:
     self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
-        metrics={**metrics, "step": step}, force=True)
+        metrics=None if metrics is None else {**metrics, "step": step},
+        force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` with the shardings of `abstract_state`."""

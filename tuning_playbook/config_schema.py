@@ -73,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: this many seconds for each; 0: off.
   c.step_watchdog_seconds = -1.0
   c.watchdog_floor_seconds = 300.0
+  # On SIGTERM (a preemption, a scheduler's time limit) training stops at the
+  # next step boundary (the same step in every process), checkpoints, flushes
+  # its records and exits with status 143; a process still alive this many
+  # seconds after the signal exits at once.
+  c.preemption_deadline_seconds = 60.0
   # The dtype of the model's computation (activations, matmuls, convolutions),
   # for the workloads that honour it (`workload.compute_dtype(config)`).
   # Parameters, optimizer state, gradients, logits given to the loss, loss
@@ -247,6 +252,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
           "must be > 0")
   if not config.watchdog_floor_seconds > 0:
     _fail("watchdog_floor_seconds", config.watchdog_floor_seconds, "must be > 0")
+  if not config.preemption_deadline_seconds > 0:
+    _fail("preemption_deadline_seconds", config.preemption_deadline_seconds,
+          "must be > 0")
   if config.compute_dtype not in COMPUTE_DTYPES:
     _fail("compute_dtype", config.compute_dtype,
           f"allowed: {', '.join(COMPUTE_DTYPES)}")

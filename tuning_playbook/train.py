@@ -48,9 +48,11 @@ from tuning_playbook import device_examples
 from tuning_playbook import distributed
 from tuning_playbook import input_pipeline
 from tuning_playbook import population
+from tuning_playbook import preemption
 from tuning_playbook import profiling
 from tuning_playbook import records
 from tuning_playbook import sharding
+from tuning_playbook import termination
 from tuning_playbook import throughput
 from tuning_playbook import train_step as train_step_lib
 from tuning_playbook import trial_logs
@@ -148,9 +150,7 @@ class Trainer:
                                       floor_seconds=config.watchdog_floor_seconds)
     self.state, self.step = self._restore_or_init()
     self._open_logs()
-    self.metrics_buffer = jax.device_put(
-        np.zeros((self.num_trials, config.log_every_steps,
-                  len(train_step_lib.STEP_METRICS)), np.float32), self._replicated)
+    self.metrics_buffer = jax.device_put(self._resumed_metrics(), self._replicated)
     self.examples = data.examples
     logging.info("Training batches are gathered %s.",
                  "on the devices" if self.examples else "on the host")
@@ -204,11 +204,25 @@ class Trainer:
     for t in self.trials:
       t.records.open_logs()
       t.active = self.step < t.last_step
+      resumed = t.records.open_interval
+      t.first = self.step + 1 if resumed is None else resumed["first"]
       # Called at log steps only, which is all it needs to report steps/s.
       t.progress = periodic_actions.ReportProgress(
           num_train_steps=t.last_step, writer=t.records.writer,
           every_steps=None, every_secs=None,
           on_steps=range(0, t.last_step + 1, t.records.config.log_every_steps))
+
+  def _resumed_metrics(self) -> np.ndarray:
+    """The metrics buffer, holding the steps that a run stopped between
+    evals trained but had not recorded (`TrialRecords.save_to_resume`)."""
+    size = self.config.log_every_steps
+    buffer = np.zeros((self.num_trials, size, len(train_step_lib.STEP_METRICS)),
+                      np.float32)
+    for i, t in enumerate(self.trials):
+      resumed = t.records.open_interval or {"first": 0, "fetched": []}
+      for step, metrics in enumerate(resumed["fetched"], resumed["first"]):
+        buffer[i, (step - 1) % size] = [metrics[k] for k in train_step_lib.STEP_METRICS]
+    return buffer
 
   def _transfers(self, streams: Sequence[Any], shared_data: bool):
     """Host batches of k steps each, from the transfer of the current step:
@@ -241,15 +255,23 @@ class Trainer:
     eval_every, log_every = config.eval_every_steps, config.log_every_steps
     ends = {t.last_step for t in self.trials} | {until}
     profile_start, profile_stop = self.profiler.start_after, self.profiler.stop_after
-    self._reset_intervals(self.step + 1)
+    self._restart_clocks()
     self._update_mask()
     pending = None  # The metrics of the last plain log step, if not recorded yet.
+    stopped = False
     # Between log steps nothing may move between host and devices on this
     # thread: an accidental per-step sync raises instead of slowing training.
     dog = self.watchdog
-    with dog, jax.transfer_guard("disallow"):
+    with termination.stop_requests(config.preemption_deadline_seconds) as request, \
+        dog, jax.transfer_guard("disallow"):
+      stop = preemption.StopStep(
+          request, start_step=self.step, name=self.trials[0].records.workdir,
+          timeout_seconds=config.preemption_deadline_seconds)
       step = self.step
       while step < until and any(t.active for t in self.trials):
+        if stop.reached(step):
+          stopped = True
+          break
         dog.begin("step", "train step {}", step + 1)
         if self._transfer is None or step % k == 0:
           self._next_transfer()
@@ -272,12 +294,45 @@ class Trainer:
       if pending is not None:
         with jax.transfer_guard("allow"):
           self._record(pending)
+      stop.close()
+      if stopped:
+        with jax.transfer_guard("allow"):
+          self._save_to_resume()
+        raise termination.Preempted(self.step)
     return [t.reason for t in self.trials]
 
-  def _reset_intervals(self, first: int, trials: Sequence[_TrialRun] | None = None) -> None:
+  def _save_to_resume(self) -> None:
+    """On SIGTERM: checkpoints every active trial at the current step with
+    its steps not yet recorded, waits for the writes and flushes the logs."""
+    step = self.step
+    self.watchdog.begin("finish", "the checkpoints on SIGTERM at step {}", step)
+    buffer = np.asarray(jax.device_get(self.metrics_buffer))
+    for i, t in enumerate(self.trials):
+      if not t.active:
+        continue
+      rows = buffer[i, [(s - 1) % buffer.shape[1] for s in range(t.first, step + 1)]]
+      with trial_logs.about(t.records.workdir):
+        t.records.save_to_resume(
+            step, self.programs.take_trial(self.state, i), t.first,
+            [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows])
+    for t in self.trials:
+      with trial_logs.about(t.records.workdir):
+        t.records.wait_for_checkpoints()
+        t.records.writer.flush()
+        logging.info("Stopped on SIGTERM at step %d; relaunching resumes "
+                     "from there.", step)
+
+  def _reset_intervals(self, first: int, trials: Sequence[_TrialRun]) -> None:
+    """Opens the next log interval of `trials` at step `first`."""
+    for t in trials:
+      t.first = first
+    self._restart_clocks(trials)
+
+  def _restart_clocks(self, trials: Sequence[_TrialRun] | None = None) -> None:
+    """Restarts the interval clocks (compilation is not throughput)."""
     now = time.perf_counter()
     for t in self.trials if trials is None else trials:
-      t.first, t.started, t.waited = first, now, 0.0
+      t.started, t.waited = now, 0.0
 
   def _shift_intervals(self, seconds: float) -> None:
     """Leaves `seconds` (a profiler's start or stop) out of the intervals."""
@@ -298,7 +353,7 @@ class Trainer:
     if not self._compiled:
       self._compile()
       # Pipeline start-up and compilation are not the run's throughput.
-      self._reset_intervals(self.step + 1)
+      self._restart_clocks()
 
   def _log_step(self, step: int, until: int,
                 pending: _PendingLog | None) -> _PendingLog | None:

@@ -108,6 +108,7 @@ class TrialRecords:
         config.batch_size, config.input_bound_warning_fraction,
         device_kind=device_kind, device_count=device_count)
     self.step = 0
+    self.open_interval: dict[str, Any] | None = None
     self.metrics_log = self.grad_log = self.writer = None
 
   def latest_step(self) -> int | None:
@@ -117,6 +118,8 @@ class TrialRecords:
     """The state saved at `step` (placed as `target` says); checks the data."""
     state, meta = self.ckpt.restore(step, target)
     self.step = int(meta["step"])
+    # Steps trained but not yet recorded when a run stopped between evals.
+    self.open_interval = meta.get("open_interval")
     self.best.step, self.best.value = meta["best_step"], meta["best_value"]
     saved = meta["stream_layout"]
     if saved != self.stream.layout:
@@ -161,14 +164,29 @@ class TrialRecords:
       row.update(metrics)
       value = row[config.best_metric]
       self.best.update(step, value)
-      meta = {"step": step, "best_step": self.best.step,
-              "best_value": self.best.value,
-              "data_position": self.stream.position(step).to_json(),
-              "stream_layout": self.stream.layout}
-      self.ckpt.save(step, state, meta, {config.best_metric: value})
+      self.ckpt.save(step, state, self._meta(step), {config.best_metric: value})
     self.metrics_log.append([row])
     self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
     return reason
+
+  def _meta(self, step: int) -> dict[str, Any]:
+    """A checkpoint's metadata: its step, the best so far, the data position."""
+    return {"step": step, "best_step": self.best.step,
+            "best_value": self.best.value,
+            "data_position": self.stream.position(step).to_json(),
+            "stream_layout": self.stream.layout}
+
+  def save_to_resume(self, step: int, state: Any, first: int,
+                     fetched: Sequence[dict[str, float]]) -> None:
+    """Checkpoints `step` between evals (on SIGTERM), with the steps
+    first..step not yet recorded (`fetched`, their STEP_METRICS), so that a
+    resumed run records them as an uninterrupted one would. Not an eval: it
+    is kept while it is the latest checkpoint, never as one of the best."""
+    if self.ckpt.latest_step() == step:
+      return  # An eval at this step saved it.
+    meta = self._meta(step)
+    meta["open_interval"] = {"first": first, "fetched": [dict(m) for m in fetched]}
+    self.ckpt.save(step, state, meta, None)
 
   def wait_for_checkpoints(self) -> None:
     self.ckpt.wait()
