@@ -7,6 +7,7 @@ at varying moments (during training, evals and checkpoint saves).
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import helpers
+from tuning_playbook import termination
 
 # Small enough to be quick, long enough that kills land inside the run: 60
 # steps, the tiny config's 5 warmup steps prepended to 55.
@@ -103,6 +105,60 @@ def test_killed_runs_resume_to_the_same_result(reference_run, data_flag, tmp_pat
       os.path.join(workdir, "checkpoints", "60", "state"))
   assert int(state["step"]) == 60
   assert int(state["opt_state"]["count"]) == 60
+
+
+def _terminate_after_new_rows(workdir, data_flag, rows, delay):
+  """Runs until `rows` more metrics rows are logged, then sends SIGTERM
+  `delay` seconds later; returns the step the run says it stopped at."""
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  start = len(helpers.read_jsonl(metrics)) if os.path.exists(metrics) else 0
+  proc = subprocess.Popen(
+      helpers.main_command(workdir, data_flag, *RUN_FLAGS), cwd=helpers.REPO,
+      env=helpers.subprocess_env(2), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while proc.poll() is None and time.time() < deadline and not (
+      os.path.exists(metrics) and len(helpers.read_jsonl(metrics)) >= start + rows):
+    time.sleep(0.005)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == termination.TERMINATED_EXIT_CODE, err[-3000:]
+  match = re.search(r"Stopped on SIGTERM at step (\d+)", err)
+  assert match, err[-3000:]
+  stopped = int(match.group(1))
+  # No step after the stop was recorded, and the stop is the latest checkpoint.
+  last_logged = helpers.read_jsonl(metrics)[-1]["step"]
+  assert last_logged <= stopped
+  assert helpers.read_jsonl(os.path.join(workdir, "grad_norms.jsonl"))[-1]["step"] == last_logged
+  assert max(_kept_steps(workdir)) == stopped
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  return stopped
+
+
+def test_sigterm_resumes_with_nothing_lost(reference_run, data_flag, tmp_path):
+  """SIGTERM twice during training: each time the run checkpoints the step it
+  reached and exits 143; the relaunch writes what an uninterrupted run writes.
+  (A stop between log steps: test_training.py.)"""
+  workdir = str(tmp_path / "terminated")
+  stops = [_terminate_after_new_rows(workdir, data_flag, 1, delay)
+           for delay in (0.0, 0.1)]
+  assert stops[0] < stops[1] < 60, stops
+  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from checkpoint at step {stops[-1]}." in result.stderr
+  ref_rows = helpers.read_jsonl(os.path.join(reference_run, "metrics.jsonl"))
+  assert helpers.without_timing(helpers.read_jsonl(os.path.join(
+      workdir, "metrics.jsonl"))) == helpers.without_timing(ref_rows)
+  assert (helpers.read_jsonl(os.path.join(workdir, "grad_norms.jsonl"))
+          == helpers.read_jsonl(os.path.join(reference_run, "grad_norms.jsonl")))
+  # A stop's checkpoint is not an eval: it is gone once superseded.
+  assert _kept_steps(workdir) == _kept_steps(reference_run)
+  summary = helpers.read_json(os.path.join(workdir, "summary.json"))
+  ref_summary = helpers.read_json(os.path.join(reference_run, "summary.json"))
+  for key in ("status", "best_step", "best_value", "final_step"):
+    assert summary[key] == ref_summary[key]
+  print(f"\nstopped at steps {stops}")
 
 
 def _run_and_kill_after_checkpoint(workdir, data_flag, step, num_devices):

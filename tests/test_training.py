@@ -16,6 +16,8 @@ from tests import helpers
 from tests import tiny_workload
 from tuning_playbook import config_schema
 from tuning_playbook import in_memory_stream
+from tuning_playbook import preemption
+from tuning_playbook import termination
 from tuning_playbook import train
 
 
@@ -242,3 +244,29 @@ def test_loss_bound_marks_divergence(data_dir, tmp_path):
   assert summary["status"] == "diverged"
   assert summary["final_step"] == config.log_every_steps
   assert "divergence_loss_threshold=0.001" in summary["reason"]
+
+
+def test_a_stop_between_log_steps_resumes_the_steps_not_yet_logged(
+    completed_run, monkeypatch, tmp_path):
+  """Stopped at step 13 (logs at 5, 10, 15): the checkpoint of the stop holds
+  steps 11..13, and the resumed run records them as the uninterrupted run did.
+  (The stop is planted; tests/test_resume.py stops real runs with SIGTERM.)"""
+  config, reference, ref_summary, _ = completed_run
+  workdir = str(tmp_path / "stopped")
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption.StopStep, "reached", lambda self, step: step == 13)
+    with pytest.raises(termination.Preempted) as stopped:
+      train.train_and_evaluate(config, workdir)
+  assert stopped.value.step == 13 and stopped.value.code == 143
+  assert [r["step"] for r in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          ] == [5, 10]
+  meta = helpers.read_json(os.path.join(workdir, "checkpoints", "13", "meta",
+                                        "metadata"))
+  assert meta["open_interval"]["first"] == 11
+  assert len(meta["open_interval"]["fetched"]) == 3
+  summary = train.train_and_evaluate(config, workdir)
+  for name in ("metrics.jsonl", "grad_norms.jsonl"):
+    assert helpers.without_timing(helpers.read_jsonl(os.path.join(workdir, name))) == (
+        helpers.without_timing(helpers.read_jsonl(os.path.join(reference, name)))), name
+  assert summary["best_value"] == ref_summary["best_value"]
+  assert "13" not in os.listdir(os.path.join(workdir, "checkpoints"))

@@ -35,15 +35,18 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from tuning_playbook import atomic_files
 from tuning_playbook import records
+from tuning_playbook import termination
 from tuning_playbook import tracking
 from tuning_playbook import trial_claims
 
 _PR_SET_PDEATHSIG = 1
-_TERMINATE_GRACE_SECONDS = 30.0
+# A terminated trial or worker saves a checkpoint and exits within its
+# config's preemption_deadline_seconds (default 60) before it is killed.
+_TERMINATE_GRACE_SECONDS = 90.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +170,10 @@ def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
 
 
 def _finish(run: _Running) -> None:
-  write_runner_file(run.job.trial_dir, status="exited",
+  # A trainer stopped by SIGTERM saved its state: relaunching resumes it.
+  preempted = run.process.returncode == termination.TERMINATED_EXIT_CODE
+  write_runner_file(run.job.trial_dir,
+                     status="interrupted" if preempted else "exited",
                      returncode=run.process.returncode, started=run.started,
                      finished=now(), command=list(run.job.argv))
   os.close(run.lock_fd)
@@ -255,28 +261,44 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
   return launched
 
 
+def _assignments(env: Mapping[str, str]) -> str:
+  return " ".join(f"{k}={v}" for k, v in env.items())
+
+
 def run_workers(argv: Sequence[str], count: int, *, log_dir: str,
                 cwd: str | None = None, env: dict[str, str] | None = None,
                 on_poll: Callable[[], None] | None = None,
-                poll_seconds: float = 2.0) -> list[int]:
+                poll_seconds: float = 2.0,
+                worker_env: Sequence[Mapping[str, str]] | None = None
+                ) -> list[int]:
   """Runs `count` copies of a study worker command until all exit.
 
   Returns their exit statuses. Worker i writes its output to
-  `<log_dir>/worker-<i>.log` (appended); like trial processes, workers get
-  SIGTERM when this process dies. `on_poll()` runs every `poll_seconds`
-  (to refresh the records). Interrupting the call terminates the workers
-  (SIGTERM, then SIGKILL after a grace period) and re-raises.
+  `<log_dir>/worker-<i>.log` (appended), after a launch line naming the
+  variables `worker_env[i]` adds to `env` (e.g. its CUDA_VISIBLE_DEVICES);
+  like trial processes, workers get SIGTERM when this process dies.
+  `on_poll()` runs every `poll_seconds` (to refresh the records).
+  Interrupting the call terminates the workers (SIGTERM, then SIGKILL after
+  a grace period) and re-raises.
   """
+  if worker_env is not None and len(worker_env) != count:
+    raise ValueError(f"{len(worker_env)} worker environments for {count} workers")
   os.makedirs(log_dir, exist_ok=True)
   processes = []
   try:
     for i in range(count):
+      extra = dict(worker_env[i]) if worker_env is not None else {}
+      if extra:
+        logging.info("Study worker %d: %s", i, _assignments(extra))
       with open(os.path.join(log_dir, f"worker-{i}.log"), "ab") as log:
-        log.write(f"=== {now()} launch: {' '.join(argv)}\n".encode())
+        command = " ".join(filter(None, [_assignments(extra), *argv]))
+        log.write(f"=== {now()} launch: {command}\n".encode())
         log.flush()
         processes.append(subprocess.Popen(
             list(argv), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+            stdin=subprocess.DEVNULL, cwd=cwd,
+            env=({**(os.environ if env is None else env), **extra}
+                 if extra else env),
             preexec_fn=_die_with_parent_fn()))
     while any(p.poll() is None for p in processes):
       time.sleep(poll_seconds)

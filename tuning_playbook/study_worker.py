@@ -189,15 +189,21 @@ class Worker:
         daemon=True, name="claim-heartbeat")
     heartbeat.start()
     # Per trial directory: (exit status as a trial process, error).
-    outcomes: dict[str, tuple[int, str | None]] = {}
+    outcomes: dict[str, tuple[int, str | None]] | None = {}
+    interrupted = lambda: _give_back(group, started, command)
     try:
-      with _logging_to(dirs, started, command):
+      with _logging_to(dirs, started, command), termination.at_forced_exit(interrupted):
         logging.info("Training %d trial(s) as one population: %s", len(dirs),
                      ", ".join(dirs))
         outcomes = self._train_logged(group)
+    except termination.Preempted:
+      stop.set()
+      interrupted()
+      outcomes = None
+      raise
     finally:
       stop.set()
-      for d in dirs:
+      for d in dirs if outcomes is not None else ():
         returncode, error = outcomes.get(d, (1, None))
         study_runner.write_runner_file(
             d, status="exited", returncode=returncode, error=error,
@@ -248,6 +254,20 @@ class Worker:
     for t in trials:
       outcomes[t.trial_dir] = _train_alone(t, self.cache)
     return outcomes
+
+
+def _give_back(group: Sequence[_Claimed], started: str,
+               command: Sequence[str]) -> None:
+  """Marks the group's trials interrupted (relaunching resumes them) and
+  releases their claims, so that another worker takes them at once."""
+  dirs = [c.trial.trial_dir for c in group]
+  for d in dirs:
+    study_runner.write_runner_file(
+        d, status="interrupted", returncode=termination.TERMINATED_EXIT_CODE,
+        started=started, finished=study_runner.now(), command=list(command),
+        population=dirs)
+  for c in group:
+    c.claim.release()
 
 
 def _refusal(trial: _Trial) -> str | None:
