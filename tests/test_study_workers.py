@@ -131,7 +131,9 @@ def test_emitted_slurm_script_runs_the_study_worker(tmp_path):
   lines = text.splitlines()
   assert lines[0] == "#!/bin/bash"
   for directive in ("--array=0-3", "--time=01:00:00", "--gres=gpu:1",
-                    "--job-name=study",
+                    "--job-name=study", "--cpus-per-task=8",
+                    # SIGTERM 180 s before the time limit, to the launcher.
+                    "--signal=B:TERM@180",
                     f"--output={study_dir / 'slurm' / '%A_%a.out'}"):
     assert f"#SBATCH {directive}" in lines
   assert (study_dir / "slurm").is_dir()
@@ -148,6 +150,18 @@ def test_emitted_slurm_script_runs_the_study_worker(tmp_path):
                  capture_output=True, timeout=240)
   rows = test_sweep._read_csv(study_dir / "results.csv")
   assert [r["status"] for r in rows] == ["completed"] * 3
+
+
+def test_slurm_directives_replace_the_scripts_own_signal_and_cpus():
+  text = slurm.job_array_script(
+      ["true"], num_workers=2, job_name="s", log_dir="/tmp", workdir="/tmp",
+      directives=["--signal=B:USR1@600", "#SBATCH --cpus-per-task=32"],
+      cpus_per_task=4)
+  lines = text.splitlines()
+  assert "#SBATCH --signal=B:USR1@600" in lines
+  assert "#SBATCH --cpus-per-task=32" in lines
+  assert sum(line.startswith("#SBATCH --signal") for line in lines) == 1
+  assert sum(line.startswith("#SBATCH --cpus-per-task") for line in lines) == 1
 
 
 def test_slurm_script_refuses_bad_arguments():

@@ -4,6 +4,7 @@ process per trial, kill and relaunch, workers started at once (subprocesses)."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from tests import helpers
 from tests import test_sweep
+from tuning_playbook import tracking
 from tuning_playbook import trial_claims
 
 REPO = test_sweep.REPO
@@ -188,3 +190,48 @@ def test_a_launch_waits_for_trials_claimed_elsewhere_and_trains_one_given_up(tmp
   assert "Waiting for 1 trial(s) claimed by runners elsewhere" in err
   assert helpers.read_json(os.path.join(held, "summary.json"))["status"] == "completed"
   assert worker_log.read_text().count("launch:") == 2
+
+
+def _worker_on_host(host, study_dir, *args):
+  """A study worker process that names itself `host` in its claims."""
+  code = ("import runpy, socket, sys; "
+          f"socket.gethostname = lambda: {host!r}; "
+          "sys.argv[0] = 'tuning_playbook.study_worker'; "
+          "runpy.run_module('tuning_playbook.study_worker', run_name='__main__')")
+  return subprocess.Popen(
+      [sys.executable, "-c", code, f"--config={test_sweep.TINY}",
+       f"--study_dir={study_dir}", *args], cwd=REPO, env=test_sweep._env(),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_terminated_worker_hands_its_trials_to_another_host_at_once(tmp_path):
+  """SIGTERM to a worker on host "node-a" training a population: it
+  checkpoints, marks its trials interrupted and releases their claims, so a
+  worker on this host (a resubmitted SLURM task) resumes them at once."""
+  study = tmp_path / "study"
+  overrides = ("--config.max_train_steps=400", "--config.eval_every_steps=40",
+               "--config.log_every_steps=10")
+  test_sweep._sweep(study, "--num_trials=2", *overrides, fake=False)  # Records only.
+  worker = _worker_on_host("node-a", study, "--vectorize=2", *overrides)
+  _wait_for_checkpoints(study, 40)
+  claims = [trial_claims.read_claim(t) for t in _trial_dirs(study)]
+  assert [c["host"] for c in claims] == ["node-a"] * 2
+  worker.send_signal(signal.SIGTERM)
+  _, err = worker.communicate(timeout=120)
+  assert worker.returncode == 143, err[-3000:]
+  stopped = {}
+  for trial in _trial_dirs(study):
+    assert trial_claims.read_claim(trial) is None
+    runner = helpers.read_json(os.path.join(trial, "runner.json"))
+    assert runner["status"] == "interrupted" and runner["returncode"] == 143
+    stopped[trial] = max(int(n) for n in os.listdir(os.path.join(trial, "checkpoints"))
+                         if n.isdigit())
+    assert tracking.trial_record(trial)["status"] == "interrupted"
+  result = test_sweep._sweep(study, "--num_trials=2", "--run", "--worker",
+                             "--vectorize=2", *overrides, fake=False)
+  rows = test_sweep._read_csv(study / "results.csv")
+  assert [r["status"] for r in rows] == ["completed"] * 2, result.stderr[-3000:]
+  for trial, step in stopped.items():
+    with open(os.path.join(trial, "log.txt")) as f:
+      assert f"Resumed from checkpoint at step {step}." in f.read()
