@@ -212,7 +212,9 @@ def main(argv):
         run=study_flags.RUN.value, parallel=study_flags.PARALLEL.value,
         retry_failed=study_flags.RETRY_FAILED.value,
         stop_rule=getattr(module, "stop_rule", None),
-        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value))
+        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value,
+        devices_per_worker=study_flags.DEVICES_PER_WORKER.value,
+        share_devices=study_flags.SHARE_DEVICES.value))
   except study_launch.LaunchError as e:
     cli.fail(str(e))
 

@@ -6,8 +6,19 @@ from absl import flags
 from tuning_playbook import study as study_lib
 
 RUN = flags.DEFINE_bool("run", False, "Run the unfinished trials.")
-PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once.",
-                                lower_bound=1)
+PARALLEL = flags.DEFINE_integer(
+    "parallel", None, "Trials (trial processes, or study workers) run at once; "
+    "default 1, or for study workers on GPUs or TPU chips as many as "
+    "--devices_per_worker allows.", lower_bound=1)
+DEVICES_PER_WORKER = flags.DEFINE_integer(
+    "devices_per_worker", None, "With --run on a host with GPUs or TPU chips: "
+    "the devices each study worker owns (its CUDA_VISIBLE_DEVICES or "
+    "TPU_VISIBLE_CHIPS); default 1, one worker per device. Not for CPU hosts, "
+    "where every worker sees every device.", lower_bound=1)
+SHARE_DEVICES = flags.DEFINE_bool(
+    "share_devices", False, "With --run on GPUs: allow --parallel above the "
+    "groups of --devices_per_worker GPUs; workers sharing a GPU each "
+    "preallocate their part of its memory.")
 PRINT_COMMANDS = flags.DEFINE_bool(
     "print_commands", False, "Print one trainer command per trial.")
 TRACKING_TABLE = flags.DEFINE_string(

@@ -12,7 +12,9 @@ Used by `tuning_playbook.sweep` and `tuning_playbook.playbook`.
 
 Trials run in study workers (`study_worker.py`, `--vectorize` trials at a
 time) or, with `isolation="process"`, one trainer process each
-(`study_runner.run_trials`); see `resolve_isolation`.
+(`study_runner.run_trials`); see `resolve_isolation`. On a host with GPUs or
+TPU chips each study worker owns its own devices, one worker per
+`devices_per_worker` of them by default (`worker_devices`).
 
 Every trial or worker process of a launch shares one JAX persistent compilation cache,
 `<study_dir>/.jax_cache` (the studies' common directory when there are
@@ -34,6 +36,7 @@ from absl import logging
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_runner
 from tuning_playbook import tracking
+from tuning_playbook import worker_devices
 
 # Given the tracking record of a finished trial, whether the trials after it
 # are not to be launched (e.g. a batch size that did not fit in memory).
@@ -71,7 +74,9 @@ class LaunchOptions:
   command: str
   print_commands: bool = False
   run: bool = False
-  parallel: int = 1
+  # Trial processes or study workers at once. None: 1 trial process; study
+  # workers, as many as the GPUs or TPU chips allow (1 on a CPU host).
+  parallel: int | None = None
   retry_failed: bool = False
   # With a stop rule, trials run one at a time in order, and none is launched
   # after a trial whose record satisfies it.
@@ -84,6 +89,10 @@ class LaunchOptions:
   vectorize: int = 1
   # "worker", "process" or "auto" (see resolve_isolation).
   isolation: str = "auto"
+  # GPUs or TPU chips each study worker owns (None: 1; CPU hosts: unset).
+  devices_per_worker: int | None = None
+  # Study workers may outnumber the groups of devices (GPUs only).
+  share_devices: bool = False
 
 
 class LaunchError(ValueError):
@@ -108,11 +117,34 @@ def resolve_isolation(studies: Sequence[study_lib.Study],
   if isolation == "worker" and needs_process:
     raise LaunchError(f"--isolation=worker cannot run {needs_process}: use "
                       "--isolation=process")
-  if options.vectorize > 1 and isolation != "worker":
+  worker_flags = []
+  if options.vectorize > 1:
+    worker_flags.append(f"--vectorize={options.vectorize}")
+  if options.devices_per_worker is not None:
+    worker_flags.append(f"--devices_per_worker={options.devices_per_worker}")
+  if options.share_devices:
+    worker_flags.append("--share_devices")
+  if worker_flags and isolation != "worker":
     raise LaunchError(
-        f"--vectorize={options.vectorize} trains trials in study workers, "
-        f"but these trials run one process each ({needs_process or '--isolation=process'})")
+        f"study workers are needed for {' '.join(worker_flags)}, but these "
+        f"trials run one process each ({needs_process or '--isolation=process'})")
   return isolation
+
+
+def worker_environments(options: LaunchOptions) -> list[dict[str, str]]:
+  """The variables each study worker gets: its own GPUs or TPU chips.
+
+  One dict per worker (empty on a CPU host). Raises LaunchError for worker
+  counts this host's devices cannot serve.
+  """
+  host = worker_devices.read_host()
+  try:
+    return worker_devices.worker_environments(
+        worker_devices.find_devices(host), parallel=options.parallel,
+        devices_per_worker=options.devices_per_worker,
+        share=options.share_devices, environ=host.environ)
+  except worker_devices.DeviceError as e:
+    raise LaunchError(str(e)) from e
 
 
 def worker_command(studies: Sequence[study_lib.Study],
@@ -168,6 +200,8 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
   go together.
   """
   isolation = resolve_isolation(studies, options) if options.run else None
+  worker_env = (worker_environments(options) if isolation == "worker"
+                else None)
   def record(s: study_lib.Study) -> list[dict[str, Any]]:
     rows = tracking.write_results(s)
     tracking.update_tracking_table(options.table,
@@ -195,9 +229,9 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
         on_poll = lambda: [record(s) for s in studies]
         while True:
           study_runner.run_workers(
-              worker_command(studies, options), options.parallel,
+              worker_command(studies, options), len(worker_env),
               log_dir=os.path.join(root, WORKER_LOGS_DIR), env=env,
-              on_poll=on_poll)
+              on_poll=on_poll, worker_env=worker_env)
           # Workers leave trials that runners elsewhere claimed; a launch
           # that is not itself a worker waits for them, as the trial runner
           # does, and trains any that such a runner gave up unfinished.
@@ -206,7 +240,7 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
               on_poll=on_poll):
             break
       elif options.stop_rule is None:
-        study_runner.run_trials(jobs, options.parallel,
+        study_runner.run_trials(jobs, options.parallel or 1,
                                 retry_failed=options.retry_failed,
                                 on_update=on_update, env=env,
                                 leave_claimed=options.worker)

@@ -14,6 +14,9 @@ resolved (every `--config.*` override applied) and --num_trials.
                            (study_worker.py: long-lived processes that keep
                            imports, data and compiled steps from trial to
                            trial); relaunching the same command resumes.
+                           On GPUs or TPU chips each worker owns
+                           --devices_per_worker of them (default 1), and
+                           --parallel defaults to as many workers as fit.
   --vectorize=8            each worker trains up to 8 trials of one structure
                            at once as one compiled program (population.py).
   --isolation=process      one `python -m tuning_playbook.main` process per
@@ -78,6 +81,10 @@ _SLURM_WORKERS = flags.DEFINE_integer(
 _SLURM_DIRECTIVES = flags.DEFINE_multi_string(
     "slurm_directive", [], "An extra #SBATCH option of --emit_slurm, e.g. "
     "--slurm_directive=--gres=gpu:1 (repeatable).")
+_SLURM_CPUS_PER_TASK = flags.DEFINE_integer(
+    "slurm_cpus_per_task", slurm.DEFAULT_CPUS_PER_TASK,
+    "CPU cores per array task of --emit_slurm (input pipelines, JAX's host "
+    "threads).", lower_bound=1)
 
 
 default_tracking_table = study_launch.default_tracking_table
@@ -125,7 +132,9 @@ def main(argv):
         table=table, command=command, print_commands=study_flags.PRINT_COMMANDS.value,
         run=study_flags.RUN.value or _WORKER.value, parallel=study_flags.PARALLEL.value,
         retry_failed=study_flags.RETRY_FAILED.value, worker=_WORKER.value,
-        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value))
+        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value,
+        devices_per_worker=study_flags.DEVICES_PER_WORKER.value,
+        share_devices=study_flags.SHARE_DEVICES.value))
   except study_launch.LaunchError as e:
     cli.fail(str(e))
 
@@ -133,8 +142,12 @@ def main(argv):
 def _write_slurm_script(path: str, command: str, study_dir: str) -> None:
   """Writes the job array whose tasks run this study's worker command."""
   argv = [sys.executable] + shlex.split(command)[1:] + ["--worker"]
-  if study_flags.PARALLEL.value > 1:
+  if study_flags.PARALLEL.value is not None:
     argv.append(f"--parallel={study_flags.PARALLEL.value}")
+  if study_flags.DEVICES_PER_WORKER.value is not None:
+    argv.append(f"--devices_per_worker={study_flags.DEVICES_PER_WORKER.value}")
+  if study_flags.SHARE_DEVICES.value:
+    argv.append("--share_devices")
   if study_flags.RETRY_FAILED.value:
     argv.append("--retry_failed")
   if study_flags.VECTORIZE.value > 1:
@@ -148,7 +161,8 @@ def _write_slurm_script(path: str, command: str, study_dir: str) -> None:
   text = slurm.job_array_script(
       argv, num_workers=_SLURM_WORKERS.value,
       job_name=os.path.basename(os.path.normpath(study_dir)), log_dir=log_dir,
-      workdir=os.getcwd(), directives=_SLURM_DIRECTIVES.value)
+      workdir=os.getcwd(), directives=_SLURM_DIRECTIVES.value,
+      cpus_per_task=_SLURM_CPUS_PER_TASK.value)
   try:
     with open(path, "w") as f:
       f.write(text)
