@@ -1,12 +1,11 @@
 """The step at which every process of a job stops after a SIGTERM reached any.
 
-  with termination.stop_requests(deadline) as request:
-    stop = preemption.StopStep(request, start_step=step, name=workdir)
+  with termination.stop_requests(deadline) as request, preemption.StopStep(
+      request, start_step=step, name=workdir, timeout_seconds=deadline) as stop:
     while ...:
       if stop.reached(step):  # At each step boundary: a lock and a compare.
         break  # Save a checkpoint at `step`: every process is at it.
       ...
-    stop.close()
 
 One process: it stops at the first boundary after the signal. Several: the
 protocol of JAX's preemption sync point (`multihost_utils.
@@ -28,7 +27,9 @@ import jax
 
 from tuning_playbook import termination
 
-_POLL_MS = 1000
+# How often the watcher asks for a notice; closing waits up to this long
+# (its thread must be out of the client before JAX shuts the client down).
+_POLL_MS = 200
 
 
 def _client():
@@ -49,11 +50,20 @@ class StopStep:
     self._closed = threading.Event()
     self._client = _client() if jax.process_count() > 1 else None
     self._prefix = f"tuning_playbook/stop/{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    self._watcher = None
     if self._client is not None:
-      threading.Thread(target=self._watch, daemon=True, name="stop-watch").start()
+      self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                       name="stop-watch")
+      self._watcher.start()
       request.add_listener(self._post_notice)
     else:
       request.add_listener(self._noticed)
+
+  def __enter__(self) -> "StopStep":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
   def reached(self, step: int) -> bool:
     """Whether to stop at `step` (`step` steps done, the next not started)."""
@@ -69,7 +79,10 @@ class StopStep:
     return step >= self._target
 
   def close(self) -> None:
+    """Stops the watcher and waits for it to leave the client."""
     self._closed.set()
+    if self._watcher is not None:
+      self._watcher.join()
 
   def _noticed(self) -> None:
     """The notice reached this process: posts the step it checks next."""

@@ -262,11 +262,10 @@ class Trainer:
     # Between log steps nothing may move between host and devices on this
     # thread: an accidental per-step sync raises instead of slowing training.
     dog = self.watchdog
-    with termination.stop_requests(config.preemption_deadline_seconds) as request, \
-        dog, jax.transfer_guard("disallow"):
-      stop = preemption.StopStep(
-          request, start_step=self.step, name=self.trials[0].records.workdir,
-          timeout_seconds=config.preemption_deadline_seconds)
+    deadline = config.preemption_deadline_seconds
+    with termination.stop_requests(deadline) as request, preemption.StopStep(
+        request, start_step=self.step, name=self.trials[0].records.workdir,
+        timeout_seconds=deadline) as stop, dog, jax.transfer_guard("disallow"):
       step = self.step
       while step < until and any(t.active for t in self.trials):
         if stop.reached(step):
@@ -294,7 +293,6 @@ class Trainer:
       if pending is not None:
         with jax.transfer_guard("allow"):
           self._record(pending)
-      stop.close()
       if stopped:
         with jax.transfer_guard("allow"):
           self._save_to_resume()
