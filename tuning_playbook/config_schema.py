@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   # and GPUs, float32 on CPUs (whose bfloat16 arithmetic is emulated, slower
   # than float32).
   c.compute_dtype = "float32"  # float32 | bfloat16 | auto
+  # True: `tuning_playbook.main` exits with status 2, before compiling or
+  # writing anything, when JAX finds no GPU or TPU (only the CPU), as its
+  # `--require_accelerator` flag does.
+  c.require_accelerator = False
   # Warn (log, summary.json, study report) when the loop waits for its next
   # batch more than this fraction of a log interval's wall time.
   c.input_bound_warning_fraction = 0.2

@@ -12,12 +12,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from tuning_playbook import cli
 from tuning_playbook import config_schema
 from tuning_playbook import cpu_devices
 from tuning_playbook import distributed
+from tuning_playbook import platform_check
 from tuning_playbook import termination
 from tuning_playbook import workload as workload_lib
 
@@ -30,6 +32,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout_seconds", 300, "Time to wait for every process to join.")
+_REQUIRE_ACCELERATOR = flags.DEFINE_bool(
+    "require_accelerator", False,
+    "Exit with status 2 when JAX finds no GPU or TPU (as config.require_accelerator).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,11 +58,23 @@ def main(argv):
   except (distributed.CoordinatorUnreachableError, distributed.ClusterJoinError) as e:
     sys.exit(f"Error: {e}")
   termination.install_sigterm_exit()  # After JAX's own SIGTERM handler.
+  _check_platform(config)
   try:
     summary = run.run_trial(config, _WORKDIR.value)
   except run.BAD_INPUT_ERRORS as e:
     cli.fail(str(e))
   logging.info("Finished: %s", summary)
+
+
+def _check_platform(config: ml_collections.ConfigDict) -> None:
+  """Logs what JAX runs on; exits 2 when an accelerator is required and absent."""
+  asked_by = ("--require_accelerator" if _REQUIRE_ACCELERATOR.value
+              else "config.require_accelerator")
+  required = _REQUIRE_ACCELERATOR.value or config.require_accelerator
+  try:
+    platform_check.check_platform(required, asked_by)
+  except platform_check.NoAcceleratorError as e:
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from ml_collections import config_flags
 
 from tuning_playbook import cli
 from tuning_playbook import cpu_devices
+from tuning_playbook import platform_check
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_runner
@@ -346,6 +347,11 @@ def main(argv):
   config = cli.loaded_config(_CONFIG)
   cpu_devices.configure_thread_pool()  # Before the backend starts.
   termination.install_sigterm_exit()
+  try:  # The platform line, and the config's accelerator requirement.
+    platform_check.check_platform(config.require_accelerator,
+                                  "config.require_accelerator")
+  except platform_check.NoAcceleratorError as e:
+    cli.fail(str(e))
   try:
     studies = [study_lib.load_study(d) for d in _STUDY_DIRS.value]
     trials = study_trials(config, studies)

@@ -45,7 +45,7 @@ _LOOP_ONLY_KEYS = ("max_train_steps", "eval_every_steps", "log_every_steps",
                    "num_best_checkpoints", "best_metric", "best_mode",
                    "grad_clip_norm", "ema_decay", "divergence_loss_threshold",
                    "step_watchdog_seconds", "watchdog_floor_seconds",
-                   "preemption_deadline_seconds",
+                   "preemption_deadline_seconds", "require_accelerator",
                    "input_bound_warning_fraction", "profile_steps",
                    "profile_all_processes")
 
