@@ -139,11 +139,70 @@ def test_center_crop_geometry():
     crop = image_preprocessing.center_crop(image, 224).numpy()
     top, left = (height - 224) // 2, (width - 224) // 2
     np.testing.assert_array_equal(crop, image[top:top + 224, left:left + 224])
-  # Shorter side 128: upscaled 2x to 256 x 320, then cropped at (16, 48).
+  # Shorter side 128: its central 112 x 112, at (8, 24), upscaled 2x; the
+  # outermost pixels see only the crop.
   crop = image_preprocessing.center_crop(coordinate_image(128, 160), 224).numpy()
   rows, cols = np.mgrid[:224, :224]
-  np.testing.assert_allclose(crop[..., 0], (rows + 16 + 0.5) / 2 - 0.5, atol=1e-4)
-  np.testing.assert_allclose(crop[..., 1], (cols + 48 + 0.5) / 2 - 0.5, atol=1e-4)
+  inner = np.s_[1:-1, 1:-1]
+  np.testing.assert_allclose(crop[..., 0][inner], ((rows + 0.5) / 2 + 7.5)[inner],
+                             atol=1e-4)
+  np.testing.assert_allclose(crop[..., 1][inner], ((cols + 0.5) / 2 + 23.5)[inner],
+                             atol=1e-4)
+  assert (crop[..., 0].min(), crop[..., 0].max()) == (8, 119)
+  assert (crop[..., 1].min(), crop[..., 1].max()) == (24, 135)
+
+
+def jpeg_bytes(image):
+  return tf.io.encode_jpeg(image, quality=95)
+
+
+def smooth_image(height, width, seed=0):
+  """A photo-like image: JPEG keeps it close, unlike uniform noise."""
+  rng = np.random.default_rng(seed)
+  rows, cols = np.mgrid[:height, :width]
+  phases = rng.uniform(0, 2 * np.pi, 3)
+  channels = [128 + 100 * np.sin(rows / 9 + cols / 13 + p) for p in phases]
+  return tf.constant(np.stack(channels, -1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("height,width", [(350, 400), (97, 61)])
+def test_crops_from_jpeg_bytes_match_crops_of_the_decoded_image(height, width):
+  encoded = jpeg_bytes(smooth_image(height, width))
+  decoded = tf.io.decode_jpeg(encoded)
+  for s in range(8):
+    seed = tf.constant([s, 9], tf.int64)
+    from_bytes = image_preprocessing.inception_crop_and_flip(encoded, seed, 32)
+    from_pixels = image_preprocessing.inception_crop_and_flip(decoded, seed, 32)
+    assert from_bytes.shape == (32, 32, 3) and from_bytes.dtype == tf.float32
+    # The same window; decoding a window rounds its edge pixels differently.
+    assert np.mean(np.abs(from_bytes.numpy() - from_pixels.numpy())) < 0.5
+  for train_mode in (True, False):
+    example = {"label": tf.constant(1, tf.int64)}
+    out_bytes = imagenet_data.preprocess({**example, "image": encoded},
+                                         train=train_mode, seed=seed, image_size=24)
+    out_pixels = imagenet_data.preprocess({**example, "image": decoded},
+                                          train=train_mode, seed=seed, image_size=24)
+    assert np.mean(np.abs(out_bytes["inputs"] - out_pixels["inputs"])) < 0.01
+
+
+def test_bytes_are_decoded_only_inside_the_crop_window():
+  seed = tf.constant([0, 1], tf.int64)
+  for fn in (lambda b: image_preprocessing.inception_crop_and_flip(b, seed, 32),
+             lambda b: image_preprocessing.center_crop(b, 32)):
+    graph = tf.function(fn).get_concrete_function(
+        tf.TensorSpec([], tf.string)).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "DecodeAndCropJpeg" in ops and "ExtractJpegShape" in ops
+    assert not ops & {"DecodeJpeg", "DecodeImage", "DecodePng"}
+
+
+def test_random_crop_falls_back_to_the_center_crop():
+  # No crop of 8% of a 2 x 200 image has an aspect ratio in [3/4, 4/3].
+  shape = tf.constant([2, 200, 3])
+  window = image_preprocessing.random_crop_window(shape, tf.constant([3, 4], tf.int64))
+  np.testing.assert_array_equal(window, [1, 100, 1, 1])
+  np.testing.assert_array_equal(
+      window, image_preprocessing.center_crop_window(shape))
 
 
 def num_params(model, image_size=224):
@@ -269,22 +328,30 @@ def _write_mock_metadata(data_dir):
   builder.info.write_to_directory(builder.data_dir)
 
 
-def _mock_as_dataset(self, split, **kwargs):
-  """Images of varied sizes, as many as the (sliced) split holds."""
+def _mock_as_dataset(self, split, decoders=None, **kwargs):
+  """JPEG images of varied sizes, as many as the (sliced) split holds; left
+  encoded when `decoders` says so, as TFDS would."""
   del kwargs
   n = self.info.splits[split].num_examples
+  encoded = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+  mock_decoders.append(decoders)
 
   def examples():
     rng = np.random.default_rng(n)
     for i in range(n):
       height, width = rng.integers(8, 80, size=2)
-      yield {"image": rng.integers(0, 256, (height, width, 3), np.uint8),
+      image = jpeg_bytes(rng.integers(0, 256, (height, width, 3), np.uint8))
+      yield {"image": image if encoded else tf.io.decode_jpeg(image),
              "label": i % 10, "file_name": f"{i}.JPEG"}
 
+  image_spec = (tf.TensorSpec((), tf.string) if encoded
+                else tf.TensorSpec((None, None, 3), tf.uint8))
   return tf.data.Dataset.from_generator(examples, output_signature={
-      "image": tf.TensorSpec((None, None, 3), tf.uint8),
-      "label": tf.TensorSpec((), tf.int64),
+      "image": image_spec, "label": tf.TensorSpec((), tf.int64),
       "file_name": tf.TensorSpec((), tf.string)})
+
+
+mock_decoders = []  # The `decoders` of each `_mock_as_dataset` call.
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -298,6 +365,7 @@ def test_train_eval_checkpoint_and_resume_on_mock_imagenet(name, tmp_path, caplo
       "optimizer.warmup_steps": 1, "step_watchdog_seconds": 0.0,  # 4 in all.
       "compute_dtype": "float32"})
   workdir = str(tmp_path / "run")
+  mock_decoders.clear()
   with tfds.testing.mock_data(data_dir=data_dir, as_dataset_fn=_mock_as_dataset,
                               policy=tfds.testing.MockPolicy.USE_FILES):
     # Interrupted after the eval and checkpoint at step 2, then resumed.
@@ -308,6 +376,9 @@ def test_train_eval_checkpoint_and_resume_on_mock_imagenet(name, tmp_path, caplo
     with caplog.at_level(logging.INFO):
       summary = train.train_and_evaluate(config, workdir)
   assert "Resumed from checkpoint at step 2." in caplog.text
+  # Every split, train and eval, was read with its JPEG images undecoded.
+  assert mock_decoders and all(
+      isinstance(d["image"], tfds.decode.SkipDecoding) for d in mock_decoders)
   assert summary["status"] == "completed" and summary["final_step"] == 4
   rows = helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in rows] == [2, 4]

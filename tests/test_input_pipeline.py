@@ -1,11 +1,14 @@
 """Input streams: order is a function of (seed, step), hosts are disjoint, evals exact."""
 
+import functools
 import itertools
+import os
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from tests import helpers
 from tests import tiny_workload
@@ -14,12 +17,52 @@ from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
 from tuning_playbook import sharding
 from tuning_playbook import stable_hash
+from workloads import imagenet_data
 
 
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory):
   config = helpers.load_config(**{"data.data_dir": str(tmp_path_factory.mktemp("data"))})
   return tiny_workload.dataset_builder(config)
+
+
+class JpegImages(tfds.core.GeneratorBasedBuilder):
+  """Random photos of varied sizes, stored as JPEG like `imagenet2012`."""
+  VERSION = tfds.core.Version("1.0.0")
+  SIZES = {"train": 37, "validation": 9}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=3), "index": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    return {name: self._generate_examples(name) for name in self.SIZES}
+
+  def _generate_examples(self, name):
+    rng = np.random.default_rng(len(name))
+    for i in range(self.SIZES[name]):
+      shape = (*rng.integers(20, 60, size=2), 3)
+      yield i, {"image": rng.integers(0, 256, shape, np.uint8),
+                "label": i % 3, "index": i}
+
+
+@pytest.fixture(scope="module")
+def jpeg_builder(tmp_path_factory):
+  builder = JpegImages(data_dir=str(tmp_path_factory.mktemp("jpeg")))
+  builder.download_and_prepare()
+  return builder
+
+
+def _imagenet_preprocess(example, *, train, seed):
+  out = imagenet_data.preprocess(example, train=train, seed=seed, image_size=16)
+  return {**out, "index": example["index"]}
+
+
+def _jpeg_stream(builder, preprocess=_imagenet_preprocess, batch=4):
+  return input_pipeline.TrainStream(
+      builder, "train", preprocess, seed=3, local_batch_size=batch,
+      process_index=0, process_count=1, shuffle_buffer=1000, cache=False)
 
 
 def _noisy_preprocess(example, *, train, seed):
@@ -55,6 +98,68 @@ def test_resuming_at_a_step_gives_the_same_batches(builder, make):
     for a, b in zip(full[start:], resumed):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_resuming_a_stream_of_jpeg_crops_gives_the_same_batches(jpeg_builder):
+  stream = _jpeg_stream(jpeg_builder)
+  full = _take(stream, 0, 24)  # 96 examples: over 2 epochs of 37.
+  assert len({int(i) for b in full[:9] for i in b["index"]}) == 36
+  for start in (1, 9, 10, 17):
+    resumed = _take(stream, start, 24 - start)
+    for a, b in zip(full[start:], resumed):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def _recording_as_dataset(builder, monkeypatch):
+  """Records the keyword arguments of each `builder.as_dataset` call."""
+  calls = []
+  as_dataset = builder.as_dataset
+
+  def recording(**kwargs):
+    calls.append(kwargs)
+    return as_dataset(**kwargs)
+
+  monkeypatch.setattr(builder, "as_dataset", recording)
+  return calls
+
+
+def test_jpeg_images_are_shuffled_encoded_and_cropped_from_the_bytes(
+    jpeg_builder, monkeypatch):
+  calls = _recording_as_dataset(jpeg_builder, monkeypatch)
+  seen = []
+
+  @input_pipeline.takes_encoded_images
+  def preprocess(example, *, train, seed):
+    seen.append(example["image"].dtype)
+    return _imagenet_preprocess(example, train=train, seed=seed)
+
+  batch = next(_jpeg_stream(jpeg_builder, preprocess).iterate(0))
+  assert batch["inputs"].shape == (4, 16, 16, 3)
+  assert seen == [tf.string]
+  assert [type(c["decoders"]["image"]) for c in calls] == [tfds.decode.SkipDecoding]
+  # The mark holds through the binding of a workload's preprocess to its config.
+  features = input_pipeline.jpeg_image_features(jpeg_builder)
+  assert list(features) == ["image"]
+  bound = functools.partial(preprocess, config=None)
+  assert input_pipeline.with_decoded_images(bound, features) is bound
+  unmarked = functools.partial(lambda example, **kwargs: example, config=None)
+  assert input_pipeline.with_decoded_images(unmarked, features) is not unmarked
+
+
+def test_an_unmarked_preprocess_gets_the_images_tfds_decodes(jpeg_builder):
+  def preprocess(example, *, train, seed):
+    del train, seed
+    return {"inputs": tf.image.resize_with_crop_or_pad(example["image"], 64, 64),
+            "index": example["index"]}
+
+  batch = next(_jpeg_stream(jpeg_builder, preprocess, batch=37).iterate(0))
+  decoded = {int(ex["index"]): ex["image"] for ex in tfds.as_numpy(
+      jpeg_builder.as_dataset(split="train", shuffle_files=False))}
+  for index, inputs in zip(batch["index"], batch["inputs"]):
+    image = decoded[int(index)]
+    expected = tf.image.resize_with_crop_or_pad(image, 64, 64).numpy()
+    np.testing.assert_array_equal(inputs, expected)
 
 
 def test_every_example_once_per_epoch_and_epochs_reshuffled(builder):
@@ -117,6 +222,55 @@ def test_eval_splits_pad_with_zero_weight_and_equal_batch_counts(builder, proces
       seen.extend(batch["index"][batch["weight"] == 1])
       assert np.all(batch["weight"][batch["weight"] == 0] == 0)
   assert sorted(seen) == list(range(61))
+
+
+def _plain_preprocess(example, *, train, seed):
+  del train, seed
+  return {"inputs": example["x"], "label": tf.cast(example["y"], tf.int32),
+          "index": example["index"]}
+
+
+def _examples(batches) -> list[tuple[int, tuple[float, ...]]]:
+  return [(int(i), tuple(x)) for b in batches
+          for i, x, w in zip(b["index"], b["inputs"], b["weight"]) if w]
+
+
+@pytest.mark.parametrize("split,limit,parts", [
+    ("train", 50, ["train[:50]"]), ("train[10:]", 500, ["train[10:]"]),
+    ("train[:20]+validation", 30, ["train[:20]", "validation[:10]"])])
+def test_train_subset_eval_reads_only_each_host_share(builder, monkeypatch,
+                                                      split, limit, parts):
+  """The first `limit` examples for any host count, each read by one host."""
+  first = [(int(ex["index"]), tuple(ex["x"])) for part in parts
+           for ex in tfds.as_numpy(builder.as_dataset(split=part))]
+  calls = _recording_as_dataset(builder, monkeypatch)
+  for process_count in (1, 2, 3):
+    seen = []
+    for i in range(process_count):
+      calls.clear()
+      eval_split = input_pipeline.make_eval_split(
+          builder, "train", split, _plain_preprocess, local_batch_size=8,
+          process_index=i, process_count=process_count, limit=limit)
+      read = [input_pipeline.num_examples(builder, c["split"]) for c in calls]
+      assert read == [eval_split.host_examples]
+      # TFDS splits each part of a split evenly.
+      assert abs(eval_split.host_examples - len(first) / process_count) < len(parts)
+      assert eval_split.total_examples == len(first)
+      seen.extend(_examples(eval_split.batches()))
+    assert sorted(seen) == sorted(first)
+
+
+def test_a_bucket_data_dir_makes_no_local_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for data_dir, default in [("gs://bucket/tfds", "~/tensorflow_datasets"),
+                            ("", "s3://bucket/tfds")]:
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", default)
+    config = helpers.load_config(**{"data.data_dir": data_dir})
+    assert input_pipeline.prepare_dataset(lambda c: "prepared", config) == "prepared"
+  assert os.listdir(tmp_path) == []
+  config = helpers.load_config(**{"data.data_dir": str(tmp_path / "local")})
+  input_pipeline.prepare_dataset(lambda c: "prepared", config)
+  assert os.listdir(tmp_path / "local") == [".prepare.lock"]
 
 
 def test_stacked_batches_and_transfer_grouping():

@@ -69,3 +69,20 @@ def test_profile_steps_of_a_run_and_the_trace_summary(tmp_path):
     assert re.search(rf"^  {name} +\d+\.\d{{3}} ", text.stdout, re.M)
   idle = summary["idle_between_steps"]
   assert idle["gaps"] == 2 and idle["total_us"] >= 0 and 0 <= idle["fraction"] < 1
+
+
+def test_input_throughput_prints_both_pipelines_and_their_ratio():
+  result = subprocess.run(
+      [sys.executable, "benchmarks/input_throughput.py", "--num_images=48",
+       "--batch_size=4", "--chunks_per_round=1", "--rounds=2"],
+      cwd=helpers.REPO, env=helpers.subprocess_env(2), capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  rates = {line.split(" ")[0]: [float(x) for x in line.split(":")[1].split()]
+           for line in lines if "images/s per round" in line}
+  assert set(rates) == {"before", "after"}
+  assert all(len(r) == 2 and min(r) > 0 for r in rates.values())
+  assert re.fullmatch(r"ratio=\d+\.\d{3}", lines[-1])
+  ratios = sorted(a / b for a, b in zip(rates["after"], rates["before"]))
+  assert abs(float(lines[-1][6:]) - sum(ratios) / 2) < 1e-2

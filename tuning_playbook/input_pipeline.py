@@ -9,12 +9,20 @@ state: the stream restarts at position s * local_batch_size.
 
 Eval batches are padded with zero-weight rows, and every host yields the same
 number of batches, so global eval metrics are exact for every host count.
+
+JPEG image features are read undecoded (`tfds.decode.SkipDecoding`): the
+shuffle buffer and cache hold the bytes, and a resumed stream skips examples
+without decoding them. A workload's `preprocess` marked
+`takes_encoded_images` gets the bytes and decodes only its crop
+(`image_preprocessing`); any other gets the image decoded as TFDS would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import os
 from typing import Any, Callable, Iterator
 
@@ -38,16 +46,26 @@ def hide_accelerators_from_tensorflow() -> None:
       pass
 
 
+def is_local_path(path: str) -> bool:
+  """False for URLs (gs://, s3://, ...), which no local lock can guard."""
+  return "://" not in path
+
+
 def prepare_dataset(dataset_builder: Callable[[Any], Any], config) -> Any:
   """Calls a workload's `dataset_builder` holding an exclusive file lock.
 
   Trials of a study, and the processes of a job on one machine, may prepare
   the same TFDS data set at once; TFDS would then race on renaming its
-  directories. The lock lives in the data directory.
+  directories. The lock lives in a local data directory. A data directory
+  in a bucket (`gs://...`, the norm on Cloud TPU) gets no lock: prepare
+  data there once ahead of time (`tfds build`), and the builder only reads.
   """
   import fcntl  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.expanduser(config.data.data_dir or tfds.core.constants.DATA_DIR)
+  data_dir = config.data.data_dir or tfds.core.constants.DATA_DIR
+  if not is_local_path(data_dir):
+    return dataset_builder(config)
+  data_dir = os.path.expanduser(data_dir)
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -81,11 +99,84 @@ class DataPosition:
     return dataclasses.asdict(self)
 
 
+def takes_encoded_images(preprocess: Callable[..., Any]) -> Callable[..., Any]:
+  """Marks a workload's `preprocess` that decodes JPEG image features itself.
+
+  It is then given each JPEG image feature as its encoded bytes (a tf.string
+  scalar), which `image_preprocessing` crops before decoding. Unmarked
+  functions get decoded images.
+
+    @input_pipeline.takes_encoded_images
+    def preprocess(example, *, train, seed): ...
+  """
+  preprocess.takes_encoded_images = True
+  return preprocess
+
+
+def _marked_encoded(preprocess: Callable[..., Any]) -> bool:
+  while isinstance(preprocess, functools.partial):  # Bound to a config.
+    preprocess = preprocess.func
+  return getattr(preprocess, "takes_encoded_images", False)
+
+
+def jpeg_image_features(builder) -> dict[str, Any]:
+  """The top-level JPEG image features of `builder`'s examples, by name."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = builder.info.features
+  if not isinstance(features, tfds.features.FeaturesDict):
+    return {}
+  return {name: feature for name, feature in features.items()
+          if isinstance(feature, tfds.features.Image)
+          and feature.encoding_format == "jpeg"}
+
+
+def read_split(builder, split, jpeg_features: dict[str, Any]):
+  """`split` in its stored order, with `jpeg_features` left encoded."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  decoders = {name: tfds.decode.SkipDecoding() for name in jpeg_features}
+  return builder.as_dataset(split=split, shuffle_files=False,
+                            decoders=decoders or None)
+
+
+def with_decoded_images(preprocess: Callable[..., Any],
+                        jpeg_features: dict[str, Any]) -> Callable[..., Any]:
+  """`preprocess`, given decoded images unless it `takes_encoded_images`."""
+  if not jpeg_features or _marked_encoded(preprocess):
+    return preprocess
+  tf = _tf()
+
+  def decode_then_preprocess(example, **kwargs):
+    example = dict(example)
+    for name, feature in jpeg_features.items():
+      if example[name].dtype == tf.string:  # Mock data may come decoded.
+        example[name] = feature.decode_example(example[name])
+    return preprocess(example, **kwargs)
+
+  return decode_then_preprocess
+
+
 def num_examples(builder, split) -> int:
   return int(builder.info.splits[split].num_examples)
 
 
-def host_split_sizes(builder, split: str, process_count: int) -> list[int]:
+def first_examples(builder, split: Any, count: int):
+  """The TFDS split of the first `count` examples of `split`, taken from
+  its parts (`train[:20]+validation`) in the order it names them."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  parts = []
+  for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(
+      builder.info.splits):
+    start = part.from_ or 0
+    end = num_examples(builder, part.splitname) if part.to is None else part.to
+    take = min(count, end - start)
+    if take > 0:
+      parts.append(tfds.core.ReadInstruction(
+          part.splitname, from_=start, to=start + take, unit="abs"))
+    count -= take
+  return functools.reduce(operator.add, parts) if parts else split
+
+
+def host_split_sizes(builder, split: Any, process_count: int) -> list[int]:
   """Number of examples of `split` on each host (TFDS even splits)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return [num_examples(builder, s)
@@ -102,7 +193,8 @@ class TrainStream:
     self._builder = builder
     self._split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count)
-    self._preprocess = preprocess
+    self._jpeg_features = jpeg_image_features(builder)
+    self._preprocess = with_decoded_images(preprocess, self._jpeg_features)
     self._seed = host_seed(seed, process_index)
     self.local_batch_size = local_batch_size
     self._shuffle_buffer = shuffle_buffer
@@ -129,7 +221,8 @@ class TrainStream:
     """The tf.data pipeline of chunks of batches from `start_step` on."""
     tf = _tf()
     pos = self.position(start_step)
-    base = self._builder.as_dataset(split=self._split, shuffle_files=False)
+    # Shuffled, cached and skipped while encoded: decoding follows the skip.
+    base = read_split(self._builder, self._split, self._jpeg_features)
     if self._cache:
       base = base.cache()
     buffer = min(self._shuffle_buffer, self.examples_per_epoch)
@@ -214,20 +307,22 @@ def make_eval_split(builder, name: str, split: str, preprocess: Callable[..., An
                     *, local_batch_size: int, process_index: int,
                     process_count: int, limit: int = 0,
                     cache: bool = True) -> EvalSplit:
-  """Shards `split` (its first `limit` examples if limit > 0) over hosts."""
+  """Shards `split` (its `first_examples` if limit > 0) over hosts.
+
+  Each host reads only its share (TFDS even splits): the examples are the
+  same for every host count.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf = _tf()
   if limit:
-    total = min(limit, num_examples(builder, split))
-    ds = builder.as_dataset(split=split, shuffle_files=False).take(total)
-    ds = ds.shard(process_count, process_index)
-    sizes = [len(range(i, total, process_count)) for i in range(process_count)]
-  else:
-    host_split = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count)
-    ds = builder.as_dataset(split=host_split, shuffle_files=False)
-    sizes = host_split_sizes(builder, split, process_count)
-    total = sum(sizes)
+    split = first_examples(builder, split, limit)
+  host_split = tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  jpeg_features = jpeg_image_features(builder)
+  ds = read_split(builder, host_split, jpeg_features)
+  sizes = host_split_sizes(builder, split, process_count)
+  total = sum(sizes)
+  preprocess = with_decoded_images(preprocess, jpeg_features)
   zero_seed = tf.zeros([2], tf.int64)
   ds = ds.map(lambda ex: preprocess(ex, train=False, seed=zero_seed),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -10,6 +10,10 @@ does the same ahead of time.
 Splits: the last 1% of the training images (12,812) are the validation split
 that tuning decisions use; the 50,000 official validation images, on which
 ImageNet accuracies are usually reported, are the test split.
+
+Images reach `preprocess` as JPEG bytes, and only the crop is decoded
+(`tuning_playbook/image_preprocessing.py`); a data directory in a bucket
+(`--config.data.data_dir=gs://...`) is read in place.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tuning_playbook import image_preprocessing
+from tuning_playbook import input_pipeline
 
 SPLITS = {"train": "train[:99%]", "validation": "train[99%:]",
           "test": "validation"}
@@ -37,9 +42,13 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   return builder
 
 
+@input_pipeline.takes_encoded_images
 def preprocess(example: dict[str, tf.Tensor], *, train: bool, seed: tf.Tensor,
                image_size: int) -> dict[str, tf.Tensor]:
-  """Inception crop and flip (train) or center crop (eval), then normalization."""
+  """Inception crop and flip (train) or center crop (eval), then normalization.
+
+  `example["image"]` is JPEG bytes or a decoded uint8 image.
+  """
   image = example["image"]
   if train:
     image = image_preprocessing.inception_crop_and_flip(image, seed, image_size)

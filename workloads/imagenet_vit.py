@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tuning_playbook import input_pipeline
 from tuning_playbook import layers
 from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
@@ -164,6 +165,7 @@ def create_model(config: ml_collections.ConfigDict) -> VisionTransformer:
       dropout_rate=fields.dropout_rate, dtype=workload_lib.compute_dtype(config))
 
 
+@input_pipeline.takes_encoded_images
 def preprocess(example, *, train: bool, seed, config: ml_collections.ConfigDict):
   return imagenet_data.preprocess(example, train=train and config.data.augment,
                                   seed=seed,
