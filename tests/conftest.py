@@ -1,17 +1,54 @@
-"""Test setup: in-process tests see 4 simulated CPU devices (data parallel)."""
+"""Test setup: in-process tests see 4 simulated CPU devices (data parallel).
+
+The harness sizes the XLA:CPU thread pool of this process for its devices
+(`PJRT_NPROC`, read once, when the backend starts) and then removes the
+variable again, so that no subprocess a test starts inherits it: a trainer,
+study worker or sweep must size its own pool (tests/test_thread_pools.py).
+TFDS data sets built by tests go to a directory of the session
+(`TFDS_DATA_DIR`), never to the user's `~/tensorflow_datasets`.
+"""
 
 import os
+import shutil
+import tempfile
 
 NUM_TEST_DEVICES = 4
+# What the harness sets for this process only.
+HARNESS_ONLY_VARIABLES = ("PJRT_NPROC", "NPROC")
 
 if "jax" not in __import__("sys").modules:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (
         f"{flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
+  _inherited = {name: os.environ.get(name) for name in HARNESS_ONLY_VARIABLES}
   from tuning_playbook import cpu_devices  # pylint: disable=g-import-not-at-top
   cpu_devices.configure_thread_pool()
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # The backend starts here, with the pool sized.
+  for _name, _value in _inherited.items():
+    if _value is None:
+      os.environ.pop(_name, None)
+    else:
+      os.environ[_name] = _value
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_TFDS_DIR_OWNER = "TUNING_PLAYBOOK_TESTS_TFDS_DIR_OWNER"
+
+
+def pytest_configure(config):
+  """One TFDS data directory per test session, shared by its xdist workers
+  (they inherit the environment of the process that starts them)."""
+  del config  # Unused.
+  if "TFDS_DATA_DIR" not in os.environ:
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="tuning_playbook_tfds_")
+    os.environ[_TFDS_DIR_OWNER] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+  del config  # Unused.
+  if os.environ.get(_TFDS_DIR_OWNER) == str(os.getpid()):
+    shutil.rmtree(os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -167,6 +167,7 @@ class _BodyAttrs(html.parser.HTMLParser):
     self.attrs = dict(attrs)
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(tmp_path):
   browser = find_chromium()
   study_dir = fx.clean_study(str(tmp_path / "study"))

@@ -42,6 +42,7 @@ def test_a_failed_join_of_a_visible_cluster_exits_non_zero(tmp_path, variables, 
   assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow
 def test_no_cluster_runs_one_process(tmp_path):
   result = helpers.run_main(str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'd'}",
                             "--config.max_train_steps=10", "--config.eval_every_steps=10",

@@ -85,6 +85,7 @@ def test_only_process_zero_writes(two_by_two):
   assert grad_steps == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_batch_norm_over_processes_matches_numpy():
   command = [sys.executable, "-m", "tests.multihost_batch_norm_probe"]
   results = helpers.wait_all(helpers.start_processes(command, 2, 2), timeout=180)
@@ -196,6 +197,7 @@ def test_sigterm_to_one_process_stops_the_job_at_one_step(two_by_two, data_flag,
             == helpers.without_timing(helpers.read_jsonl(os.path.join(two_by_two[0], name))))
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_process_blocked_in_a_collective_at_its_deadline(data_flag, tmp_path):
   procs = _start_long_job(str(tmp_path / "sigterm"), data_flag,
                           "--config.preemption_deadline_seconds=2")
@@ -241,6 +243,7 @@ def test_barriers_name_the_process_at_fault(case, expected):
     assert expected in outputs[1]
 
 
+@pytest.mark.slow
 def test_hosts_read_disjoint_shards_of_every_split(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   command = [sys.executable, "-m", "tests.multihost_input_probe",

@@ -136,6 +136,7 @@ def _terminate_after_new_rows(workdir, data_flag, rows, delay):
   return stopped
 
 
+@pytest.mark.slow
 def test_sigterm_resumes_with_nothing_lost(reference_run, data_flag, tmp_path):
   """SIGTERM twice during training: each time the run checkpoints the step it
   reached and exits 143; the relaunch writes what an uninterrupted run writes.
@@ -196,6 +197,7 @@ def test_half_written_checkpoints_are_never_restored(reference_run, data_flag, t
       os.path.join(checkpoints, "todelete"))
 
 
+@pytest.mark.slow
 def test_relaunching_a_finished_run_changes_nothing(reference_run, data_flag):
   before = _tree_digest(reference_run)
   result = helpers.run_main(reference_run, data_flag, *RUN_FLAGS)
@@ -204,6 +206,7 @@ def test_relaunching_a_finished_run_changes_nothing(reference_run, data_flag):
   assert _tree_digest(reference_run) == before
 
 
+@pytest.mark.slow
 def test_another_config_is_refused_and_nothing_touched(reference_run, data_flag):
   before = _tree_digest(reference_run)
   result = helpers.run_main(reference_run, data_flag, *RUN_FLAGS,
@@ -215,6 +218,7 @@ def test_another_config_is_refused_and_nothing_touched(reference_run, data_flag)
   assert _tree_digest(reference_run) == before
 
 
+@pytest.mark.slow
 def test_a_run_recorded_before_a_config_key_existed_is_the_same_run(
     reference_run, data_flag, tmp_path):
   workdir = str(tmp_path / "older")

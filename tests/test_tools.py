@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 
@@ -44,6 +46,7 @@ def test_trace_steps_writes_a_trace(tmp_path):
   assert glob.glob(str(trace_dir / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
 
+@pytest.mark.slow
 def test_profile_steps_of_a_run_and_the_trace_summary(tmp_path):
   workdir = tmp_path / "run"
   result = helpers.run_main(str(workdir), f"--config.data.data_dir={tmp_path / 'data'}",
@@ -71,6 +74,7 @@ def test_profile_steps_of_a_run_and_the_trace_summary(tmp_path):
   assert idle["gaps"] == 2 and idle["total_us"] >= 0 and 0 <= idle["fraction"] < 1
 
 
+@pytest.mark.slow
 def test_input_throughput_prints_both_pipelines_and_their_ratio():
   result = subprocess.run(
       [sys.executable, "benchmarks/input_throughput.py", "--num_images=48",
