@@ -215,6 +215,12 @@ def test_sigterm_ends_a_process_blocked_in_a_collective_at_its_deadline(data_fla
   assert procs[0].returncode == termination.TERMINATED_EXIT_CODE, err[-3000:]
   assert "Still running 2 s after SIGTERM" in err, err[-3000:]
   assert "Thread 0x" in err and "File " in err  # Every thread's stack.
+  # The main thread waits for the stopped peer: for the device results of a
+  # step that needs it (a log step's metrics), or for its stop step.
+  main_stack = next(block for block in err.split("\n\n")
+                    if "in train_and_evaluate" in block)
+  assert re.search(r"in device_get\n.*train\.py.* in _record\n"
+                   r"|preemption\.py.* in _agree\n", main_stack), main_stack
   print(f"\nSIGTERM to exit of a blocked process: {seconds:.2f}s (deadline 2 s)")
 
 
