@@ -110,14 +110,27 @@ def test_killed_vectorized_study_resumes_exactly(tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
   _wait_for_checkpoints(study, 80)
+  # SIGTERM to the launcher: its worker stops the population at a step,
+  # checkpoints it and marks the trials interrupted.
   sweep.send_signal(signal.SIGTERM)
   _, err = sweep.communicate(timeout=120)
-  assert sweep.returncode != 0, err[-2000:]
-  statuses = [helpers.read_json(os.path.join(t, "runner.json"))["status"]
-              for t in _trial_dirs(study)]
-  unfinished = [t for t in _trial_dirs(study)
-                if not os.path.exists(os.path.join(t, "summary.json"))]
-  assert unfinished, statuses  # Killed while training.
+  assert sweep.returncode == 143, err[-2000:]
+  for trial in _trial_dirs(study):
+    runner = helpers.read_json(os.path.join(trial, "runner.json"))
+    assert runner["status"] == "interrupted", runner
+    assert not os.path.exists(os.path.join(trial, "summary.json"))
+  # Relaunched, then the worker is killed outright (SIGKILL) while it trains.
+  sweep = subprocess.Popen(test_sweep._sweep_argv(study, *args, fake=False),
+                           cwd=REPO, env=test_sweep._env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  _wait_for_checkpoints(study, 400)
+  worker_pid = helpers.read_json(os.path.join(_trial_dirs(study)[0], "runner.json"))["pid"]
+  os.kill(worker_pid, signal.SIGKILL)
+  sweep.send_signal(signal.SIGKILL)
+  sweep.wait()
+  assert not all(os.path.exists(os.path.join(t, "summary.json"))
+                 for t in _trial_dirs(study))
   test_sweep._sweep(study, *args, fake=False)
   for got, want in zip(_trial_dirs(study), _trial_dirs(reference)):
     _assert_close_rows(_metrics(got), _metrics(want), rtol=1e-6)
