@@ -9,6 +9,9 @@ and reads its behaviour from the environment:
   FAKE_TRAINER_FAIL_ABOVE     learning rates above this fail to start (exit 1,
                               no summary).
   FAKE_TRAINER_OOM_ABOVE_BATCH  batch sizes above this fail as out of memory.
+  FAKE_TRAINER_HOLD_AT_STEP   once this step is checkpointed, wait to be
+                              killed (exit 1 after HOLD_SECONDS), so a test
+                              stops trials at a known step.
 
 summary.json has a `perf` block like the trainer's, with a step taking
 (batch_size + 64) ms, so that throughput saturates as the batch grows.
@@ -30,6 +33,9 @@ from tuning_playbook import atomic_files
 from tuning_playbook import config_schema
 from tuning_playbook import records
 
+# A held trial that nobody kills exits after this long, failing its test.
+HOLD_SECONDS = 120.0
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -39,6 +45,14 @@ def _error_rate(config):
   lr = config.optimizer.learning_rate
   return min(1.0, 0.05 + 0.1 * (math.log10(lr) + 1.5) ** 2
              + 0.1 * (1 - config.optimizer.momentum))
+
+
+def _hold():
+  """Waits to be killed; a trial nobody kills fails instead of finishing."""
+  deadline = time.monotonic() + HOLD_SECONDS
+  while time.monotonic() < deadline:
+    time.sleep(0.05)
+  raise SystemExit(f"held for {HOLD_SECONDS}s and never killed")
 
 
 def main(argv):
@@ -68,6 +82,7 @@ def main(argv):
     raise RuntimeError(f"fake failure to start at learning rate {lr}")
   diverge = lr > float(os.environ.get("FAKE_TRAINER_DIVERGE_ABOVE", "inf"))
   sleep = float(os.environ.get("FAKE_TRAINER_STEP_SECONDS", "0"))
+  hold_at = int(os.environ.get("FAKE_TRAINER_HOLD_AT_STEP", "0"))
   total = config_schema.total_train_steps(config)
   summary = {"best_metric": config.best_metric, "best_mode": config.best_mode,
              "max_train_steps": config.max_train_steps,
@@ -87,6 +102,8 @@ def main(argv):
     with open(os.path.join(workdir, records.METRICS_FILE), "a") as f:
       f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\n")
     atomic_files.write_json(ckpt_path, {"step": step})
+    if step == hold_at:
+      _hold()
   atomic_files.write_json(summary_path, dict(
       summary, status=records.COMPLETED, best_step=total,
       best_value=_error_rate(config), final_step=total,

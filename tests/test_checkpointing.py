@@ -100,10 +100,15 @@ def test_set_aside_checkpoints_are_removed_while_training(tmp_path):
               {METRIC: 1.0 / step})
     ckpt._manager.wait_until_finished()  # pylint: disable=protected-access
     todelete = tmp_path / "todelete"
-    # Only what the save just made obsolete may wait there until the next save.
-    assert len(os.listdir(todelete)) <= 1 if todelete.exists() else True
+    # Each save makes the step before it obsolete: set aside, and only it
+    # waits there until the next save.
+    if step == 1:
+      assert not todelete.exists()
+    else:
+      assert os.listdir(todelete) == [str(step - 1)]
+    assert sorted(n for n in os.listdir(tmp_path) if n.isdigit()) == [str(step)]
   ckpt.wait()
-  assert not (tmp_path / "todelete").exists() or not os.listdir(tmp_path / "todelete")
+  assert not (tmp_path / "todelete").exists()
   ckpt.close()
 
 
@@ -137,5 +142,4 @@ def test_rapid_async_saves_never_race_the_deleter(tmp_path):
   expected = [1, 2, num_saves]  # Best-2 ∪ latest.
   assert kept == expected
   assert sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()) == expected
-  todelete = tmp_path / "todelete"
-  assert not todelete.exists() or not os.listdir(todelete)
+  assert not (tmp_path / "todelete").exists()

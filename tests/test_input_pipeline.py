@@ -200,28 +200,35 @@ def test_memory_stream_global_batches_do_not_depend_on_host_count(builder, num_h
 def test_host_seeds_differ_and_are_stable():
   assert input_pipeline.host_seed(0, 0) != input_pipeline.host_seed(0, 1)
   assert input_pipeline.host_seed(0, 0) != input_pipeline.host_seed(1, 0)
-  assert input_pipeline.host_seed(5, 1) == input_pipeline.host_seed(5, 1)
   # Golden values: the data order of a seed must not change between releases.
+  assert input_pipeline.host_seed(5, 1) == 957724038507805293
   np.testing.assert_array_equal(in_memory_stream.epoch_permutation(1234, 7, 10),
                                 [3, 1, 6, 4, 8, 9, 0, 2, 7, 5])
   np.testing.assert_array_equal(in_memory_stream.epoch_permutation(0, 0, 10),
                                 [1, 5, 8, 2, 6, 4, 7, 0, 3, 9])
 
 
-@pytest.mark.parametrize("process_count", [1, 2, 3])
-def test_eval_splits_pad_with_zero_weight_and_equal_batch_counts(builder, process_count):
+@pytest.mark.parametrize("process_count,num_batches,padding", [
+    (1, 8, 3),  # 61 examples in 8 batches of 8.
+    (2, 4, 3),  # 31 + 30 examples: 4 batches of 8 on each host.
+    (3, 3, 11)])  # 21 + 20 + 20 examples: 3 batches of 8 on each host.
+def test_eval_splits_pad_with_zero_weight_and_equal_batch_counts(
+    builder, process_count, num_batches, padding):
   splits = [input_pipeline.make_eval_split(
       builder, "validation", "validation", _noisy_preprocess, local_batch_size=8,
       process_index=i, process_count=process_count) for i in range(process_count)]
-  counts = {len(list(s.batches())) for s in splits}
-  assert counts == {splits[0].num_batches}
-  seen = []
+  assert [len(list(s.batches())) for s in splits] == [num_batches] * process_count
+  assert {s.num_batches for s in splits} == {num_batches}
+  seen, weights = [], []
   for s in splits:
     for batch in s.batches():
       assert batch["inputs"].shape[0] == 8
+      assert batch["weight"].dtype == np.float32
       seen.extend(batch["index"][batch["weight"] == 1])
-      assert np.all(batch["weight"][batch["weight"] == 0] == 0)
+      weights.extend(batch["weight"])
   assert sorted(seen) == list(range(61))
+  # Every row weighs 1 (an example) or 0 (padding), nothing in between.
+  assert sorted(weights) == [0.0] * padding + [1.0] * 61
 
 
 def _plain_preprocess(example, *, train, seed):

@@ -130,7 +130,7 @@ def test_print_commands_gives_one_runnable_command_per_trial(tmp_path):
   assert statuses == ["pending", "completed", "pending"]
 
 
-def test_default_sized_study_generates_in_seconds(tmp_path):
+def test_default_sized_study_generates_64_trials(tmp_path):
   config = tmp_path / "default_study.py"
   config.write_text(textwrap.dedent("""\
       from tuning_playbook import config_schema
@@ -144,12 +144,23 @@ def test_default_sized_study_generates_in_seconds(tmp_path):
       def get_search_space():
         return study_presets.default_search_space(get_config())
       """))
-  start = time.monotonic()
-  _sweep(tmp_path / "study", "--num_trials=64", config=str(config))
-  assert time.monotonic() - start < 15
-  record = _read_json(tmp_path / "study" / "study.json")
-  assert len(record["trials"]) == 64
-  assert len(os.listdir(tmp_path / "study" / "trials")) == 64
+  study_dir = tmp_path / "study"
+  _sweep(study_dir, "--num_trials=64", config=str(config))
+  record = _read_json(study_dir / "study.json")
+  ids = [f"{i:04d}" for i in range(64)]
+  assert [t["trial_id"] for t in record["trials"]] == ids
+  assert sorted(os.listdir(study_dir / "trials")) == ids
+  assert len({json.dumps(t["params"], sort_keys=True)
+              for t in record["trials"]}) == 64
+  for trial in record["trials"]:
+    assert set(trial["params"]) == set(record["search_space"])
+    config = _read_json(study_dir / "trials" / trial["trial_id"] /
+                        "config.json")
+    for key, value in trial["params"].items():
+      section, name = key.split(".")
+      assert config[section][name] == value
+  rows = _read_csv(study_dir / "results.csv")
+  assert [r["status"] for r in rows] == ["pending"] * 64
 
 
 def test_unknown_key_is_refused_before_writing(tmp_path):
@@ -339,6 +350,20 @@ def _checkpoint_step(trial_dir):
     return 0
 
 
+def _pids(trial_dir):
+  with open(os.path.join(trial_dir, "starts.jsonl")) as f:
+    return [json.loads(line)["pid"] for line in f]
+
+
+def _exited(pid):
+  """Whether process `pid` is gone or a zombie (Linux)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+  except FileNotFoundError:
+    return True
+
+
 def test_killed_sweep_resumes_interrupted_trials(tmp_path):
   study_dir = tmp_path / "study"
   trial = lambda i: str(study_dir / "trials" / f"{i:04d}")
@@ -346,27 +371,27 @@ def test_killed_sweep_resumes_interrupted_trials(tmp_path):
           "--config.max_train_steps=60")
   sweep = subprocess.Popen(
       _sweep_argv(study_dir, *args), cwd=REPO,
-      env=_env(FAKE_TRAINER_STEP_SECONDS="0.05"),
+      env=_env(FAKE_TRAINER_HOLD_AT_STEP="5"),
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    # Both workers are mid-trial: two trials advance at the same time.
-    _wait_for(lambda: min(_checkpoint_step(trial(0)),
-                          _checkpoint_step(trial(1))) >= 5, 90,
-              "two trials to run in parallel")
+    # Both workers are mid-trial, held at step 5 until killed: two trials run
+    # at the same time (one at a time, trial 0001 would never start).
+    _wait_for(lambda: [_checkpoint_step(trial(i)) for i in (0, 1)] == [5, 5],
+              90, "two trials to run in parallel")
   finally:
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
-  # The trials die with the sweep and release their locks.
+  # The trials die with the sweep (a held trial lives on otherwise) and
+  # release their locks.
   _wait_for(lambda: not any(tracking.is_locked(trial(i)) for i in range(4)),
             20, "trial processes to exit")
+  assert all(_exited(pid) for i in (0, 1) for pid in _pids(trial(i)))
   killed_at = [_checkpoint_step(trial(i)) for i in (0, 1)]
-  time.sleep(0.3)
-  assert [_checkpoint_step(trial(i)) for i in (0, 1)] == killed_at
-  assert all(0 < s < 60 for s in killed_at)
+  assert killed_at == [5, 5]
   assert [tracking.trial_record(trial(i))["status"] for i in range(4)] == [
       "interrupted", "interrupted", "pending", "pending"]
 
-  _sweep(study_dir, *args, env=_env(FAKE_TRAINER_STEP_SECONDS="0"))
+  _sweep(study_dir, *args)
   for i in (0, 1):
     assert _starts(trial(i)) == [0, killed_at[i]]  # Resumed from checkpoint.
     with open(os.path.join(trial(i), "log.txt")) as f:
@@ -435,10 +460,11 @@ def test_terminated_sweep_stops_its_trials_and_records_them(tmp_path):
   sweep = subprocess.Popen(
       _sweep_argv(study_dir, "--num_trials=3", "--run", "--parallel=2",
                   "--config.max_train_steps=100"),
-      cwd=REPO, env=_env(FAKE_TRAINER_STEP_SECONDS="0.05"),
+      cwd=REPO, env=_env(FAKE_TRAINER_HOLD_AT_STEP="3"),
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    _wait_for(lambda: _checkpoint_step(trial(1)) >= 3, 90, "trial 0001")
+    _wait_for(lambda: [_checkpoint_step(trial(i)) for i in (0, 1)] == [3, 3],
+              90, "trials 0000 and 0001 to reach step 3")
   finally:
     sweep.send_signal(signal.SIGTERM)
     assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
@@ -450,26 +476,63 @@ def test_terminated_sweep_stops_its_trials_and_records_them(tmp_path):
       "interrupted")
 
 
+# A trial that logs its start and end, and ends once it has seen two trials
+# running (or all `total` started): one never ends before another has run
+# beside it. A runner that never runs two at once leaves each waiting 30 s.
+_PAIRED_TRIAL = textwrap.dedent("""\
+    import os, sys, time
+    events, name, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def log(kind):
+      fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      os.write(fd, f"{kind} {name}\\n".encode())
+      os.close(fd)
+
+    log("start")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      with open(events) as f:
+        kinds = [line.split()[0] for line in f]
+      starts = kinds.count("start")
+      if starts - kinds.count("end") >= 2 or starts == total:
+        break
+      time.sleep(0.01)
+    log("end")
+    """)
+
+
 def test_runner_bounds_parallelism_and_survives_unstartable_trials(tmp_path):
   from tuning_playbook import study_runner  # pylint: disable=g-import-not-at-top
-  code = ("import json, os, sys, time; t0 = time.time(); time.sleep(0.4); "
-          "json.dump([t0, time.time()], open(os.path.join(sys.argv[1], "
-          "'span.json'), 'w'))")
+  script, events = tmp_path / "trial.py", str(tmp_path / "events.txt")
+  script.write_text(_PAIRED_TRIAL)
   jobs = [study_runner.TrialJob(str(tmp_path / f"t{i}"),
-                                [sys.executable, "-c", code,
-                                 str(tmp_path / f"t{i}")]) for i in range(5)]
+                                [sys.executable, str(script), events, f"t{i}",
+                                 "5"]) for i in range(5)]
   jobs.insert(2, study_runner.TrialJob(str(tmp_path / "missing"),
                                        [str(tmp_path / "no_such_binary")]))
-  updated = []
+  updated, running, runner_counts = [], set(), []
+
+  def on_update(job):
+    # What the runner recorded: launched and not yet seen to end.
+    updated.append(job)
+    status = _read_json(os.path.join(job.trial_dir, "runner.json"))["status"]
+    (running.add if status == "running" else running.discard)(job.trial_dir)
+    runner_counts.append(len(running))
+
   launched = study_runner.run_trials(jobs, parallel=2, poll_seconds=0.02,
-                                     on_update=lambda job: updated.append(job))
+                                     on_update=on_update)
   assert launched == 5
-  spans = [_read_json(tmp_path / f"t{i}" / "span.json") for i in range(5)]
-  events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-  running = peak = 0
-  for _, delta in events:
-    running += delta
-    peak = max(peak, running)
+  # Never more than two launched at once (all five at once without a bound).
+  assert max(runner_counts) == 2
+  # Two trial processes ran side by side: a start before the other's end.
+  with open(events) as f:
+    lines = [line.split() for line in f]
+  assert sorted(name for kind, name in lines if kind == "end") == [
+      f"t{i}" for i in range(5)]
+  running_now = peak = 0
+  for kind, _ in lines:
+    running_now += 1 if kind == "start" else -1
+    peak = max(peak, running_now)
   assert peak == 2
   record = tracking.trial_record(str(tmp_path / "missing"))
   assert record["status"] == "failed"

@@ -1,17 +1,14 @@
-"""FLOPs per step against a hand count, the perf/* metrics of a real run,
-input-bound detection, and the profiling and throughput config keys."""
+"""FLOPs per step against a hand count, the perf/* metrics of a run on a fake
+clock, input-bound detection, and the profiling and throughput config keys."""
 
 import logging
 import os
-import time
 
 import jax
-import numpy as np
 import pytest
 
 from tests import helpers
 from tuning_playbook import config_schema
-from tuning_playbook import device_examples
 from tuning_playbook import throughput
 from tuning_playbook import train
 
@@ -70,32 +67,75 @@ def test_step_flops_match_a_hand_count_and_compile_once(data_dir, tmp_path):
   trainer.finish()
 
 
-def test_perf_metrics_of_an_interval_match_its_wall_time(data_dir, tmp_path):
+class _Clock:
+  """A clock that moves only when told to."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+class _TimedStep:
+  """The trainer's train step, with each call taking `seconds` on `clock`."""
+
+  def __init__(self, step, clock, seconds):
+    self._step, self._clock, self._seconds = step, clock, seconds
+
+  def __call__(self, *args, **kwargs):
+    self._clock.now += self._seconds
+    return self._step(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._step, name)
+
+
+def _timed_trainer(config, workdir, *, step_seconds, wait_seconds):
+  """A Trainer on a fake clock: each step takes `step_seconds`, and each
+  transfer is waited for `wait_seconds` once the devices are idle (a wait
+  that counts)."""
+  trainer = train.Trainer([config], [workdir], [train.validate_before_compiling(config)])
+  clock = _Clock()
+  trainer.clock = clock
+  trainer.train_step = _TimedStep(trainer.train_step, clock, step_seconds)
+  transfers = trainer.batches
+
+  def waited_for():
+    for transfer in transfers:
+      trainer.metrics_buffer.block_until_ready()
+      clock.now += wait_seconds
+      yield transfer
+
+  trainer.batches = waited_for()
+  return trainer
+
+
+def test_perf_metrics_of_an_interval_come_from_its_clock(data_dir, tmp_path):
   config = mlp_config(data_dir)
-  trainer = train.Trainer([config], [str(tmp_path)], [train.validate_before_compiling(config)])
+  trainer = _timed_trainer(config, str(tmp_path), step_seconds=1 / 64,
+                           wait_seconds=1 / 16)
   trainer.train(20)  # Compiles.
-  began = time.perf_counter()
   trainer.train(40)  # One log interval: steps 21..40.
-  wall = time.perf_counter() - began
   trainer.finish()
   rows = {r["step"]: r for r in helpers.read_jsonl(str(tmp_path / "metrics.jsonl"))}
   row = rows[40]
   flops_per_step = trainer.records[0].throughput.flops_per_step
-  assert row["perf/examples_per_second"] > 0 and row["perf/flops_per_second"] > 0
-  steps_per_second = row["perf/examples_per_second"] / BATCH
-  assert row["perf/flops_per_second"] == pytest.approx(flops_per_step * steps_per_second,
-                                                       rel=1e-9)
-  # The interval is the call, less the writing of its records.
-  interval_seconds = 20 / steps_per_second
-  assert 0.5 * wall <= interval_seconds <= wall
+  # 20 steps of 1/64 s and 5 transfers (4 steps each) waited 1/16 s: 0.625 s,
+  # half of it waiting: 32 steps/s of 400 examples.
+  assert row["perf/examples_per_second"] == pytest.approx(12_800)
+  assert row["perf/flops_per_second"] == pytest.approx(32 * flops_per_step)
+  assert row["perf/input_wait_fraction"] == pytest.approx(0.5)
   assert "perf/mfu" not in row  # No known peak on CPU.
-  assert 0 <= row["perf/input_wait_fraction"] < 1
   # Stopped at 40 of 100 steps: no summary (it resumes), the same perf figures.
   assert not os.path.exists(tmp_path / "summary.json")
   summary = trainer.records[0].throughput.summary()
   assert summary["perf"]["flops_per_step"] == flops_per_step
   assert summary["perf"]["device_count"] == jax.device_count()
   assert summary["perf"]["peak_flops_per_second"] is None
+  # Steps 1..20 (the first transfer's wait is the compilation's) and 21..40.
+  assert summary["perf"]["steps_timed"] == 40
+  assert summary["perf"]["seconds_timed"] == pytest.approx(20 / 64 + 4 / 16 + 0.625)
 
 
 def test_mfu_against_the_peak_of_all_devices():
@@ -104,51 +144,90 @@ def test_mfu_against_the_peak_of_all_devices():
   monitor.set_step_flops(1e12)
   row = monitor.interval(first_step=1, last_step=10, seconds=2.0, input_wait_seconds=0.0)
   assert row["perf/flops_per_second"] == pytest.approx(5e12)
-  assert row["perf/mfu"] == pytest.approx(5e12 / (4 * 275e12))
+  assert row["perf/mfu"] == pytest.approx(5e12 / 1100e12)
   assert row["perf/examples_per_second"] == pytest.approx(40.0)
-  assert monitor.summary()["perf"]["mfu"] == pytest.approx(row["perf/mfu"])
+  assert monitor.summary()["perf"]["mfu"] == pytest.approx(5e12 / 1100e12)
 
 
-def _slow_input(monkeypatch, seconds):
-  transfers = device_examples.transfers
+def test_input_wait_of_explicit_intervals(caplog):
+  monitor = throughput.ThroughputMonitor(batch_size=10, input_bound_threshold=0.2)
+  with caplog.at_level(logging.WARNING):
+    rows = [monitor.interval(first_step=10 * i + 1, last_step=10 * (i + 1),
+                             seconds=seconds, input_wait_seconds=wait)
+            for i, (seconds, wait) in enumerate(
+                [(2.0, 0.1), (2.0, 1.0), (1.0, 2.0), (2.0, 0.6), (4.0, 1.0)])]
+  # The wait over the interval, at most all of it.
+  assert [r["perf/input_wait_fraction"] for r in rows] == pytest.approx(
+      [0.05, 0.5, 1.0, 0.3, 0.25])
+  assert [r["perf/examples_per_second"] for r in rows] == pytest.approx(
+      [50, 50, 100, 50, 25])
+  # Over the threshold 4 times: warned at the 1st, 2nd and 4th.
+  warnings = [r.getMessage() for r in caplog.records]
+  assert len(warnings) == 3
+  assert warnings[0].startswith("Input-bound: steps 11..20 waited 1s of 2s (50%)")
+  assert warnings[1].startswith("Input-bound: steps 21..30 waited 2s of 1s (100%)")
+  assert warnings[2].startswith("Input-bound: steps 41..50 waited 1s of 4s (25%)")
+  assert monitor.summary() == {
+      "perf": {"flops_per_step": None, "device_kind": "", "device_count": 1,
+               "peak_flops_per_second": None, "steps_timed": 50,
+               "seconds_timed": 11.0, "examples_per_second": pytest.approx(500 / 11)},
+      "input_bound": {"flagged": True, "max_wait_fraction": 1.0,
+                      "mean_wait_fraction": pytest.approx(0.42),
+                      "wait_seconds": pytest.approx(4.7), "intervals": 5,
+                      "intervals_over_threshold": 4, "threshold": 0.2}}
 
-  def slow(*args, **kwargs):
-    for group in transfers(*args, **kwargs):
-      time.sleep(seconds)
-      yield group
 
-  monkeypatch.setattr(device_examples, "transfers", slow)
+def test_one_slow_interval_does_not_flag_the_run():
+  monitor = throughput.ThroughputMonitor(batch_size=10, input_bound_threshold=0.2)
+  for i, wait in enumerate([1.0, 0.0, 0.0, 0.0]):
+    monitor.interval(first_step=i + 1, last_step=i + 1, seconds=2.0,
+                     input_wait_seconds=wait)
+  bound = monitor.summary()["input_bound"]
+  assert bound["intervals_over_threshold"] == 1
+  assert bound["mean_wait_fraction"] == pytest.approx(0.125)
+  assert not bound["flagged"]
 
 
-def test_slow_input_is_flagged_with_the_figures(data_dir, tmp_path, monkeypatch,
-                                                caplog):
-  _slow_input(monkeypatch, 0.05)
+def test_slow_input_is_flagged_with_the_figures(data_dir, tmp_path, caplog):
   config = mlp_config(data_dir, **{"data.batches_per_transfer": 1,
                                    "log_every_steps": 5, "max_train_steps": 20,
-                                   "eval_every_steps": 20})
+                                   "eval_every_steps": 5})
+  trainer = _timed_trainer(config, str(tmp_path), step_seconds=0.01,
+                           wait_seconds=0.04)
   with caplog.at_level(logging.WARNING):
-    summary = train.train_and_evaluate(config, str(tmp_path))
+    summary = trainer.run()[0]
   bound = summary["input_bound"]
-  assert bound["flagged"] and bound["threshold"] == 0.2
-  assert bound["intervals"] == 4 and bound["intervals_over_threshold"] >= 3
-  assert 0.5 < bound["mean_wait_fraction"] <= bound["max_wait_fraction"] <= 1
-  assert bound["wait_seconds"] > 0.5  # About 19 waits of 50 ms.
+  # Steps 1..5: 5 steps and 4 waits (the first transfer's is the
+  # compilation's): 0.16 of 0.21 s. The next intervals: 5 of each, 0.2 of 0.25 s.
+  assert bound == {"flagged": True, "threshold": 0.2, "intervals": 4,
+                   "intervals_over_threshold": 4,
+                   "max_wait_fraction": pytest.approx(0.8),
+                   "mean_wait_fraction": pytest.approx((0.16 / 0.21 + 3 * 0.8) / 4),
+                   "wait_seconds": pytest.approx(0.76)}
   rows = helpers.read_jsonl(str(tmp_path / "metrics.jsonl"))
-  assert max(r["perf/input_wait_fraction"] for r in rows) == pytest.approx(
-      bound["max_wait_fraction"])
+  assert [r["perf/input_wait_fraction"] for r in rows] == pytest.approx(
+      [0.16 / 0.21, 0.8, 0.8, 0.8])
   warnings = [r.getMessage() for r in caplog.records if "Input-bound: steps" in r.getMessage()]
-  assert warnings and "for the next batch" in warnings[0]
+  assert len(warnings) == 3  # At the 1st, 2nd and 4th interval over.
+  assert warnings[0].startswith("Input-bound: steps 1..5 waited 0.16s of 0.21s (76%)")
   assert "input_bound_warning_fraction=0.2" in warnings[0]
   assert helpers.read_json(str(tmp_path / "summary.json"))["input_bound"] == bound
 
 
-def test_a_normal_run_is_not_flagged(data_dir, tmp_path, caplog):
-  config = mlp_config(data_dir, **{"data.batches_per_transfer": 20})
+def test_a_run_with_little_input_wait_is_not_flagged(data_dir, tmp_path, caplog):
+  config = mlp_config(data_dir, **{"data.batches_per_transfer": 20,
+                                   "eval_every_steps": 20})
+  trainer = _timed_trainer(config, str(tmp_path), step_seconds=0.01,
+                           wait_seconds=0.01)
   with caplog.at_level(logging.WARNING):
-    summary = train.train_and_evaluate(config, str(tmp_path))
+    summary = trainer.run()[0]
   bound = summary["input_bound"]
-  assert not bound["flagged"] and bound["intervals_over_threshold"] == 0
-  assert bound["intervals"] == 5 and bound["mean_wait_fraction"] < 0.2
+  # 20 steps of 0.01 s per interval, and from the second on one wait of 0.01 s.
+  assert bound == {"flagged": False, "threshold": 0.2, "intervals": 5,
+                   "intervals_over_threshold": 0,
+                   "max_wait_fraction": pytest.approx(1 / 21),
+                   "mean_wait_fraction": pytest.approx(4 / 21 / 5),
+                   "wait_seconds": pytest.approx(0.04)}
   assert not [r for r in caplog.records if "Input-bound" in r.getMessage()]
 
 
@@ -178,6 +257,7 @@ def test_input_bound_threshold_is_checked(value):
 
 
 def test_hand_count_is_the_three_passes():
-  # 2 * (40*100 + 100*100 + 100*10) = 30,000 FLOPs forward per example.
-  assert hand_count_flops(1) == 3 * 30_000 - 2 * 40 * 100
-  assert np.isclose(hand_count_flops(BATCH), 32.8e6)
+  # 2 * (40*100 + 100*100 + 100*10) = 30,000 FLOPs forward per example;
+  # 3 * 30,000 less the first layer's input gradient, 2 * 40*100.
+  assert hand_count_flops(1) == 82_000
+  assert hand_count_flops(BATCH) == 32_800_000

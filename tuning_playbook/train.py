@@ -102,6 +102,9 @@ class Trainer:
   by a study worker between populations) reuses data and programs.
   """
 
+  # The clock of the log intervals' throughput and input wait, in seconds.
+  clock = staticmethod(time.perf_counter)
+
   def __init__(self, configs: Sequence[ml_collections.ConfigDict],
                workdirs: Sequence[str],
                workloads: Sequence[workload_lib.Workload], *,
@@ -328,7 +331,7 @@ class Trainer:
 
   def _restart_clocks(self, trials: Sequence[_TrialRun] | None = None) -> None:
     """Restarts the interval clocks (compilation is not throughput)."""
-    now = time.perf_counter()
+    now = self.clock()
     for t in self.trials if trials is None else trials:
       t.started, t.waited = now, 0.0
 
@@ -339,13 +342,13 @@ class Trainer:
 
   def _next_transfer(self) -> None:
     """Takes the next transfer (k steps' batches); compiles at the first."""
-    wait_began = time.perf_counter()
+    wait_began = self.clock()
     self._transfer = next(self.batches)
     # Dispatch is asynchronous: a wait while the devices still run earlier
     # steps costs nothing. It counts once they have finished them all (a
     # query, not a sync).
     if self.metrics_buffer.is_ready():
-      waited = time.perf_counter() - wait_began
+      waited = self.clock() - wait_began
       for t in self.trials:
         t.waited += waited
     if not self._compiled:
@@ -413,7 +416,7 @@ class Trainer:
     step = fetch.step
     self.watchdog.begin("log", "the metrics of steps {}..{}", min(fetch.first), step)
     buffer = np.asarray(jax.device_get(fetch.buffer))
-    now = time.perf_counter()
+    now = self.clock()
     evaluate = self._evaluation(fetch)
     ended = False
     for i, first, started, waited in zip(fetch.due, fetch.first, fetch.started,
