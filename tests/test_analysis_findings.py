@@ -1,5 +1,6 @@
 """Each finding of the study analysis fires on a study built to show it, and
-stays quiet on the clean control study."""
+stays quiet on the clean control study; the instability procedures' analyses
+name the spikes, stalls and divergence planted in their trials' losses."""
 
 import json
 import math
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests import analysis_fixtures as fx
+from tuning_playbook import procedures
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
@@ -504,3 +506,184 @@ def test_commands_follow_the_sweep_command_in_the_tracking_table(tmp_path):
     payload = json.load(f)
   (entry,) = [e for e in payload["findings"] if e["kind"] == "aggressive_clipping"]
   assert entry["command"] == hit.command
+
+
+# The instability procedures' analyses on planted per-step losses.
+
+
+def _decay(steps):
+  return 0.5 + 2.0 * np.exp(-np.asarray(steps, dtype=float) / 100.0)
+
+
+def _update_json(path, **changes):
+  with open(path) as f:
+    record = json.load(f)
+  for key, value in changes.items():
+    if isinstance(value, dict):
+      record.setdefault(key, {}).update(value)
+    else:
+      record[key] = value
+  with open(path, "w") as f:
+    json.dump(record, f)
+
+
+def _procedure_study(study_dir, procedure, parameters, trials):
+  """A study planned by `procedure`, one fixture trial per (optimizer config,
+  per-step training loss) of `trials`; a trial whose loss turns NaN diverged
+  there."""
+  fx.write_study(study_dir, [fx.TrialSpec(0.5, 0.5, "relu", 0.1)] * len(trials))
+  for i, (optimizer, losses) in enumerate(trials):
+    run_dir = os.path.join(study_dir, "trials", f"{i:04d}")
+    _update_json(os.path.join(run_dir, "config.json"), optimizer=optimizer)
+    with open(os.path.join(run_dir, "grad_norms.jsonl"), "w") as f:
+      for step, loss in enumerate(losses, start=1):
+        f.write(json.dumps({"step": step, "train/grad_norm": 1.0,
+                            "train/loss": float(loss)}) + "\n")
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if len(bad):
+      _update_json(os.path.join(run_dir, "summary.json"), status="diverged",
+                   final_step=int(bad[0]) + 1)
+  _update_json(os.path.join(study_dir, "study.json"),
+               procedure={"name": procedure, "parameters": parameters})
+  return study_data.load_study(study_dir)
+
+
+def _procedure_findings(study, name):
+  found, section = procedures.load(name).analyze(study, lambda *args: None)
+  assert section.id == name
+  return {f.id: f for f in found}
+
+
+def test_instability_check_names_the_planted_faults(tmp_path):
+  steps = np.arange(1, 1001)
+  spiky = _decay(steps)
+  spiky[399] = 5.0  # Step 400.
+  diverged = _decay(steps)
+  diverged[299:] = np.nan  # Step 300 on.
+  # Down to 1.2 at step 550, then up again: 20 windows of 45 steps after
+  # the first 10%; the lowest ends at step 550 (median 1.288, at step 528),
+  # the last (median 2.912, at step 978) at step 1000.
+  rising = np.where(steps <= 550, 3.0 - 0.004 * (steps - 100),
+                    1.2 + 0.004 * (steps - 550))
+  study_dir = str(tmp_path / "s")
+  study = _procedure_study(
+      study_dir, "instability_check",
+      {"best_learning_rate": 0.1, "steps": 1000, "eval_every": 1000,
+       "lr_factors": [1.5, 2.0, 3.0, 4.0, 6.0]},
+      [({"learning_rate": 0.15}, _decay(steps)),
+       ({"learning_rate": 0.2}, spiky),
+       ({"learning_rate": 0.3}, np.full(1000, 2.3)),  # Stalled.
+       ({"learning_rate": 0.4}, rising),
+       ({"learning_rate": 0.6}, diverged)])
+  result = _procedure_findings(study, "instability_check")[
+      "instability_check/result"]
+  details = result.details
+  assert result.severity == "warning"
+  rows = {r["trial_id"]: r for r in details["trials"]}
+  assert [rows[t]["unstable"] for t in sorted(rows)] == [
+      False, True, True, True, True]
+  assert details["unstable_trials"] == ["0001", "0002", "0003", "0004"]
+  assert details["unstable_learning_rate"] == 0.2
+  assert details["unstable_factor"] == 2.0
+  (spike,) = rows["0001"]["spikes"]
+  reference = (_decay(394) + _decay(395)) / 2  # Steps 390-399, falling.
+  assert (spike["step"], spike["last_step"], spike["peak"]) == (400, 400, 5.0)
+  assert spike["size"] == pytest.approx(5.0 / reference)
+  assert details["first_spike_step"] == 400
+  assert details["max_spike_size"] == pytest.approx(5.0 / reference)
+  assert rows["0002"]["stalled"] and rows["0002"]["spikes"] == []
+  rise = rows["0003"]["rising"]
+  assert (rise["start_step"], rise["end_step"]) == (550, 1000)
+  assert rise["low"] == pytest.approx(1.288)
+  assert rise["peak"] == pytest.approx(2.912)
+  assert rows["0003"]["spikes"] == [] and not rows["0003"]["stalled"]
+  assert rows["0004"]["first_nonfinite_step"] == 300
+  assert not rows["0004"]["stalled"]
+  assert result.message.startswith(
+      "Early instability: lr 0.2 (2x): a spike at step 400 to 5 (9.3x); "
+      "lr 0.3 (3x): stalled (loss 2.3 -> 2.3); lr 0.4 (4x): loss rising from "
+      "1.29 at step 550 to 2.91 by step 1000; lr 0.6 (6x): diverged at step "
+      "300. The lowest unstable learning rate is 0.2 (2x the best, 0.1).")
+  assert result.command == (
+      "python -m tuning_playbook.playbook warmup --config=configs/synthetic.py "
+      f"--study_dir={study_dir}_warmup --unstable_learning_rate=0.2 --run")
+
+
+def test_instability_check_quiet_on_clean_losses(tmp_path):
+  steps = np.arange(1, 501)
+  study = _procedure_study(
+      str(tmp_path / "s"), "instability_check",
+      {"best_learning_rate": 0.1, "steps": 500, "eval_every": 1,
+       "lr_factors": [2.0]},
+      [({"learning_rate": 0.2}, _decay(steps))])
+  result = _procedure_findings(study, "instability_check")[
+      "instability_check/result"]
+  assert result.severity == "info" and result.command is None
+  assert result.details["early_instability"] is False
+  assert result.details["unstable_learning_rate"] is None
+
+
+def test_warmup_picks_the_shortest_warmup_without_spike_or_stall(tmp_path):
+  steps = np.arange(1, 301)
+  early_spike = _decay(steps)
+  early_spike[2] = 9.0  # Step 3: above 2 x every loss before it.
+  study_dir = str(tmp_path / "s")
+  study = _procedure_study(
+      study_dir, "warmup",
+      {"unstable_learning_rate": 0.5, "lr_factor": 10.0,
+       "base_learning_rate": 5.0, "warmup_steps": [0, 10, 30, 100],
+       "baseline_max_train_steps": 400, "baseline_warmup_steps": 0},
+      [({"learning_rate": 5.0, "warmup_steps": 0}, early_spike),
+       ({"learning_rate": 5.0, "warmup_steps": 10}, np.full(300, 2.3)),
+       ({"learning_rate": 5.0, "warmup_steps": 30}, _decay(steps)),
+       ({"learning_rate": 5.0, "warmup_steps": 100}, _decay(steps))])
+  result = _procedure_findings(study, "warmup")["warmup/result"]
+  details = result.details
+  rows = {r["warmup_steps"]: r for r in details["trials"]}
+  assert [rows[w]["feasible"] for w in (0, 10, 30, 100)] == [
+      False, False, True, True]
+  assert [(s["step"], s["peak"]) for s in rows[0]["spikes"]] == [(3, 9.0)]
+  assert rows[10]["stalled"] and rows[10]["spikes"] == []
+  assert details["shortest_feasible_warmup"] == 30
+  assert details["trial_id"] == "0002"
+  assert details["fraction"] == 30 / 400
+  # 7.5% of training: above the playbook's 5%, so a warning.
+  assert details["above_flag_fraction"] is True and result.severity == "warning"
+  assert details["override"] == "--config.optimizer.warmup_steps=30"
+  # No source study recorded: the study's own trainer command, with it.
+  assert result.command == (
+      "python -m tuning_playbook.main --config=configs/synthetic.py "
+      f"--workdir={study_dir}_baseline_warmup30 "
+      "--config.optimizer.warmup_steps=30 "
+      "--config.optimizer.warmup_mode=prepended")
+  # With the source study recorded (one that does not search the warmup):
+  # the source study's sweep again, with it.
+  source = fx.clean_study(str(tmp_path / "source"))
+  _update_json(os.path.join(study_dir, "study.json"), procedure={
+      "name": "warmup", "parameters": {**study.procedure["parameters"],
+                                       "from_study": {"study_dir": source}}})
+  result = _procedure_findings(study_data.load_study(study_dir), "warmup")[
+      "warmup/result"]
+  assert result.command == _sweep(
+      f"{source}_warmup30", "--num_trials=10", "--seed=0",
+      "--config.optimizer.warmup_steps=30",
+      "--config.optimizer.warmup_mode=prepended", "--run")
+
+
+def test_warmup_with_no_stable_length(tmp_path):
+  steps = np.arange(1, 101)
+  diverged = _decay(steps)
+  diverged[49:] = np.nan
+  study = _procedure_study(
+      str(tmp_path / "s"), "warmup",
+      {"unstable_learning_rate": 0.5, "lr_factor": 10.0,
+       "base_learning_rate": 5.0, "warmup_steps": [0, 10],
+       "baseline_max_train_steps": 400, "baseline_warmup_steps": 0},
+      [({"learning_rate": 5.0, "warmup_steps": 0}, diverged),
+       ({"learning_rate": 5.0, "warmup_steps": 10}, np.full(100, 2.3))])
+  result = _procedure_findings(study, "warmup")["warmup/result"]
+  assert result.severity == "warning" and result.command is None
+  assert result.details["shortest_feasible_warmup"] is None
+  rows = {r["warmup_steps"]: r for r in result.details["trials"]}
+  assert rows[0]["first_nonfinite_step"] == 50 and rows[10]["stalled"]
+  assert result.message.startswith("No warmup up to 10 steps keeps training")

@@ -8,9 +8,14 @@ A step is a spike when its loss exceeds both `spike_factor` x the lowest
 median of `spike_window` consecutive steps so far and the median of the
 `spike_window` steps before it by `spike_jump` x that median plus
 `noise_multiple` deviations of those steps (so minibatch noise alone does not
-count). Spike steps closer than a window apart are one spike. A run whose
-loss ends no lower than it started (within `STALL_FRACTION`) stalled; a
-sustained rise (loss_trend.rising_stretch) is the slower kind of instability.
+count). Within the first window (instability at initialization), from the
+second step on, the steps so far stand in for the window before it, and the
+loss must exceed `spike_factor` x the highest of them (in place of the lowest
+window median). Spike steps at most a window apart are one spike. A run
+whose loss ends no lower than it started (within `STALL_FRACTION`; the
+medians of the first and last windows, or of its halves when shorter than two
+windows) stalled; a sustained rise (loss_trend.rising_stretch) is the slower
+kind of instability.
 
   result = loss_spikes.examine(steps, losses, findings.Thresholds())
   result.unstable, [(s.step, s.peak, s.size) for s in result.spikes]
@@ -19,6 +24,7 @@ sustained rise (loss_trend.rising_stretch) is the slower kind of instability.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,7 @@ from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import loss_trend
 
 STALL_FRACTION = 0.05
+MIN_EARLY_STEPS = 1  # Steps before the first one examined for a spike.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +42,8 @@ class Spike:
   step: int
   last_step: int
   peak: float
-  reference: float  # The median of the window before the spike.
-  size: float  # peak / reference.
+  reference: float  # Median of the window (or the steps so far) before it.
+  size: float  # peak / reference (inf over a zero reference).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +54,7 @@ class LossStability:
   first_nonfinite_step: int | None  # NaN/Inf loss: diverged there.
   stalled: bool  # The loss ended no lower than it started.
   first_loss: float | None
-  final_loss: float | None  # Median of the last window.
+  final_loss: float | None  # Median of the last window (or half).
   rising: loss_trend.RisingStretch | None = None  # A sustained rise.
 
   @property
@@ -83,13 +90,17 @@ def examine(steps: np.ndarray, losses: np.ndarray,
   w = max(2, thresholds.spike_window)
   spike_steps = []
   lowest = np.inf
-  for i in range(w, len(y)):
-    before = y[i - w:i]
+  for i in range(MIN_EARLY_STEPS, len(y)):
+    before = y[max(0, i - w):i]
     reference = float(np.median(before))
-    lowest = min(lowest, reference)
+    if i >= w:
+      lowest = min(lowest, reference)
+      above = y[i] > thresholds.spike_factor * lowest
+    else:  # Early: no whole window yet.
+      above = y[i] > thresholds.spike_factor * before.max()
     jump = (thresholds.spike_jump * reference
             + thresholds.noise_multiple * _robust_std(before))
-    if y[i] > thresholds.spike_factor * lowest and y[i] - reference > jump:
+    if above and y[i] - reference > jump:
       spike_steps.append((i, reference))
   spikes = []
   for i, reference in spike_steps:
@@ -98,13 +109,15 @@ def examine(steps: np.ndarray, losses: np.ndarray,
       spikes[-1] = (first, i, ref, max(peak, float(y[i])))
     else:
       spikes.append((i, i, reference, float(y[i])))
-  first = float(np.median(y[:w])) if len(y) >= w else None
-  final = float(np.median(y[-w:])) if len(y) >= w else None
+  half = min(w, len(y) // 2)  # First and last windows do not overlap.
+  first = float(np.median(y[:half])) if len(y) >= w else None
+  final = float(np.median(y[-half:])) if len(y) >= w else None
   stalled = (nonfinite is None and first is not None
              and final >= (1 - STALL_FRACTION) * first)
   return LossStability(
       num_steps=len(losses),
-      spikes=tuple(Spike(int(steps[a]), int(steps[b]), peak, ref, peak / ref)
+      spikes=tuple(Spike(int(steps[a]), int(steps[b]), peak, ref,
+                         peak / ref if ref else math.inf)
                    for a, b, ref, peak in spikes),
       first_nonfinite_step=nonfinite, stalled=bool(stalled),
       first_loss=first, final_loss=final,
