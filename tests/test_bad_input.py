@@ -1,11 +1,16 @@
 """Bad input fails before any compilation, names the key, and touches nothing."""
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import pytest
 
+from tests import analysis_fixtures
 from tests import helpers
 from tuning_playbook import config_schema
 from tuning_playbook import train
@@ -36,7 +41,6 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path, override, expected):
   workdir = str(tmp_path / "run")
   env = helpers.subprocess_env(4)
   env["JAX_LOG_COMPILES"] = "1"
-  import subprocess  # pylint: disable=g-import-not-at-top
   result = subprocess.run(helpers.main_command(workdir, override), cwd=helpers.REPO,
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
@@ -94,7 +98,6 @@ def test_a_bad_config_value_exits_before_the_trainer_is_imported(tmp_path):
       ("--config.optimizer.name=adamw", "config.optimizer.name='adamw' is invalid"),
       ("--config.workload=no_such_workload", "no module workloads.no_such_workload")]:
     argv = helpers.main_command(str(tmp_path / "run"), override)
-    import subprocess  # pylint: disable=g-import-not-at-top
     result = subprocess.run([argv[0], "-c", code] + argv[3:], cwd=helpers.REPO,
                             env=helpers.subprocess_env(), capture_output=True,
                             text=True, timeout=120)
@@ -163,8 +166,6 @@ def test_bad_multihost_flags_exit_2(tmp_path):
 
 
 def test_sweep_rejects_an_unknown_override_without_traceback(tmp_path):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   result = subprocess.run(
       [sys.executable, "-m", "tuning_playbook.sweep", "--config=configs/mnist1d_cnn.py",
        f"--study_dir={tmp_path / 'study'}", "--num_trials=2", "--seed=0",
@@ -173,3 +174,158 @@ def test_sweep_rejects_an_unknown_override_without_traceback(tmp_path):
   assert result.returncode == 2
   assert "nope" in result.stderr and "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "study")
+
+
+def _files(directory):
+  """{relative path: bytes} of every file below `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def _run_module(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.REPO,
+                        env=helpers.subprocess_env(), capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def analysis_study(tmp_path_factory):
+  """A finished synthetic study (no training): study.json and 10 trials."""
+  return analysis_fixtures.clean_study(str(tmp_path_factory.mktemp("analysis") / "study"))
+
+
+ANALYZE_BAD_INPUT = [  # (case, flags, what stderr says)
+    ("missing", ("--study_dir={missing}",),
+     ["{missing} is not a directory", "one holding study.json"]),
+    ("no study.json", ("--study_dir={tmp}",), ["no study.json in {tmp}"]),
+    ("corrupt study.json", ("--study_dir={study}",),
+     ["{study}/study.json is unreadable (Expecting value", "JSON object"]),
+    ("study.json a list", ("--study_dir={study}",),
+     ["{study}/study.json holds a list, not the JSON object"]),
+    ("unknown flag", ("--study_dir={study}", "--top_kk=3"),
+     ["Unknown command line flag 'top_kk'", "Did you mean: top_k"]),
+    ("top_k of 0", ("--study_dir={study}", "--top_k=0"),
+     ["--top_k=0: 0 is not a positive integer"]),
+    ("top_k not a number", ("--study_dir={study}", "--top_k=abc"), ["--top_k=abc"]),
+    ("no study_dir", (), ["--study_dir must have a value"]),
+]
+
+
+@pytest.mark.parametrize("case,args,expected", ANALYZE_BAD_INPUT,
+                         ids=[c[0] for c in ANALYZE_BAD_INPUT])
+def test_analyze_refuses_bad_input_and_changes_nothing(tmp_path, analysis_study, case,
+                                                        args, expected):
+  study = str(tmp_path / "study")
+  shutil.copytree(analysis_study, study)
+  if case == "corrupt study.json":
+    with open(os.path.join(study, "study.json"), "w") as f:
+      f.write('{"name": ')
+  if case == "study.json a list":
+    with open(os.path.join(study, "study.json"), "w") as f:
+      f.write("[1, 2]")
+  names = {"missing": str(tmp_path / "nope"), "tmp": str(tmp_path / "empty"),
+           "study": study}
+  os.makedirs(names["tmp"])
+  before = _files(tmp_path)
+  result = _run_module("tuning_playbook.analyze", *(a.format(**names) for a in args))
+  assert result.returncode == 2, (case, result.stderr[-2000:])
+  for text in expected:
+    assert text.format(**names) in result.stderr, (case, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr
+  assert _files(tmp_path) == before  # No report, nothing rewritten.
+  assert not os.path.exists(os.path.join(study, "report"))
+
+
+def test_analyze_names_damaged_trial_records_and_leaves_them_as_they_are(
+    tmp_path, analysis_study):
+  # A trial's records are written while it trains (a torn line, a summary cut
+  # short): the analysis uses what it can read, names what it cannot, and
+  # writes only its report.
+  study = str(tmp_path / "study")
+  shutil.copytree(analysis_study, study)
+  metrics = os.path.join(study, "trials", "0001", "metrics.jsonl")
+  with open(metrics) as f:
+    lines = f.readlines()
+  lines[2] = "not json\n"
+  with open(metrics, "w") as f:
+    f.writelines(lines)
+  with open(os.path.join(study, "trials", "0002", "summary.json"), "w") as f:
+    f.write('{"status": ')
+  before = _files(study)
+  result = _run_module("tuning_playbook.analyze", f"--study_dir={study}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(os.path.join(study, "report", "findings.json")) as f:
+    found = {x["id"]: x for x in json.load(f)["findings"]}
+  problems = found["record_problems"]
+  assert ("0001: metrics.jsonl: unreadable line 3 skipped (line 3: 'not json')"
+          in problems["message"])
+  unfinished = found["unfinished"]
+  assert unfinished["details"]["unreadable"] == {
+      "0002": "summary.json unreadable (Expecting value: line 1 column 12 (char 11))"}
+  assert "0002 (" in unfinished["message"]
+  assert "summary.json unreadable" in unfinished["message"]
+  after = _files(study)
+  assert {k: v for k, v in after.items() if not k.startswith("report")} == before
+
+
+@pytest.fixture(scope="module")
+def sweep_study(tmp_path_factory):
+  """A planned study of tests/configs/tiny_study.py: study.json, 2 trial configs."""
+  study = str(tmp_path_factory.mktemp("sweep") / "study")
+  result = _run_module("tuning_playbook.sweep", "--config=tests/configs/tiny_study.py",
+                       f"--study_dir={study}", "--num_trials=2", "--seed=0")
+  assert result.returncode == 0, result.stderr[-2000:]
+  return study
+
+
+WORKER_BAD_INPUT = [  # (case, flags, what stderr says)
+    ("missing", ("--study_dir={missing}",),
+     ["{missing} is not a directory", "one holding study.json"]),
+    ("no study.json", ("--study_dir={tmp}",), ["no study.json in {tmp}"]),
+    ("no study_dir", (), ["--study_dir must have a value"]),
+    ("corrupt study.json", ("--study_dir={study}",),
+     ["{study}/study.json is unreadable (Expecting value", "JSON object"]),
+    ("incomplete study.json", ("--study_dir={study}",),
+     ["{study}/study.json: a bad or missing key 'description'", "base_config"]),
+    ("unknown workload", ("--study_dir={study}", "--config.workload=nope"),
+     ["config.workload='nope': no module workloads.nope; available: "]),
+    ("bad value", ("--study_dir={study}", "--config.batch_size=-3"),
+     ["config.batch_size=-3 is invalid: must be a positive integer"]),
+    ("unknown key", ("--study_dir={study}", "--config.optimizer.nme=adam"),
+     ["--config.optimizer.nme: the config has no key 'nme' "
+      '(Did you mean "name" instead of "nme"?)']),
+    ("another config", ("--study_dir={study}", "--config.batch_size=64"),
+     ["differ from the config of every trial", "batch_size: 32 -> 64",
+      "Launch the worker with the study's --config and --config.* flags"]),
+]
+
+
+@pytest.mark.parametrize("case,args,expected", WORKER_BAD_INPUT,
+                         ids=[c[0] for c in WORKER_BAD_INPUT])
+def test_study_worker_refuses_bad_input_and_claims_nothing(tmp_path, sweep_study, case,
+                                                           args, expected):
+  study = str(tmp_path / "study")
+  shutil.copytree(sweep_study, study)
+  if case == "corrupt study.json":
+    with open(os.path.join(study, "study.json"), "w") as f:
+      f.write('{"name": ')
+  if case == "incomplete study.json":
+    with open(os.path.join(study, "study.json"), "w") as f:
+      f.write('{"name": "tiny"}')
+  names = {"missing": str(tmp_path / "nope"), "tmp": str(tmp_path / "empty"),
+           "study": study}
+  os.makedirs(names["tmp"])
+  before = _files(tmp_path)
+  result = _run_module("tuning_playbook.study_worker", "--config=tests/configs/tiny_study.py",
+                       *(a.format(**names) for a in args))
+  assert result.returncode == 2, (case, result.stderr[-2000:])
+  for text in expected:
+    assert text.format(**names) in result.stderr, (case, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr
+  # No trial claimed, logged or recorded failed.
+  assert _files(tmp_path) == before

@@ -15,6 +15,7 @@ from tuning_playbook import train
 from tuning_playbook import workload as workload_lib
 
 MNIST1D_CNN = os.path.join(helpers.REPO, "configs", "mnist1d_cnn.py")
+MNIST1D_MLP = os.path.join(helpers.REPO, "configs", "mnist1d_mlp.py")
 
 
 def _tiny(**overrides):
@@ -25,6 +26,14 @@ def _cnn(**overrides):
   base = {"max_train_steps": 60, "eval_every_steps": 20, "log_every_steps": 10,
           "data.batches_per_transfer": 8, "optimizer.warmup_steps": 6}
   return helpers.load_config(MNIST1D_CNN, **{**base, **overrides})
+
+
+def _mlp(**overrides):
+  """A one-layer MNIST-1D MLP, 30 steps."""
+  base = {"model.width": 32, "model.depth": 1, "batch_size": 32,
+          "max_train_steps": 30, "eval_every_steps": 10, "log_every_steps": 5,
+          "data.batches_per_transfer": 8}
+  return helpers.load_config(MNIST1D_MLP, **{**base, **overrides})
 
 
 def _rows(workdir, name=records.METRICS_FILE):
@@ -48,11 +57,12 @@ def _file_names(workdir):
 
 
 def _assert_same_records(population_dir, alone_dir, rtol, examples_off=0,
-                         resumed=False):
-  """`examples_off`: how many eval examples may be scored differently (an
-  argmax near a tie, under batched kernels' rounding); `resumed`: the
-  population was interrupted and resumed (TensorBoard then holds the steps
-  logged twice, and CLU's progress scalars restart their clock)."""
+                         resumed=False, atol=1e-6):
+  """`atol`: the absolute tolerance of the metrics; `examples_off`: how many
+  eval examples may be scored differently (an argmax near a tie, under
+  batched kernels' rounding); `resumed`: the population was interrupted and
+  resumed (TensorBoard then holds the steps logged twice, and CLU's progress
+  scalars restart their clock)."""
   # The same files, and the same TensorBoard tags at the same steps
   # (CLU's progress scalars steps_per_sec and uptime included).
   assert _file_names(population_dir) == _file_names(alone_dir)
@@ -65,13 +75,13 @@ def _assert_same_records(population_dir, alone_dir, rtol, examples_off=0,
   for g, w in zip(got, want):
     assert set(g) == set(w), (g.keys(), w.keys())
     for key in w:
-      atol = 1e-6
+      key_atol = atol
       if examples_off and key.startswith("eval") and key.endswith(
           ("accuracy", "error_rate", "num_correct")):
         split = key.rsplit("/", 1)[0]
-        atol = examples_off * (1 if key.endswith("num_correct")
-                               else 1 / w[f"{split}/num_examples"])
-      np.testing.assert_allclose(g[key], w[key], rtol=rtol, atol=atol,
+        key_atol = examples_off * (1 if key.endswith("num_correct")
+                                   else 1 / w[f"{split}/num_examples"])
+      np.testing.assert_allclose(g[key], w[key], rtol=rtol, atol=key_atol,
                                  err_msg=f"{key} at step {w['step']}")
   got_norms = _rows(population_dir, records.GRAD_NORMS_FILE)
   want_norms = _rows(alone_dir, records.GRAD_NORMS_FILE)
@@ -137,6 +147,54 @@ def test_population_with_dropout_and_batch_norm_follows_alone(tmp_path):
     alone = str(tmp_path / f"a{i}")
     train.train_and_evaluate(config, alone)
     _assert_same_records(dirs[i], alone, 1e-5)
+
+
+# Trials of the features users turn on, each case two trials that differ in
+# learning rate (and seed, where the input allows it). Unrolled on CPU each
+# trial runs the single-trial kernels: measured, the records agree to 1 ulp
+# of float32 (1.1e-7 relative); the bound leaves about 8 ulps.
+EXACT_RTOL, EXACT_ATOL = 1e-6, 1e-9
+FEATURE_CASES = {
+    "ema": [_tiny(**{"ema_decay": 0.9, "optimizer.learning_rate": lr, "seed": s})
+            for lr, s in ((0.05, 0), (0.02, 1))],
+    # Norms start near 0.8 and fall below 0.4: some steps clip, some not.
+    "clipping": [_tiny(**{"grad_clip_norm": 0.5, "optimizer.learning_rate": lr,
+                          "seed": s}) for lr, s in ((0.05, 0), (0.1, 1))],
+    "bfloat16": [_mlp(**{"compute_dtype": "bfloat16",
+                         "optimizer.learning_rate": lr, "seed": s})
+                 for lr, s in ((0.01, 0), (0.003, 1))],
+    # No in-memory copy: a tf.data stream (the trials share its seed).
+    "tf_data": [_tiny(**{"data.cache": False, "optimizer.learning_rate": lr})
+                for lr in (0.05, 0.02)],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(FEATURE_CASES))
+def test_population_with_a_feature_follows_each_trial_alone(tmp_path, case):
+  configs = FEATURE_CASES[case]
+  dirs, summaries = _train_population(configs, tmp_path, "unroll")
+  assert [s["status"] for s in summaries] == ["completed"] * len(configs)
+  workload = train.validate_before_compiling(configs[0])
+  if case == "tf_data":
+    assert population.seed_shapes_data(configs[0], workload)
+    other_seed = _tiny(**{"data.cache": False, "seed": 1})
+    assert (population.structure_key(other_seed, workload)
+            != population.structure_key(configs[0], workload))
+  for i, config in enumerate(configs):
+    alone = str(tmp_path / f"a{i}")
+    train.train_and_evaluate(config, alone)
+    _assert_same_records(dirs[i], alone, EXACT_RTOL, atol=EXACT_ATOL)
+    rows = _rows(alone)
+    if case == "ema":
+      assert "eval_ema/validation/loss" in rows[-1]
+    if case == "clipping":  # The bound acts, and not on every step.
+      fractions = [r["train/clipped_fraction"] for r in rows]
+      assert max(fractions) > 0 and min(fractions) < 1, fractions
+    if case == "bfloat16":
+      for workdir in (dirs[i], alone):
+        summary = helpers.read_json(os.path.join(workdir, records.SUMMARY_FILE))
+        assert summary["perf"]["compute_dtype"] == "bfloat16"
 
 
 def test_population_checkpoints_are_each_trials_own_state(tmp_path):

@@ -1,14 +1,22 @@
-"""The shipped MNIST-1D configs on 1 device, 4 devices and 2 processes x 2 devices.
+"""The shipped configs on 1 device, 4 devices and 2 processes x 2 devices.
 
-Same data order and initialisation everywhere: only the order of float
-reductions differs, so the logged metrics agree closely.
+MNIST-1D trains on its data set, in one global order for any number of
+processes. The other configs train tiny versions of their models on
+synthetic batches, which each host draws for itself (the data depends on the
+process count): their 2 x 2 job is compared with one process of 4 devices
+fed the two hosts' batches. Same data and initialisation everywhere: only the
+order of float reductions differs, so the logged metrics agree closely.
 """
 
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from tests import helpers
+from tuning_playbook import synthetic_data
 
 # 60 steps: 10 warmup steps prepended to 50.
 SHORT_RUN = ("--config.max_train_steps=50", "--config.eval_every_steps=30",
@@ -31,8 +39,8 @@ def _metrics(workdir):
   return helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
-def _assert_close(rows, ref, rel):
-  assert [r["step"] for r in rows] == [r["step"] for r in ref] == [10, 20, 30, 40, 50, 60]
+def _assert_close(rows, ref, rel, steps=(10, 20, 30, 40, 50, 60)):
+  assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(steps)
   for row, ref_row in zip(rows, ref):
     for key in COMPARED:
       if key in ref_row:
@@ -62,3 +70,123 @@ def test_shipped_config_on_four_devices_and_two_processes(name, tmp_path, data_f
     assert summary["status"] == "completed", (label, summary)
   # Learning, not just agreeing: well below chance (0.9 error) after 60 steps.
   assert one[-1]["eval/validation/error_rate"] < 0.8
+
+
+# 4 steps (no warmup), a log row at each, an eval at the last.
+SYNTHETIC_RUN = {"data.synthetic": True, "batch_size": 8, "eval_batch_size": 8,
+                 "max_train_steps": 4, "eval_every_steps": 4,
+                 "log_every_steps": 1, "optimizer.warmup_steps": 0}
+# Tiny models: fields of the shipped file are set by flags; fields it leaves
+# to the workload's defaults (no flag can add a key) by a config file over it.
+TINY_MODELS = {  # name: (flags' overrides, model fields the file lacks)
+    "cifar10_wrn": ({"model.depth": 10, "model.width": 1}, {}),
+    "imagenet_resnet50": ({"model.depth": 18, "model.width_multiplier": 0.0625},
+                          {"image_size": 32, "num_classes": 10}),
+    "imagenet_vit": ({"model.variant": "Ti/16"},
+                     {"depth": 1, "hidden_size": 32, "num_heads": 2, "mlp_dim": 64,
+                      "image_size": 32, "num_classes": 10}),
+    "lm_transformer": ({"model.num_layers": 1, "model.emb_dim": 16,
+                        "model.num_heads": 2, "model.mlp_dim": 32,
+                        "model.max_len": 16, "data.max_length": 16}, {}),
+}
+NUM_PROCESSES = 2
+# The runs of tiny models on synthetic data compile far more than they
+# compute: without LLVM's optimisations a ResNet's programs compile in a
+# quarter of the time.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+# tuning_playbook.main in one process, fed the synthetic batches that
+# NUM_PROCESSES hosts draw (the streams below).
+HOSTS_DATA_MAIN = (
+    "import runpy\n"
+    "from tests import test_shipped_configs_parallel as parallel\n"
+    "from tuning_playbook import trial_setup\n"
+    "trial_setup.make_train_stream = parallel.HostsTrainStream\n"
+    "trial_setup.make_eval_splits = parallel.hosts_eval_splits\n"
+    "runpy.run_module('tuning_playbook.main', run_name='__main__')\n")
+
+
+class HostsTrainStream:
+  """The synthetic streams of `NUM_PROCESSES` hosts in one process: each
+  batch is the hosts' local batches in process order (the global batch of
+  the multi-process job)."""
+
+  def __init__(self, config, workload, builder=None):
+    del builder  # Synthetic: no data set.
+    spec = synthetic_data.workload_spec(config, workload)
+    self._hosts = [synthetic_data.SyntheticTrainStream(
+        spec, seed=config.seed, local_batch_size=config.batch_size // NUM_PROCESSES,
+        process_index=p, process_count=NUM_PROCESSES) for p in range(NUM_PROCESSES)]
+    self.layout = self._hosts[0].layout  # What the job's checkpoints record.
+
+  def element_spec(self):
+    return self._hosts[0].element_spec()
+
+  def position(self, step):
+    return self._hosts[0].position(step)
+
+  def iterate(self, start_step):
+    for batches in zip(*(h.iterate(start_step) for h in self._hosts)):
+      yield {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def hosts_eval_splits(config, workload, builder=None):
+  """The multi-process job's synthetic eval splits, whole, in one process."""
+  del builder  # Synthetic: no data set.
+  spec = synthetic_data.workload_spec(config, workload)
+  hosts = [synthetic_data.make_eval_splits(
+      spec, local_batch_size=config.eval_batch_size // NUM_PROCESSES,
+      process_index=p, process_count=NUM_PROCESSES) for p in range(NUM_PROCESSES)]
+  return [synthetic_data.SyntheticEvalSplit(
+      name=parts[0].name,
+      batch={k: np.concatenate([s.batch[k] for s in parts]) for k in parts[0].batch},
+      local_batch_size=config.eval_batch_size, total_examples=config.eval_batch_size)
+          for parts in zip(*hosts)]
+
+
+def _config_file(name, fields, directory):
+  """The shipped config, or a config file that adds `fields` to its model."""
+  if not fields:
+    return _config_path(name)
+  path = os.path.join(directory, f"{name}_tiny.py")
+  model = {f"model.{k}": v for k, v in fields.items()}
+  with open(path, "w") as f:
+    f.write("from tests import helpers\n\n\ndef get_config():\n"
+            f"  return helpers.load_config({_config_path(name)!r}, **{model!r})\n")
+  return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_synthetic_config_on_two_processes_matches_one_process(
+    name, tmp_path, monkeypatch):
+  plain_env = helpers.subprocess_env
+
+  def fast_compile_env(num_devices=1):
+    env = plain_env(num_devices)
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {FAST_COMPILE}"
+    return env
+
+  monkeypatch.setattr(helpers, "subprocess_env", fast_compile_env)
+  model, fields = TINY_MODELS[name]
+  data_dir = str(tmp_path / "data")
+  flags = [f"--config.{k}={v}" for k, v in
+           {**SYNTHETIC_RUN, **model, "data.data_dir": data_dir}.items()]
+  config = _config_file(name, fields, str(tmp_path))
+  job, one = str(tmp_path / "2x2"), str(tmp_path / "1x4")
+  command = helpers.main_command(job, *flags, config=config)
+  for rc, err in helpers.wait_all(
+      helpers.start_processes(command, NUM_PROCESSES, 2), timeout=400):
+    assert rc == 0, err[-4000:]
+  # One process of 4 devices fed the two hosts' batches.
+  argv = helpers.main_command(one, *flags, config=config)
+  result = subprocess.run([sys.executable, "-c", HOSTS_DATA_MAIN, *argv[3:]],
+                          cwd=helpers.REPO, env=helpers.subprocess_env(4),
+                          capture_output=True, text=True, timeout=400)
+  assert result.returncode == 0, result.stderr[-4000:]
+  rows, ref = _metrics(job), _metrics(one)
+  _assert_close(rows, ref, rel=1e-4, steps=range(1, 5))
+  assert "eval/validation/loss" in rows[-1]
+  for workdir in (job, one):
+    summary = helpers.read_json(os.path.join(workdir, "summary.json"))
+    assert summary["status"] == "completed" and summary["final_step"] == 4
+  assert not os.path.exists(data_dir)  # No data set read or prepared.

@@ -8,11 +8,11 @@ finding. Unfinished or failed trials are reported, not fatal.
 """
 
 import dataclasses
-import sys
 
 from absl import app
 from absl import flags
 
+from tuning_playbook import cli
 from tuning_playbook.analysis import findings
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
@@ -21,7 +21,8 @@ _STUDY_DIR = flags.DEFINE_string("study_dir", None, "The study directory (holds 
 _REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where to write; default <study_dir>/report.")
 _TOP_K = flags.DEFINE_integer(
     "top_k", findings.Thresholds.top_k,
-    "Best trials per scientific value whose curves and gradients are examined.")
+    "Best trials per scientific value whose curves and gradients are examined.",
+    lower_bound=1)
 flags.mark_flag_as_required("study_dir")
 
 
@@ -32,8 +33,7 @@ def main(argv):
   try:
     result = report.write_report(_STUDY_DIR.value, _REPORT_DIR.value, thresholds)
   except study_data.StudyError as e:
-    sys.stderr.write(f"Error: {e}\n")
-    sys.exit(2)
+    cli.fail(str(e))
   for finding in sorted(result.findings, key=lambda f: f.severity != "warning"):
     print(f"[{finding.severity}] {finding.message}")
   print(f"Report: {result.index_html}")
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

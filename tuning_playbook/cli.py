@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging as std_logging
 import sys
 from typing import Any
@@ -29,9 +30,34 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     fail(f"{e}\nRun with --helpfull for the flags.")
   except (KeyError, OSError, AttributeError, TypeError, ValueError) as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    # ml_collections raises a KeyError for a key the config lacks, at times
+    # wrapped in an AttributeError.
+    key_error = e if isinstance(e, KeyError) else (
+        e.args[0] if e.args and isinstance(e.args[0], KeyError) else None)
+    message = _unknown_key(key_error, argv) if key_error else e
     fail(f"bad --config file or --config.* override: {message}")
   raise AssertionError("unreachable")
+
+
+def _unknown_key(error: KeyError, argv: list[str]) -> str:
+  """The --config.* flag naming a key the config lacks, and what is allowed."""
+  text = error.args[0] if error.args else ""
+  # ml_collections quotes the key, at times twice: "'key'", or "'key'\nDid
+  # you mean ...".
+  while (isinstance(text, str) and len(text) >= 2 and text[0] == text[-1]
+         and text[0] in "'\""):
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  first, _, hint = str(text).partition("\n")
+  key = first.strip("'\"")
+  named = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+           and key in a.split("=", 1)[0].split(".")[1:]]
+  return (f"{named[0] if named else '--config.*'}: the config has no key "
+          f"{key!r}" + (f" ({hint.strip()})" if hint.strip() else "") +
+          "; a --config.* flag can only set a key that the config file's "
+          "get_config() defines")
 
 
 def loaded_config(config_flag: flags.FlagHolder) -> Any:

@@ -172,11 +172,21 @@ def resolve_trial_config(config: ml_collections.ConfigDict,
 
 
 def read_study_json(study_dir: str) -> dict[str, Any] | None:
+  """study.json's object, or None when there is none; StudyError when it
+  cannot be read or holds something else."""
   path = os.path.join(study_dir, STUDY_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    raise StudyError(f"{path} is unreadable ({e}): it must hold the JSON "
+                     "object that tuning_playbook.sweep writes") from None
+  if not isinstance(record, dict):
+    raise StudyError(f"{path} holds a {type(record).__name__}, not the JSON "
+                     "object that tuning_playbook.sweep writes")
+  return record
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -303,15 +313,28 @@ def write_studies(studies: Sequence[Study],
 
 def load_study(study_dir: str, trainer_module: str = DEFAULT_TRAINER) -> Study:
   """The Study recorded in `study_dir/study.json`."""
+  if not os.path.isdir(study_dir):
+    raise StudyError(f"{study_dir} is not a directory: name a study directory "
+                     f"(one holding {STUDY_FILE}, as tuning_playbook.sweep "
+                     "writes)")
   record = read_study_json(study_dir)
   if record is None:
-    raise StudyError(f"no {STUDY_FILE} in {study_dir}")
-  return Study(
-      study_dir=study_dir, name=record["name"],
-      description=record["description"], config_path=record["config"],
-      config_overrides=record["config_overrides"], seed=record["seed"],
-      sampler=record["sampler"], scientific=record["scientific"],
-      fixed=record["fixed"], search_space=record["search_space"],
-      base_config=record["base_config"],
-      trials=tuple(Trial(t["trial_id"], t["params"]) for t in record["trials"]),
-      trainer_module=trainer_module, procedure=record.get("procedure"))
+    raise StudyError(f"no {STUDY_FILE} in {study_dir}: is it a study directory "
+                     "(as tuning_playbook.sweep writes)?")
+  try:
+    return Study(
+        study_dir=study_dir, name=record["name"],
+        description=record["description"], config_path=record["config"],
+        config_overrides=record["config_overrides"], seed=record["seed"],
+        sampler=record["sampler"], scientific=record["scientific"],
+        fixed=record["fixed"], search_space=record["search_space"],
+        base_config=record["base_config"],
+        trials=tuple(Trial(t["trial_id"], t["params"]) for t in record["trials"]),
+        trainer_module=trainer_module, procedure=record.get("procedure"))
+  except (KeyError, TypeError) as e:
+    missing = f"key {e}" if isinstance(e, KeyError) else f"value ({e})"
+    raise StudyError(
+        f"{os.path.join(study_dir, STUDY_FILE)}: a bad or missing {missing}; "
+        "it must hold the JSON object that tuning_playbook.sweep writes (name, "
+        "config, config_overrides, seed, sampler, search_space, base_config, "
+        "trials of trial_id and params, ...)") from None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging as std_logging
 import os
 import sys
@@ -52,11 +53,12 @@ from tuning_playbook import termination
 from tuning_playbook import tracking
 from tuning_playbook import trial_claims
 from tuning_playbook import trial_logs
+from tuning_playbook import workload as workload_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The study's config file.", lock_config=True)
 _STUDY_DIRS = flags.DEFINE_multi_string(
-    "study_dir", [], "A study directory (repeatable: a sweep's sub-studies).")
+    "study_dir", None, "A study directory (repeatable: a sweep's sub-studies).")
 _VECTORIZE = flags.DEFINE_integer(
     "vectorize", 1, "Trials trained at once as one population.", lower_bound=1)
 _RETRY_FAILED = flags.DEFINE_bool(
@@ -87,6 +89,35 @@ def study_trials(config: ml_collections.ConfigDict,
         out.append(_Trial(s.trial_dir(trial), study_lib.resolve_trial_config(
             config, {**s.fixed, **trial.params}, what=f"trial {s.trial_dir(trial)}")))
   return out
+
+
+def check_trial_configs(trials: Sequence[_Trial]) -> None:
+  """Raises StudyError when the worker's config is not the study's: every
+  trial whose config.json exists (the sweep writes them) holds another one.
+  One trial at odds with its config.json is that trial's bad input, reported
+  when it trains; all of them at odds are the worker's --config."""
+  differences = []
+  for trial in trials:
+    recorded = os.path.join(trial.trial_dir, records.CONFIG_FILE)
+    if not os.path.exists(recorded):
+      continue
+    try:
+      with open(recorded) as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      return  # The trial's own bad input.
+    lines = records.config_differences(old, records.config_to_dict(trial.config))
+    if not lines:
+      return
+    differences.append((recorded, lines))
+  if differences:
+    recorded, lines = differences[0]
+    raise study_lib.StudyError(
+        f"--config and its --config.* flags differ from the config of every "
+        f"trial of the study (e.g. {recorded}): " + "; ".join(lines) + ". "
+        "Launch the worker with the study's --config and --config.* flags "
+        f"({study_lib.STUDY_FILE}: config, config_overrides); nothing was "
+        "changed")
 
 
 def latest_checkpoint_step(trial_dir: str) -> int | None:
@@ -345,6 +376,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   config = cli.loaded_config(_CONFIG)
+  try:  # The workload before the trainer's imports, as tuning_playbook.main.
+    workload_lib.load_workload(config.workload)
+  except workload_lib.UnknownWorkloadError as e:
+    cli.fail(str(e))
   cpu_devices.configure_thread_pool()  # Before the backend starts.
   termination.install_sigterm_exit()
   try:  # The platform line, and the config's accelerator requirement.
@@ -355,6 +390,7 @@ def main(argv):
   try:
     studies = [study_lib.load_study(d) for d in _STUDY_DIRS.value]
     trials = study_trials(config, studies)
+    check_trial_configs(trials)
   except study_lib.StudyError as e:
     cli.fail(str(e))
   trained = Worker(trials, _VECTORIZE.value, _RETRY_FAILED.value).run()

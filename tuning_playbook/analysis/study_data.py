@@ -222,10 +222,21 @@ def _load_one(study_dir: str, spec: dict[str, Any], prefix: str = "") -> Study:
 
 
 def _read_spec(study_dir: str) -> dict[str, Any] | None:
-  spec, problem = trial_data.read_json(os.path.join(study_dir, STUDY_FILE))
-  if problem:
-    raise StudyError(problem)
-  return spec if isinstance(spec, dict) else None
+  """study.json's object, or None when there is no study.json."""
+  path = os.path.join(study_dir, STUDY_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      spec = json.load(f)
+  except (OSError, ValueError) as e:
+    raise StudyError(f"{path} is unreadable ({e}): it must hold the JSON "
+                     "object that tuning_playbook.sweep (or .playbook) "
+                     "writes") from None
+  if not isinstance(spec, dict):
+    raise StudyError(f"{path} holds a {type(spec).__name__}, not the JSON "
+                     "object that tuning_playbook.sweep (or .playbook) writes")
+  return spec
 
 
 def _combine(study_dir: str, parts: Sequence[tuple[str, dict[str, Any], Study]]) -> Study:
@@ -270,7 +281,8 @@ def _combine(study_dir: str, parts: Sequence[tuple[str, dict[str, Any], Study]])
 def load_study(study_dir: str) -> Study:
   """Reads study.json (or one per scientific value below) and every trial."""
   if not os.path.isdir(study_dir):
-    raise StudyError(f"{study_dir} is not a directory")
+    raise StudyError(f"{study_dir} is not a directory: name a study directory "
+                     f"(one holding {STUDY_FILE}, as tuning_playbook.sweep writes)")
   spec = _read_spec(study_dir)
   if spec is not None:
     return _load_one(study_dir, spec)
