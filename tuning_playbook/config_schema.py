@@ -25,6 +25,8 @@ import ml_collections
 
 from tuning_playbook import config_paths
 
+# The axes of the device mesh (config.sharding.mesh), outermost first.
+MESH_AXES = ("data", "fsdp")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "nadam")
 SCHEDULES = ("constant", "linear", "cosine")
 WARMUP_MODES = ("prepended", "included")
@@ -155,8 +157,44 @@ def base_config() -> ml_collections.ConfigDict:
   # without augmentation ignore it.
   c.data.augment = True
 
+  c.sharding = ml_collections.ConfigDict()
+  # The device mesh: axis name -> size, in the order of MESH_AXES; -1 (one
+  # axis at most) takes the devices left. The batch is split over every axis;
+  # parameters, gradients, optimizer state and EMA over "fsdp" (each array
+  # along its largest dimension divisible by the axis size, unless the
+  # workload's SHARDING_RULES say otherwise; see tuning_playbook/sharding.py).
+  # {"data": -1, "fsdp": 1} is plain data parallelism. A run may resume on
+  # another mesh: checkpoints restore onto any shape.
+  c.sharding.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  # Arrays with fewer elements than this stay replicated when fsdp > 1: the
+  # memory they would save is not worth a collective each.
+  c.sharding.fsdp_min_size = 2**14
+
   c.model = ml_collections.ConfigDict()
   return c
+
+
+def mesh_axis_sizes(config: ml_collections.ConfigDict,
+                    num_devices: int) -> dict[str, int]:
+  """`config.sharding.mesh` with -1 resolved: {axis: size} in MESH_AXES
+  order, whose product is `num_devices`; ConfigError otherwise."""
+  _check_mesh_values(config)
+  sizes = {axis: config.sharding.mesh[axis] for axis in MESH_AXES}
+  free = [a for a, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    _fail(f"sharding.mesh.{free[1]}", -1, f"only one axis may be -1 (here also "
+          f"sharding.mesh.{free[0]})")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  described = ", ".join(f"{a}={v}" for a, v in sizes.items())
+  if free:
+    if num_devices % fixed:
+      _fail(f"sharding.mesh.{free[0]}", -1, f"the other axes ({described}) "
+            f"must divide the {num_devices} devices")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    _fail("sharding.mesh", described, f"the axes' sizes must multiply to the "
+          f"{num_devices} devices (or set one axis to -1)")
+  return sizes
 
 
 def added_at_default(key: str, value: Any) -> bool:
@@ -205,8 +243,11 @@ def resolved_eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.eval_batch_size or max(config.batch_size, 1024)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ConfigError for the first bad key; touches no JAX device."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError for the first bad key; touches no JAX device.
+
+  `num_devices` (None: unknown yet) adds the checks that depend on it.
+  """
   _check_keys(config, base_config())
   if not config.workload:
     _fail("workload", config.workload, "name a module in workloads/")
@@ -215,6 +256,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     value = config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       _fail(key, value, "must be a positive integer")
+  if not isinstance(config.sharding.fsdp_min_size, int) or config.sharding.fsdp_min_size < 0:
+    _fail("sharding.fsdp_min_size", config.sharding.fsdp_min_size,
+          "must be an integer >= 0 (elements)")
+  if num_devices is None:
+    _check_mesh_values(config)
+    num_devices = 1
+  else:
+    mesh_axis_sizes(config, num_devices)
   if config.batch_size % num_devices:
     _fail("batch_size", config.batch_size,
           f"the global batch must be divisible by the device count "
@@ -280,6 +329,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if config.data.max_length < 0:
     _fail("data.max_length", config.data.max_length,
           "must be >= 0 (0: not a sequence workload)")
+
+
+def _check_mesh_values(config: ml_collections.ConfigDict) -> None:
+  """The mesh checks that need no device count."""
+  for axis in MESH_AXES:
+    value = config.sharding.mesh[axis]
+    if not isinstance(value, int) or isinstance(value, bool) or (
+        value < 1 and value != -1):
+      _fail(f"sharding.mesh.{axis}", value, "must be a positive integer, or -1 "
+            "for the devices the other axes leave")
 
 
 def profile_step_range(config: ml_collections.ConfigDict) -> tuple[int, int] | None:

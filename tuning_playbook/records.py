@@ -63,12 +63,19 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Config keys that may differ between the runs of one work directory.
+RESHARDABLE_PREFIX = "sharding."
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """Lines `key: old -> new` for every field that differs (a key that `old`
-  predates, at its default, does not)."""
+  predates, at its default, does not; nor does the device mesh, which a run
+  may change when it resumes: checkpoints restore onto any mesh)."""
   a, b = config_paths.flatten(old), config_paths.flatten(new)
   lines = []
   for key in sorted(set(a) | set(b)):
+    if key.startswith(RESHARDABLE_PREFIX):
+      continue
     if key not in a and config_schema.added_at_default(key, b[key]):
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):

@@ -1,4 +1,20 @@
-"""Data-parallel mesh over every device of every host, and global batches.
+"""The device mesh, the train state's shardings over it, and global batches.
+
+The mesh (`config.sharding.mesh`) has the axes "data" and "fsdp" and spans
+every device of every host. The batch is split over both axes. Parameters,
+gradients, optimizer state and EMA are split over "fsdp" (fully sharded data
+parallelism): XLA all-gathers an array where the step needs it whole and
+reduce-scatters its gradient. With fsdp=1 every device holds the whole state
+(plain data parallelism).
+
+Each array of the state is split along its largest dimension divisible by the
+fsdp size; arrays smaller than `config.sharding.fsdp_min_size` elements, and
+those with no such dimension, stay replicated, as do the BatchNorm moving
+averages (checked replica by replica, `check_replicas_identical`). A workload
+module may declare `SHARDING_RULES`: (regular expression, spec) pairs matched
+(`re.search`) against a leaf's path, such as "params/Dense_0/kernel" or
+"opt_state/0/mu/Dense_0/kernel"; the first match gives the leaf's
+PartitionSpec as a tuple of axis names or None per dimension (() replicates).
 
 Each host passes its local slice of the global batch; the global array is
 assembled with `jax.make_array_from_process_local_data`, so no host ever
@@ -9,29 +25,128 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import queue
+import re
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+from tuning_playbook import config_schema
+
+DATA_AXIS, FSDP_AXIS = config_schema.MESH_AXES
+# The batch axis is split over every device: both mesh axes.
+BATCH_AXES = config_schema.MESH_AXES
+# State fields that are never split (compared replica by replica).
+REPLICATED_FIELDS = ("batch_stats",)
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh over all devices (all hosts), in `jax.devices()` order."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+class ShardingError(ValueError):
+  """A sharding rule that does not fit an array."""
+
+
+def create_mesh(config: ml_collections.ConfigDict | None = None) -> Mesh:
+  """The mesh of `config.sharding.mesh` over all devices of all hosts (None:
+  data parallel), built by `jax.make_mesh` (whose device order suits the
+  platform's topology)."""
+  if config is None:
+    sizes = {DATA_AXIS: jax.device_count(), FSDP_AXIS: 1}
+  else:
+    sizes = config_schema.mesh_axis_sizes(config, jax.device_count())
+  return jax.make_mesh(tuple(sizes[a] for a in config_schema.MESH_AXES),
+                       config_schema.MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(config_schema.MESH_AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches stacked along a leading steps axis: [steps, batch, ...]."""
-  return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+  return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
+def per_trial_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Each trial's own stacked batches: [trials, steps, batch, ...]."""
+  return NamedSharding(mesh, PartitionSpec(None, None, BATCH_AXES))
+
+
+def leaf_name(path: Any) -> str:
+  """A state leaf's path as rules match it: "params/Dense_0/kernel"."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> PartitionSpec:
+  """The array split along its largest dimension divisible by `fsdp_size`
+  (the last such among equals); replicated when small or indivisible."""
+  if fsdp_size == 1 or math.prod(shape) < max(min_size, 1):
+    return PartitionSpec()
+  for dim in sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True):
+    if shape[dim] % fsdp_size == 0:
+      return PartitionSpec(*[FSDP_AXIS if d == dim else None
+                             for d in range(len(shape))])
+  return PartitionSpec()
+
+
+def _rule_spec(name: str, shape: Sequence[int], spec: Sequence[Any],
+               pattern: str, mesh: Mesh) -> PartitionSpec:
+  """A workload rule's spec for one leaf, checked against its shape."""
+  spec = tuple(spec)
+  if spec and len(spec) != len(shape):
+    raise ShardingError(
+        f"SHARDING_RULES entry {pattern!r} gives {spec} for {name} of shape "
+        f"{tuple(shape)}: one axis name or None per dimension (or () to replicate)")
+  for dim, axes in enumerate(spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    unknown = [a for a in names if a not in mesh.shape]
+    if unknown:
+      raise ShardingError(
+          f"SHARDING_RULES entry {pattern!r} names mesh axis {unknown[0]!r} "
+          f"for {name}; allowed: {', '.join(mesh.axis_names)}")
+    size = math.prod(mesh.shape[a] for a in names)
+    if shape[dim] % size:
+      raise ShardingError(
+          f"SHARDING_RULES entry {pattern!r} splits dimension {dim} of {name} "
+          f"(shape {tuple(shape)}) over {size} devices, which do not divide it")
+  return PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, *, min_size: int,
+                    rules: Sequence[tuple[str, Sequence[Any]]] = ()) -> Any:
+  """One trial's state shardings: workload rules, else `fsdp_spec`."""
+  fsdp_size = mesh.shape[FSDP_AXIS]
+
+  def leaf_sharding(path, leaf):
+    name = leaf_name(path)
+    if name.split("/", 1)[0] in REPLICATED_FIELDS or fsdp_size == 1:
+      return NamedSharding(mesh, PartitionSpec())
+    for pattern, spec in rules:
+      if re.search(pattern, name):
+        return NamedSharding(mesh, _rule_spec(name, leaf.shape, spec, pattern, mesh))
+    return NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, min_size))
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+
+def stacked_shardings(trial_shardings: Any) -> Any:
+  """The shardings of trial states stacked along a new leading axis."""
+  return jax.tree.map(
+      lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), trial_shardings)
+
+
+def bytes_per_device(abstract_state: Any) -> int:
+  """The bytes one device holds of a state with shardings (the largest
+  shard of each leaf)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_state):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
 
 
 def stack_batches(batches: Iterable[dict[str, np.ndarray]],

@@ -126,7 +126,7 @@ class Trainer:
     logging.info("The model computes in %s (config.compute_dtype=%r).",
                  self.compute_dtype, config.compute_dtype)
     input_pipeline.hide_accelerators_from_tensorflow()
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh(config)
     self._replicated = sharding.replicated(mesh)
     data = cache.data_for(config, workloads[0], mesh)
     streams = [data.stream_for(c, w) for c, w in zip(configs, workloads)]

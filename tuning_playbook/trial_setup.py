@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
@@ -221,12 +220,15 @@ def build_programs(spec: ProgramSpec, config: ml_collections.ConfigDict,
   # an error here is in the workload's code and keeps its traceback.
   abstract_one = jax.eval_shape(
       init_one, train_step_lib.seed_key_data(0), trial_hyperparameters(config))
-  # Every leaf replicated, with or without the trial axis.
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_one)
+  # One trial's state over the mesh (replicated, or split over "fsdp"), and
+  # the stacked trials' with a leading trial axis.
+  trial_sharding = sharding.state_shardings(
+      abstract_one, mesh, min_size=config.sharding.fsdp_min_size,
+      rules=workload.sharding_rules)
+  stacked_sharding = sharding.stacked_shardings(trial_sharding)
   hyperparams_sharding = {k: replicated for k in spec.traced}
   batch_sharding = (sharding.stacked_batch_sharding(mesh) if spec.shared_data
-                    else NamedSharding(mesh, PartitionSpec(None, None,
-                                                           sharding.DATA_AXIS)))
+                    else sharding.per_trial_batch_sharding(mesh))
   trained = population.over_trials(
       trial_loop, (0, None if spec.shared_data else 0, 0, None, 0),
       spec.num_trials, spec.mode)
@@ -239,7 +241,7 @@ def build_programs(spec: ProgramSpec, config: ml_collections.ConfigDict,
             population.keep_active(active, new_buffer, buffer))
 
   trial_evaluator = evaluation.Evaluator(
-      eval_step, data.eval_splits, mesh, (state_sharding, hyperparams_sharding),
+      eval_step, data.eval_splits, mesh, (trial_sharding, hyperparams_sharding),
       on_device=data.in_memory)
   population_evaluator = None
   if spec.num_trials > 1:
@@ -247,23 +249,23 @@ def build_programs(spec: ProgramSpec, config: ml_collections.ConfigDict,
     # (4 trials) to save 4 ms per eval.
     population_evaluator = trial_evaluator.for_step(
         jax.vmap(eval_step, in_axes=(0, None)),
-        (state_sharding, hyperparams_sharding))
+        (stacked_sharding, hyperparams_sharding))
   return Programs(
       abstract_trial=jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract_one, state_sharding),
-      init_trial=jax.jit(init_one, out_shardings=state_sharding),
+          abstract_one, trial_sharding),
+      init_trial=jax.jit(init_one, out_shardings=trial_sharding),
       stack=train_step_lib.jit_data_movement(population.stack,
-                                             out_shardings=state_sharding),
+                                             out_shardings=stacked_sharding),
       # One trial's state, to evaluate alone or to checkpoint: one program
       # for the whole tree (indexing leaf by leaf would compile one per shape).
       take_trial=train_step_lib.jit_data_movement(population.take,
-                                                  out_shardings=state_sharding),
+                                                  out_shardings=trial_sharding),
       train_step=jax.jit(
           step_in_loop,  # The name profiles show (xprof/summarize_trace.py).
-          in_shardings=(state_sharding, batch_sharding, replicated, replicated,
+          in_shardings=(stacked_sharding, batch_sharding, replicated, replicated,
                         replicated, hyperparams_sharding),
-          out_shardings=(state_sharding, replicated), donate_argnums=(0, 2)),
+          out_shardings=(stacked_sharding, replicated), donate_argnums=(0, 2)),
       step_fn=train_step_lib.make_train_step(
           model, tx, workload.loss_fn, config.grad_clip_norm, workload.weights_fn,
           ema_decay=config.ema_decay),

@@ -164,6 +164,9 @@ class Workload:
   regularization_off: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # Config keys of hyperparameters the model and loss accept as traced values.
   traced_hyperparameters: tuple[str, ...] = ()
+  # (regular expression, PartitionSpec tuple) pairs that place state leaves
+  # on the mesh before the default FSDP rule (tuning_playbook/sharding.py).
+  sharding_rules: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 class UnknownWorkloadError(ValueError):
@@ -236,6 +239,8 @@ def load_workload(name: str,
       synthetic_spec=getattr(module, "synthetic_spec", None),
       regularization_off=dict(getattr(module, "REGULARIZATION_OFF", {})),
       traced_hyperparameters=_traced_hyperparameters(module, name),
+      sharding_rules=tuple((pattern, tuple(spec)) for pattern, spec
+                           in getattr(module, "SHARDING_RULES", ())),
   )
 
 
