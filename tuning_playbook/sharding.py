@@ -93,16 +93,22 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> PartitionS
   return PartitionSpec()
 
 
-def _rule_spec(name: str, shape: Sequence[int], spec: Sequence[Any],
-               pattern: str, mesh: Mesh) -> PartitionSpec:
+def _rule_sharding(name: str, shape: Sequence[int], spec: Sequence[Any],
+                   pattern: str, mesh: Mesh) -> NamedSharding:
   """A workload rule's spec for one leaf, checked against its shape."""
   spec = tuple(spec)
   if spec and len(spec) != len(shape):
     raise ShardingError(
         f"SHARDING_RULES entry {pattern!r} gives {spec} for {name} of shape "
         f"{tuple(shape)}: one axis name or None per dimension (or () to replicate)")
+  used = []
   for dim, axes in enumerate(spec):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if any(a in used for a in names):
+      raise ShardingError(
+          f"SHARDING_RULES entry {pattern!r} for {name} uses a mesh axis for two "
+          f"dimensions ({spec}): each axis splits one dimension at most")
+    used.extend(names)
     unknown = [a for a in names if a not in mesh.shape]
     if unknown:
       raise ShardingError(
@@ -113,7 +119,7 @@ def _rule_spec(name: str, shape: Sequence[int], spec: Sequence[Any],
       raise ShardingError(
           f"SHARDING_RULES entry {pattern!r} splits dimension {dim} of {name} "
           f"(shape {tuple(shape)}) over {size} devices, which do not divide it")
-  return PartitionSpec(*spec)
+  return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, *, min_size: int,
@@ -127,7 +133,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, min_size: int,
       return NamedSharding(mesh, PartitionSpec())
     for pattern, spec in rules:
       if re.search(pattern, name):
-        return NamedSharding(mesh, _rule_spec(name, leaf.shape, spec, pattern, mesh))
+        return _rule_sharding(name, leaf.shape, spec, pattern, mesh)
     return NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, min_size))
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
@@ -136,7 +142,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, *, min_size: int,
 def stacked_shardings(trial_shardings: Any) -> Any:
   """The shardings of trial states stacked along a new leading axis."""
   return jax.tree.map(
-      lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), trial_shardings)
+      lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec) if s.spec
+                              else PartitionSpec()), trial_shardings)
 
 
 def bytes_per_device(abstract_state: Any) -> int:
