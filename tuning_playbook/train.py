@@ -143,6 +143,9 @@ class Trainer:
     self.hyperparams = jax.device_put(self._host_hyperparams, self._replicated)
     self.programs = cache.programs_for(spec, config, workloads[0], data, mesh)
     self.train_step = self.programs.train_step
+    logging.info("Mesh %s; %.4g MiB of each trial's state per device.",
+                 dict(mesh.shape),
+                 sharding.bytes_per_device(self.programs.abstract_trial) / 2**20)
     # The directories are claimed only once the configs are known to work.
     self.trials = [_TrialRun(trial_records.TrialRecords(
         c, d, stream=s, is_writer=self.is_writer,
