@@ -164,6 +164,7 @@ class Trainer:
         self._transfers(streams, spec.shared_data), self.programs.batch_sharding,
         size=config.data.prefetch_batches)
     self._transfer = None
+    self._active_mask = None
     self._compiled = False
     profile = (config_schema.profile_step_range(config)
                if self.is_writer or config.profile_all_processes else None)
@@ -391,15 +392,23 @@ class Trainer:
     self._reset_intervals(step + 1, [self.trials[i] for i in due])
     return pending
 
+  def lower_train_step(self) -> jax.stages.Lowered:
+    """The train step lowered for the state and the current transfer (the
+    first, taken now if training has not begun)."""
+    if self._transfer is None:
+      self._transfer = next(self.batches)
+    if self._active_mask is None:
+      self._update_mask()
+    return self.train_step.lower(self.state, self._transfer, self.metrics_buffer,
+                                 self._active_mask, self.examples, self.hyperparams)
+
   def _compile(self) -> None:
     """Compiles the train step for the first transfer (reading its FLOPs)
     and the eval steps: a trial's alone, and the population's for N > 1.
 
     The jitted steps' caches keep these compilations: their calls reuse them.
     """
-    compiled = self.train_step.lower(self.state, self._transfer, self.metrics_buffer,
-                                     self._active_mask, self.examples,
-                                     self.hyperparams).compile()
+    compiled = self.lower_train_step().compile()
     flops = throughput.step_flops(compiled, jax.device_count())
     for t in self.trials:
       with trial_logs.about(t.records.workdir):
