@@ -102,7 +102,8 @@ def _hand_metrics(logits, row_weight):
 
 def _run_steps(logits, row_weight, num_devices):
   """(train loss, eval metrics) of the framework's steps on `num_devices`."""
-  mesh = Mesh(np.asarray(jax.devices()[:num_devices]), (sharding.DATA_AXIS,))
+  mesh = Mesh(np.asarray(jax.devices()[:num_devices]).reshape(num_devices, 1),
+              (sharding.DATA_AXIS, sharding.FSDP_AXIS))
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   workload = workload_lib.load_workload("lm_transformer")
   tx = optimizers.create_optimizer(config_schema.base_config().optimizer, 10)
