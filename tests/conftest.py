@@ -6,6 +6,13 @@ variable again, so that no subprocess a test starts inherits it: a trainer,
 study worker or sweep must size its own pool (tests/test_thread_pools.py).
 TFDS data sets built by tests go to a directory of the session
 (`TFDS_DATA_DIR`), never to the user's `~/tensorflow_datasets`.
+
+Each test process keeps the programs it compiles in a persistent compilation
+cache of its own (a temporary directory, removed at the end): the many
+trainers that tests build in-process (a trial alone beside its population,
+say) compile the same programs, and a hit returns the same executable. It is
+set through `jax.config`, so no subprocess inherits it: the trainers, workers
+and sweeps that tests start compile, and cache, as the product decides.
 """
 
 import os
@@ -26,6 +33,10 @@ if "jax" not in __import__("sys").modules:
   cpu_devices.configure_thread_pool()
   import jax  # pylint: disable=g-import-not-at-top
   jax.devices()  # The backend starts here, with the pool sized.
+  _COMPILATION_CACHE = tempfile.mkdtemp(prefix="tuning_playbook_tests_jax_cache_")
+  jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   for _name, _value in _inherited.items():
     if _value is None:
       os.environ.pop(_name, None)
@@ -47,6 +58,9 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
   del config  # Unused.
+  cache = globals().get("_COMPILATION_CACHE")
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
   if os.environ.get(_TFDS_DIR_OWNER) == str(os.getpid()):
     shutil.rmtree(os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 

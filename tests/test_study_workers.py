@@ -12,7 +12,9 @@ import time
 import pytest
 
 from tests import test_sweep
+from tuning_playbook import records
 from tuning_playbook import slurm
+from tuning_playbook import study_runner
 from tuning_playbook import trial_claims
 
 REPO = test_sweep.REPO
@@ -106,6 +108,54 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
   taken = trial_claims.try_claim(str(tmp_path / "silent"))
   assert taken is not None
   assert trial_claims.read_claim(str(tmp_path / "silent"))["token"] == taken.token
+
+
+def test_a_killed_owner_not_yet_reaped_holds_no_claim(tmp_path):
+  # A worker killed together with its parent stays a zombie until PID 1
+  # reaps it, which in a container may take seconds.
+  zombie = subprocess.Popen([sys.executable, "-c", ""])
+  try:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      with open(f"/proc/{zombie.pid}/stat") as f:
+        if f.read().rpartition(")")[2].split()[0] == "Z":
+          break
+      time.sleep(0.05)
+    else:
+      raise AssertionError("the child never exited")
+    _write_claim(tmp_path / "t", socket.gethostname(), zombie.pid)
+    assert trial_claims.is_stale(str(tmp_path / "t"))
+    assert trial_claims.try_claim(str(tmp_path / "t")) is not None
+  finally:
+    zombie.wait()
+  claim = trial_claims.try_claim(str(tmp_path / "live"))
+  assert not trial_claims.is_stale(str(tmp_path / "live"))  # This process.
+  claim.release()
+
+
+def test_a_launch_trains_a_trial_released_after_its_workers_passed_it(tmp_path):
+  # The workers left the trial to a live claim that was then released: the
+  # launch must not end with it unfinished.
+  left = tmp_path / "left"
+  left.mkdir()
+  study_runner.write_runner_file(str(left), status="running", pid=_dead_pid())
+  assert study_runner.wait_for_claims_elsewhere([str(left)], False,
+                                                poll_seconds=0.01)
+  done = tmp_path / "done"
+  done.mkdir()
+  records.write_summary(str(done), {"status": "completed"})
+  assert not study_runner.wait_for_claims_elsewhere([str(done)], False,
+                                                    poll_seconds=0.01)
+  # Held by a live claim (this process's) until the third poll releases it.
+  claim = trial_claims.try_claim(str(left))
+  polls = []
+  def poll():
+    polls.append(len(polls))
+    if len(polls) == 3:
+      claim.release()
+  assert study_runner.wait_for_claims_elsewhere(
+      [str(left), str(done)], False, on_poll=poll, poll_seconds=0.01)
+  assert len(polls) == 3  # It waited while the claim was live.
 
 
 def test_heartbeat_keeps_a_claim_fresh(tmp_path):

@@ -103,44 +103,48 @@ class _Running:
   claim: trial_claims.Claim
 
 
-def _needs_run(trial_dir: str, retry_failed: bool) -> bool:
+def needs_run(trial_dir: str, retry_failed: bool) -> bool:
+  """Whether the trial is unfinished (or failed, with `retry_failed`)."""
   status = tracking.trial_record(trial_dir, check_lock=False)["status"]
   return not (status in records.FINISHED_STATUSES
               or (status == records.FAILED and not retry_failed))
 
 
-def _claimed_elsewhere(trial_dir: str) -> bool:
-  """Whether the trial's claim is held by a live runner (see trial_claims)."""
-  return (trial_claims.read_claim(trial_dir) is not None
-          and not trial_claims.is_stale(trial_dir))
+def _held_elsewhere(trial_dir: str) -> bool:
+  """Whether a live runner claimed the trial (see trial_claims) or runs it."""
+  return ((trial_claims.read_claim(trial_dir) is not None
+           and not trial_claims.is_stale(trial_dir))
+          or tracking.is_locked(trial_dir))
 
 
 def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
                               on_poll: Callable[[], None] | None = None,
                               poll_seconds: float = 2.0) -> bool:
-  """Waits while unfinished trials are claimed by runners elsewhere.
+  """Waits while unfinished trials are held by runners elsewhere.
 
-  Returns False once every such trial has finished, True as soon as one of
-  them is left unfinished and unclaimed (its runner stopped, or its claim
-  went stale): it is for the caller to train. `on_poll()` runs every
-  `poll_seconds` (to refresh the records).
+  Returns False once every unfinished trial has finished, True as soon as one
+  of them is unfinished and held by nobody (its runner stopped, its claim went
+  stale, or it was released after the caller's workers passed it over): it is
+  for the caller to train. `on_poll()` runs every `poll_seconds` (to refresh
+  the records).
   """
-  waiting = [d for d in trial_dirs
-             if _needs_run(d, retry_failed) and _claimed_elsewhere(d)]
-  if waiting:
-    logging.info("Waiting for %d trial(s) claimed by runners elsewhere: %s",
-                 len(waiting), ", ".join(waiting))
-  while waiting:
+  logged = False
+  while True:
+    unfinished = [d for d in trial_dirs if needs_run(d, retry_failed)]
+    released = [d for d in unfinished if not _held_elsewhere(d)]
+    if released:
+      logging.info("Trial(s) left unfinished and unclaimed: %s",
+                   ", ".join(released))
+      return True
+    if not unfinished:
+      return False
+    if not logged:
+      logging.info("Waiting for %d trial(s) claimed by runners elsewhere: %s",
+                   len(unfinished), ", ".join(unfinished))
+      logged = True
     time.sleep(poll_seconds)
     if on_poll is not None:
       on_poll()
-    waiting = [d for d in waiting if _needs_run(d, retry_failed)]
-    released = [d for d in waiting if not _claimed_elsewhere(d)]
-    if released:
-      logging.info("Trial(s) released unfinished by their runner: %s",
-                   ", ".join(released))
-      return True
-  return False
 
 
 def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
@@ -214,7 +218,7 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
   if parallel < 1:
     raise ValueError(f"parallel={parallel}: must be >= 1")
   pending = collections.deque(
-      j for j in jobs if _needs_run(j.trial_dir, retry_failed))
+      j for j in jobs if needs_run(j.trial_dir, retry_failed))
   running: list[_Running] = []
   launched = 0
   try:
@@ -232,7 +236,7 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
           pending.append(job)
           blocked += 1
           continue
-        if not _needs_run(job.trial_dir, retry_failed):
+        if not needs_run(job.trial_dir, retry_failed):
           os.close(lock_fd)  # Finished by whoever held the lock.
           claim.release()
           continue

@@ -144,9 +144,7 @@ class Worker:
     self.trained = 0
 
   def _needs_run(self, trial: _Trial) -> bool:
-    status = tracking.trial_record(trial.trial_dir, check_lock=False)["status"]
-    return not (status in records.FINISHED_STATUSES
-                or (status == records.FAILED and not self.retry_failed))
+    return study_runner.needs_run(trial.trial_dir, self.retry_failed)
 
   def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
     """(structure, resume step); None when the trial must train alone."""

@@ -12,7 +12,7 @@ random token. `flock` alone is not enough on a shared file system (NFS clients
 may implement it per machine, or not at all).
 
 A claim is stale, and the next worker takes the trial over, when
-- its owner ran on this host and that process is gone, or
+- its owner ran on this host and that process is gone (or a zombie), or
 - its heartbeat (the file's modification time, refreshed by the owner every
   `HEARTBEAT_SECONDS`) is older than `STALE_SECONDS`, whatever the host: a
   worker on another machine that died, or lost the file system, that long ago.
@@ -94,13 +94,22 @@ def read_claim(trial_dir: str) -> dict | None:
 
 
 def _pid_alive(pid: int) -> bool:
+  """Whether process `pid` of this host still runs (a zombie does not: a
+  killed worker whose parent died stays one until PID 1 reaps it, which in a
+  container may take seconds)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
-    return True
-  return True
+    pass
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      # "pid (comm) state ...": comm may hold spaces and parentheses.
+      state = f.read().rpartition(")")[2].split()[0]
+  except (OSError, IndexError):
+    return True  # No procfs (macOS): the signal check above is all there is.
+  return state not in ("Z", "X")
 
 
 def _age(path: str) -> float | None:
