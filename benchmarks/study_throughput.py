@@ -53,7 +53,7 @@ def _check_records(study_dir: str, num_trials: int) -> None:
   trials = os.path.join(study_dir, "trials")
   for trial_id in sorted(os.listdir(trials))[:num_trials]:
     trial_dir = os.path.join(trials, trial_id)
-    status = tracking.trial_record(trial_dir)["status"]
+    status = records.trial_status(trial_dir)["status"]
     if status not in records.FINISHED_STATUSES:
       raise RuntimeError(f"{trial_dir}: {status}")
     for name in (records.METRICS_FILE, records.GRAD_NORMS_FILE,

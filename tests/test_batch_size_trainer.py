@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from tests import helpers
+from tuning_playbook import records
 from tuning_playbook import run
-from tuning_playbook import tracking
 from tuning_playbook.procedures import batch_size
 
 BATCH_SIZES = (16, 32)
@@ -109,7 +109,7 @@ def test_an_out_of_memory_error_of_the_trainer_does_not_fit(tmp_path):
   with pytest.raises(Exception, match="(?i)out of memory") as error:
     run.run_trial(config, workdir)
   assert not isinstance(error.value, run.BAD_INPUT_ERRORS)
-  record = tracking.trial_record(workdir)
+  record = records.trial_status(workdir)
   assert record["status"] == "failed"
   assert "Out of memory allocating" in record["reason"]  # XLA:CPU's words.
   assert batch_size.does_not_fit(record) and batch_size.stop_rule(record)

@@ -50,8 +50,7 @@ def _board_steps(workdir):
 
 def _file_names(workdir):
   """The trainer's files (a study's runner files left out)."""
-  from tuning_playbook import tracking  # pylint: disable=g-import-not-at-top
-  study_files = {tracking.RUNNER_FILE, tracking.LOCK_FILE, tracking.LOG_FILE}
+  study_files = {records.RUNNER_FILE, records.LOCK_FILE, records.LOG_FILE}
   return sorted({"events" if n.startswith("events.out.tfevents.") else n
                  for n in os.listdir(workdir) if n not in study_files})
 

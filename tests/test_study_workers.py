@@ -67,7 +67,7 @@ def test_relaunched_worker_resumes_a_killed_workers_trial(tmp_path):
     worker.wait()
   # The dead worker's claim is left behind, and judged stale on this host.
   assert trial_claims.read_claim(trial)["pid"] == worker.pid
-  test_sweep._wait_for(lambda: not test_sweep.tracking.is_locked(trial), 20,
+  test_sweep._wait_for(lambda: not records.is_locked(trial), 20,
                        "the trial process to exit")
   test_sweep._sweep(study_dir, "--num_trials=2", "--worker",
                     "--config.max_train_steps=60")
@@ -138,7 +138,7 @@ def test_a_launch_trains_a_trial_released_after_its_workers_passed_it(tmp_path):
   # launch must not end with it unfinished.
   left = tmp_path / "left"
   left.mkdir()
-  study_runner.write_runner_file(str(left), status="running", pid=_dead_pid())
+  records.write_runner(str(left), records.RUNNING, pid=_dead_pid())
   assert study_runner.wait_for_claims_elsewhere([str(left)], False,
                                                 poll_seconds=0.01)
   done = tmp_path / "done"

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tuning_playbook import records
 from tuning_playbook import tracking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -383,12 +384,12 @@ def test_killed_sweep_resumes_interrupted_trials(tmp_path):
     sweep.wait()
   # The trials die with the sweep (a held trial lives on otherwise) and
   # release their locks.
-  _wait_for(lambda: not any(tracking.is_locked(trial(i)) for i in range(4)),
+  _wait_for(lambda: not any(records.is_locked(trial(i)) for i in range(4)),
             20, "trial processes to exit")
   assert all(_exited(pid) for i in (0, 1) for pid in _pids(trial(i)))
   killed_at = [_checkpoint_step(trial(i)) for i in (0, 1)]
   assert killed_at == [5, 5]
-  assert [tracking.trial_record(trial(i))["status"] for i in range(4)] == [
+  assert [records.trial_status(trial(i))["status"] for i in range(4)] == [
       "interrupted", "interrupted", "pending", "pending"]
 
   _sweep(study_dir, *args)
@@ -468,7 +469,7 @@ def test_terminated_sweep_stops_its_trials_and_records_them(tmp_path):
   finally:
     sweep.send_signal(signal.SIGTERM)
     assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
-  assert not tracking.is_locked(trial(0)) and not tracking.is_locked(trial(1))
+  assert not records.is_locked(trial(0)) and not records.is_locked(trial(1))
   rows = _read_csv(study_dir / "results.csv")
   assert [r["status"] for r in rows] == ["interrupted", "interrupted",
                                          "pending"]
@@ -534,10 +535,10 @@ def test_runner_bounds_parallelism_and_survives_unstartable_trials(tmp_path):
     running_now += 1 if kind == "start" else -1
     peak = max(peak, running_now)
   assert peak == 2
-  record = tracking.trial_record(str(tmp_path / "missing"))
+  record = records.trial_status(str(tmp_path / "missing"))
   assert record["status"] == "failed"
   assert record["reason"].startswith("could not start the trial")
   # Exited 0 without a summary: a trainer that did not honour the contract.
-  assert tracking.trial_record(str(tmp_path / "t0"))["reason"] == (
+  assert records.trial_status(str(tmp_path / "t0"))["reason"] == (
       "exited 0 without writing summary.json")
   assert len(updated) == 11  # Each launch and each end, plus the failure.

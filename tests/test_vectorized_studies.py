@@ -12,7 +12,7 @@ import pytest
 
 from tests import helpers
 from tests import test_sweep
-from tuning_playbook import tracking
+from tuning_playbook import records
 from tuning_playbook import trial_claims
 
 REPO = test_sweep.REPO
@@ -240,7 +240,7 @@ def test_a_terminated_worker_hands_its_trials_to_another_host_at_once(tmp_path):
     assert runner["status"] == "interrupted" and runner["returncode"] == 143
     stopped[trial] = max(int(n) for n in os.listdir(os.path.join(trial, "checkpoints"))
                          if n.isdigit())
-    assert tracking.trial_record(trial)["status"] == "interrupted"
+    assert records.trial_status(trial)["status"] == "interrupted"
   result = test_sweep._sweep(study, "--num_trials=2", "--run", "--worker",
                              "--vectorize=2", *overrides, fake=False)
   rows = test_sweep._read_csv(study / "results.csv")

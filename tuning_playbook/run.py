@@ -45,10 +45,8 @@ def run_trial(config: ml_collections.ConfigDict, workdir: str,
 def failed_summary(config: ml_collections.ConfigDict,
                    error: Exception) -> dict[str, Any]:
   """summary.json of a trial that failed with `error` (call while handling it)."""
-  return {"status": records.FAILED, "reason": f"{type(error).__name__}: {error}",
-          "traceback": traceback.format_exc(), "best_step": None,
-          "best_metric": config.best_metric, "best_mode": config.best_mode,
-          "best_value": None, "final_step": None,
-          "max_train_steps": config.max_train_steps,
-          "total_train_steps": config_schema.total_train_steps(config),
-          "best_checkpoint": None}
+  failed = records.summary(config, records.FAILED,
+                           f"{type(error).__name__}: {error}",
+                           total_train_steps=config_schema.total_train_steps(config))
+  failed["traceback"] = traceback.format_exc()
+  return failed

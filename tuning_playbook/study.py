@@ -304,11 +304,8 @@ def write_studies(studies: Sequence[Study],
                             default=str)
     for t in s.trials:
       directory = s.trial_dir(t)
-      path = os.path.join(directory, records.CONFIG_FILE)
-      if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        atomic_files.write_json(path, resolved[directory].to_dict(),
-                                default=str)
+      if not os.path.exists(os.path.join(directory, records.CONFIG_FILE)):
+        records.write_config(directory, resolved[directory])
 
 
 def load_study(study_dir: str, trainer_module: str = DEFAULT_TRAINER) -> Study:

@@ -35,6 +35,7 @@ from absl import logging
 
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_runner
+from tuning_playbook import records
 from tuning_playbook import tracking
 from tuning_playbook import worker_devices
 
@@ -186,7 +187,7 @@ def _run_until_stopped(jobs: Sequence[study_runner.TrialJob],
   for job in jobs:
     study_runner.run_trials([job], 1, retry_failed=options.retry_failed,
                             on_update=on_update, env=env)
-    record = tracking.trial_record(job.trial_dir)
+    record = records.trial_status(job.trial_dir)
     if options.stop_rule(record):
       logging.info("Trial %s: %s (%s); the later trials are not launched.",
                    job.trial_dir, record["status"], record["reason"])

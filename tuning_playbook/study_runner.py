@@ -15,11 +15,12 @@ on `<trial_dir>/.lock` for as long as its process lives, so a relaunched
 sweep waits for a trial that is still shutting down (or that another sweep is
 running) instead of starting a second copy of it.
 
-Across machines sharing the study directory, a runner first claims a trial
-(`trial_claims`: an O_EXCL claim file with a heartbeat, safe on NFS) and keeps
-the claim while the trial runs. With `leave_claimed=True` (a worker) trials
-claimed by a live runner elsewhere are left to it, so the call returns once
-no unclaimed unfinished trial is left; otherwise they are waited for.
+Across machines sharing the study directory, a runner takes a trial through
+a lease (`trial_lease`: a claim file with a heartbeat, safe on NFS, then the
+lock) and keeps it while the trial runs. With `leave_claimed=True` (a
+worker) trials held by a live runner elsewhere are left to it, so the call
+returns once no unheld unfinished trial is left; otherwise they are waited
+for.
 """
 
 from __future__ import annotations
@@ -27,21 +28,17 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
-import datetime
-import fcntl
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from tuning_playbook import atomic_files
 from tuning_playbook import records
-from tuning_playbook import termination
-from tuning_playbook import tracking
-from tuning_playbook import trial_claims
+from tuning_playbook import trial_lease
 
 _PR_SET_PDEATHSIG = 1
 # A terminated trial or worker saves a checkpoint and exits within its
@@ -54,14 +51,6 @@ class TrialJob:
   """One trial to run: where it lives and the command that runs it."""
   trial_dir: str
   argv: Sequence[str]
-
-
-def now() -> str:
-  return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-def write_runner_file(trial_dir: str, **fields) -> None:
-  atomic_files.write_json(os.path.join(trial_dir, tracking.RUNNER_FILE), fields)
 
 
 def _die_with_parent_fn() -> Callable[[], None] | None:
@@ -81,40 +70,11 @@ def _die_with_parent_fn() -> Callable[[], None] | None:
   return preexec
 
 
-def try_lock(trial_dir: str) -> int | None:
-  """An fd holding the trial's exclusive lock, or None if someone holds it."""
-  os.makedirs(trial_dir, exist_ok=True)
-  fd = os.open(os.path.join(trial_dir, tracking.LOCK_FILE),
-               os.O_CREAT | os.O_RDWR, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fd
-  except OSError:
-    os.close(fd)
-    return None
-
-
 @dataclasses.dataclass
 class _Running:
   job: TrialJob
   process: subprocess.Popen
-  lock_fd: int
-  started: str
-  claim: trial_claims.Claim
-
-
-def needs_run(trial_dir: str, retry_failed: bool) -> bool:
-  """Whether the trial is unfinished (or failed, with `retry_failed`)."""
-  status = tracking.trial_record(trial_dir, check_lock=False)["status"]
-  return not (status in records.FINISHED_STATUSES
-              or (status == records.FAILED and not retry_failed))
-
-
-def _held_elsewhere(trial_dir: str) -> bool:
-  """Whether a live runner claimed the trial (see trial_claims) or runs it."""
-  return ((trial_claims.read_claim(trial_dir) is not None
-           and not trial_claims.is_stale(trial_dir))
-          or tracking.is_locked(trial_dir))
+  lease: trial_lease.Lease
 
 
 def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
@@ -130,8 +90,8 @@ def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
   """
   logged = False
   while True:
-    unfinished = [d for d in trial_dirs if needs_run(d, retry_failed)]
-    released = [d for d in unfinished if not _held_elsewhere(d)]
+    unfinished = [d for d in trial_dirs if records.needs_run(d, retry_failed)]
+    released = [d for d in unfinished if not trial_lease.held_elsewhere(d)]
     if released:
       logging.info("Trial(s) left unfinished and unclaimed: %s",
                    ", ".join(released))
@@ -147,41 +107,25 @@ def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
       on_poll()
 
 
-def _launch(job: TrialJob, lock_fd: int, claim: trial_claims.Claim,
-            cwd: str | None, env: dict[str, str] | None) -> _Running | None:
+def _launch(job: TrialJob, lease: trial_lease.Lease, cwd: str | None,
+            env: dict[str, str] | None) -> _Running | None:
   """Starts the trial; None (recorded as failed) if it cannot be started."""
-  started = now()
-  with open(os.path.join(job.trial_dir, tracking.LOG_FILE), "ab") as log:
-    log.write(f"=== {started} launch: {' '.join(job.argv)}\n".encode())
+  lease.start(job.argv)
+  with open(os.path.join(job.trial_dir, records.LOG_FILE), "ab") as log:
+    log.write(f"=== {lease.started} launch: {shlex.join(job.argv)}\n".encode())
     log.flush()
     try:
       process = subprocess.Popen(
           list(job.argv), stdout=log, stderr=subprocess.STDOUT,
-          stdin=subprocess.DEVNULL, cwd=cwd, env=env, pass_fds=(lock_fd,),
-          preexec_fn=_die_with_parent_fn())
+          stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+          pass_fds=(lease.lock_fd,), preexec_fn=_die_with_parent_fn())
     except (OSError, subprocess.SubprocessError) as e:
       log.write(f"could not start the trial: {e}\n".encode())
-      write_runner_file(job.trial_dir, status="exited", returncode=None,
-                         error=f"could not start the trial: {e}",
-                         started=started, finished=now(),
-                         command=list(job.argv))
-      os.close(lock_fd)
-      claim.release()
+      lease.end(None, error=f"could not start the trial: {e}")
+      lease.release()
       return None
-  write_runner_file(job.trial_dir, status="running", pid=process.pid,
-                     started=started, command=list(job.argv))
-  return _Running(job, process, lock_fd, started, claim)
-
-
-def _finish(run: _Running) -> None:
-  # A trainer stopped by SIGTERM saved its state: relaunching resumes it.
-  preempted = run.process.returncode == termination.TERMINATED_EXIT_CODE
-  write_runner_file(run.job.trial_dir,
-                     status="interrupted" if preempted else "exited",
-                     returncode=run.process.returncode, started=run.started,
-                     finished=now(), command=list(run.job.argv))
-  os.close(run.lock_fd)
-  run.claim.release()
+  lease.running(process.pid)
+  return _Running(job, process, lease)
 
 
 def _stop_all(running: list[_Running]) -> None:
@@ -195,11 +139,8 @@ def _stop_all(running: list[_Running]) -> None:
     except subprocess.TimeoutExpired:
       run.process.kill()
       run.process.wait()
-    write_runner_file(run.job.trial_dir, status="interrupted",
-                       returncode=run.process.returncode, started=run.started,
-                       finished=now(), command=list(run.job.argv))
-    os.close(run.lock_fd)
-    run.claim.release()
+    run.lease.interrupted(run.process.returncode)
+    run.lease.release()
 
 
 def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
@@ -218,7 +159,7 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
   if parallel < 1:
     raise ValueError(f"parallel={parallel}: must be >= 1")
   pending = collections.deque(
-      j for j in jobs if needs_run(j.trial_dir, retry_failed))
+      j for j in jobs if records.needs_run(j.trial_dir, retry_failed))
   running: list[_Running] = []
   launched = 0
   try:
@@ -226,22 +167,17 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
       blocked = 0
       while pending and len(running) < parallel and blocked < len(pending):
         job = pending.popleft()
-        claim = trial_claims.try_claim(job.trial_dir)
-        if claim is None and leave_claimed:
-          continue  # Another runner, here or on another machine, has it.
-        lock_fd = None if claim is None else try_lock(job.trial_dir)
-        if lock_fd is None:  # Run by another runner, or still shutting down.
-          if claim is not None:
-            claim.release()
-          pending.append(job)
+        lease = trial_lease.acquire(job.trial_dir, retry_failed)
+        if lease is None:
+          if not records.needs_run(job.trial_dir, retry_failed):
+            continue  # Finished by whoever held it.
+          if leave_claimed and trial_lease.held_elsewhere(job.trial_dir):
+            continue  # Another runner, here or on another machine, has it.
+          pending.append(job)  # Run by another runner, or shutting down.
           blocked += 1
           continue
-        if not needs_run(job.trial_dir, retry_failed):
-          os.close(lock_fd)  # Finished by whoever held the lock.
-          claim.release()
-          continue
         logging.info("Launching trial %s", job.trial_dir)
-        run = _launch(job, lock_fd, claim, cwd, env)
+        run = _launch(job, lease, cwd, env)
         if run is not None:
           running.append(run)
           launched += 1
@@ -249,12 +185,13 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
           on_update(job)
       time.sleep(poll_seconds)
       for run in running:
-        run.claim.refresh()
+        run.lease.refresh()
       for run in list(running):
         if run.process.poll() is not None:
           running.remove(run)
-          _finish(run)
-          record = tracking.trial_record(run.job.trial_dir)
+          run.lease.end(run.process.returncode)
+          run.lease.release()
+          record = records.trial_status(run.job.trial_dir)
           logging.info("Trial %s: %s%s", run.job.trial_dir, record["status"],
                        f" ({record['reason']})" if record["reason"] else "")
           if on_update is not None:
@@ -296,7 +233,7 @@ def run_workers(argv: Sequence[str], count: int, *, log_dir: str,
         logging.info("Study worker %d: %s", i, _assignments(extra))
       with open(os.path.join(log_dir, f"worker-{i}.log"), "ab") as log:
         command = " ".join(filter(None, [_assignments(extra), *argv]))
-        log.write(f"=== {now()} launch: {command}\n".encode())
+        log.write(f"=== {trial_lease.now()} launch: {command}\n".encode())
         log.flush()
         processes.append(subprocess.Popen(
             list(argv), stdout=log, stderr=subprocess.STDOUT,

@@ -12,9 +12,9 @@ trials of one structure and resume step at a time and trains them as one
 population (population.py); a trial with no partner, or with K = 1, trains
 alone exactly as `tuning_playbook.main` would train it.
 
-Trials are claimed as the process-per-trial runner claims them (a claim file
-with a heartbeat, `trial_claims`, and the trial's `.lock` for as long as the
-worker lives), so any number of workers on any machines sharing the study
+Trials are taken as the process-per-trial runner takes them (`trial_lease`:
+a claim file with a heartbeat, and the trial's `.lock` for as long as the
+worker trains it), so any number of workers on any machines sharing the study
 directory never train a trial twice; a worker exits when no unclaimed
 unfinished trial is left. Each trial's `log.txt` gets the log lines of the
 population it trained in (its own metrics and the population's lines), and
@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import shlex
 import sys
 import threading
 from typing import Any, Iterator, Sequence
@@ -48,10 +49,8 @@ from tuning_playbook import cpu_devices
 from tuning_playbook import platform_check
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
-from tuning_playbook import study_runner
 from tuning_playbook import termination
-from tuning_playbook import tracking
-from tuning_playbook import trial_claims
+from tuning_playbook import trial_lease
 from tuning_playbook import trial_logs
 from tuning_playbook import workload as workload_lib
 
@@ -74,8 +73,7 @@ class _Trial:
 @dataclasses.dataclass
 class _Claimed:
   trial: _Trial
-  claim: trial_claims.Claim
-  lock_fd: int
+  lease: trial_lease.Lease
 
 
 def study_trials(config: ml_collections.ConfigDict,
@@ -144,7 +142,7 @@ class Worker:
     self.trained = 0
 
   def _needs_run(self, trial: _Trial) -> bool:
-    return study_runner.needs_run(trial.trial_dir, self.retry_failed)
+    return records.needs_run(trial.trial_dir, self.retry_failed)
 
   def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
     """(structure, resume step); None when the trial must train alone."""
@@ -161,18 +159,8 @@ class Worker:
             latest_checkpoint_step(trial.trial_dir))
 
   def _claim(self, trial: _Trial) -> _Claimed | None:
-    claim = trial_claims.try_claim(trial.trial_dir)
-    if claim is None:
-      return None
-    lock_fd = study_runner.try_lock(trial.trial_dir)
-    if lock_fd is None:
-      claim.release()
-      return None
-    if not self._needs_run(trial):  # Finished by whoever held it.
-      os.close(lock_fd)
-      claim.release()
-      return None
-    return _Claimed(trial, claim, lock_fd)
+    lease = trial_lease.acquire(trial.trial_dir, self.retry_failed)
+    return None if lease is None else _Claimed(trial, lease)
 
   def next_group(self) -> list[_Claimed]:
     """Claims the next population: up to `vectorize` trials of one key."""
@@ -207,22 +195,20 @@ class Worker:
 
   def _train(self, group: list[_Claimed]) -> None:
     dirs = [c.trial.trial_dir for c in group]
-    command = sys.argv
-    started = study_runner.now()
-    for d in dirs:
-      study_runner.write_runner_file(d, status="running", pid=os.getpid(),
-                                     started=started, command=command,
-                                     population=dirs)
+    for c in group:
+      c.lease.start(sys.argv, population=dirs)
+      c.lease.running(os.getpid())
     stop = threading.Event()
     heartbeat = threading.Thread(
-        target=_refresh_claims, args=([c.claim for c in group], stop),
+        target=_refresh_leases, args=([c.lease for c in group], stop),
         daemon=True, name="claim-heartbeat")
     heartbeat.start()
     # Per trial directory: (exit status as a trial process, error).
     outcomes: dict[str, tuple[int, str | None]] | None = {}
-    interrupted = lambda: _give_back(group, started, command)
+    interrupted = lambda: _give_back(group)
     try:
-      with _logging_to(dirs, started, command), termination.at_forced_exit(interrupted):
+      started = group[0].lease.started
+      with _logging_to(dirs, started, sys.argv), termination.at_forced_exit(interrupted):
         logging.info("Training %d trial(s) as one population: %s", len(dirs),
                      ", ".join(dirs))
         outcomes = self._train_logged(group)
@@ -233,15 +219,10 @@ class Worker:
       raise
     finally:
       stop.set()
-      for d in dirs if outcomes is not None else ():
-        returncode, error = outcomes.get(d, (1, None))
-        study_runner.write_runner_file(
-            d, status="exited", returncode=returncode, error=error,
-            started=started, finished=study_runner.now(), command=command,
-            population=dirs)
+      for c in group if outcomes is not None else ():
+        c.lease.end(*outcomes.get(c.trial.trial_dir, (1, None)))
       for c in group:
-        os.close(c.lock_fd)
-        c.claim.release()
+        c.lease.release()
 
   def _train_logged(self, group: list[_Claimed]) -> dict[str, tuple[int, str | None]]:
     """Trains the group; returns each trial directory's (exit status as a
@@ -286,18 +267,13 @@ class Worker:
     return outcomes
 
 
-def _give_back(group: Sequence[_Claimed], started: str,
-               command: Sequence[str]) -> None:
+def _give_back(group: Sequence[_Claimed]) -> None:
   """Marks the group's trials interrupted (relaunching resumes them) and
-  releases their claims, so that another worker takes them at once."""
-  dirs = [c.trial.trial_dir for c in group]
-  for d in dirs:
-    study_runner.write_runner_file(
-        d, status="interrupted", returncode=termination.TERMINATED_EXIT_CODE,
-        started=started, finished=study_runner.now(), command=list(command),
-        population=dirs)
+  releases them, so that another worker takes them at once."""
   for c in group:
-    c.claim.release()
+    c.lease.interrupted(termination.TERMINATED_EXIT_CODE)
+  for c in group:
+    c.lease.release()
 
 
 def _refusal(trial: _Trial) -> str | None:
@@ -335,11 +311,11 @@ def _record_failed(trial: _Trial, error: Exception) -> None:
   records.write_summary(trial.trial_dir, run.failed_summary(trial.config, error))
 
 
-def _refresh_claims(claims: Sequence[trial_claims.Claim],
+def _refresh_leases(leases: Sequence[trial_lease.Lease],
                     stop: threading.Event) -> None:
   while not stop.wait(1.0):
-    for claim in claims:
-      claim.refresh()
+    for lease in leases:
+      lease.refresh()
 
 
 @contextlib.contextmanager
@@ -349,9 +325,9 @@ def _logging_to(trial_dirs: Sequence[str], started: str,
   (lines about one trial only into its own)."""
   handlers = []
   for trial_dir in trial_dirs:
-    path = os.path.join(trial_dir, tracking.LOG_FILE)
+    path = os.path.join(trial_dir, records.LOG_FILE)
     with open(path, "a") as f:
-      f.write(f"=== {started} worker {os.getpid()}: {' '.join(command)}\n")
+      f.write(f"=== {started} worker {os.getpid()}: {shlex.join(command)}\n")
     handler = std_logging.FileHandler(path)
     handler.setFormatter(std_logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))

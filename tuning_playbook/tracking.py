@@ -1,4 +1,4 @@
-"""Experiment tracking: a trial's status, `results.csv`, and the study table.
+"""Experiment tracking: `results.csv` and the study table.
 
 The playbook's spreadsheet, as two CSV files:
 
@@ -14,9 +14,10 @@ The playbook's spreadsheet, as two CSV files:
   tracking.update_tracking_table("runs/studies.csv",
                                  tracking.study_row(study, records, command))
 
-Statuses: pending (never started), running (a process holds the trial's
-lock), interrupted (started, no summary: relaunching resumes it), completed,
-and the infeasible ones, diverged and failed, each with its reason.
+A trial's status and reason are `records.trial_status`: pending (never
+started), running (a process holds the trial's lock), interrupted (started,
+no summary: relaunching resumes it), completed, and the infeasible ones,
+diverged and failed, each with its reason.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from tuning_playbook import atomic_files
 from tuning_playbook import records as records_lib
 from tuning_playbook import study as study_lib
 
-RUNNER_FILE = "runner.json"
-LOCK_FILE = ".lock"
-LOG_FILE = "log.txt"
+RUNNER_FILE = records_lib.RUNNER_FILE  # TEMP
+LOCK_FILE = records_lib.LOCK_FILE  # TEMP
+LOG_FILE = records_lib.LOG_FILE  # TEMP
+trial_record = records_lib.trial_status  # TEMP
+is_locked = records_lib.is_locked  # TEMP
+last_log_line = records_lib.last_log_line  # TEMP
 RESULTS_FILE = "results.csv"
 TRACKING_TABLE_FILE = "studies.csv"
 RESULT_COLUMNS = ("trial_id", "status", "reason")
@@ -47,94 +51,6 @@ TRACKING_COLUMNS = ("study", "study_dir", "config", "description",
                     "num_trials", "num_completed", "num_infeasible",
                     "num_unfinished", "best_trial", "best_metric",
                     "best_value", "updated", "command")
-_TRAINER_OUTPUTS = (records_lib.METRICS_FILE, records_lib.GRAD_NORMS_FILE,
-                    records_lib.CHECKPOINTS_DIR)
-_REASON_CHARS = 300
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def is_locked(trial_dir: str) -> bool:
-  """Whether a running process holds the trial's lock (see study_runner)."""
-  try:
-    fd = os.open(os.path.join(trial_dir, LOCK_FILE), os.O_RDONLY)
-  except OSError:
-    return False
-  try:
-    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    return False
-  except OSError:
-    return True
-  finally:
-    os.close(fd)
-
-
-def last_log_line(trial_dir: str) -> str:
-  """The last non-empty line of the trial's log, usually the error."""
-  try:
-    with open(os.path.join(trial_dir, LOG_FILE), "rb") as f:
-      f.seek(0, os.SEEK_END)
-      f.seek(max(0, f.tell() - 8192))
-      lines = f.read().decode("utf-8", "replace").splitlines()
-  except OSError:
-    return ""
-  for line in reversed(lines):
-    if line.strip():
-      return line.strip()[:_REASON_CHARS]
-  return ""
-
-
-def _exit_reason(returncode: int) -> str:
-  if returncode < 0:
-    return f"killed by signal {-returncode}"
-  return f"exited with code {returncode}"
-
-
-def trial_record(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
-  """Status, reason and summary numbers of one trial directory.
-
-  `check_lock=False` is for the holder of the trial's lock, which would
-  otherwise see its own trial as running.
-  """
-  record = {"status": "pending", "reason": None, "best_step": None,
-            "best_metric": None, "best_value": None, "best_mode": None,
-            "final_step": None, "max_train_steps": None,
-            "total_train_steps": None}
-  if check_lock and is_locked(trial_dir):
-    record["status"] = "running"
-    return record
-  summary = _read_json(os.path.join(trial_dir, records_lib.SUMMARY_FILE))
-  runner = _read_json(os.path.join(trial_dir, RUNNER_FILE)) or {}
-  if (isinstance(summary, dict)
-      and summary.get("status") in records_lib.ENDED_STATUSES):
-    for key in record:
-      if key in summary:
-        record[key] = summary[key]
-    if record["status"] == records_lib.FAILED and not record["reason"]:
-      record["reason"] = last_log_line(trial_dir) or "failed"
-    return record
-  if runner.get("status") == "exited":
-    code = runner.get("returncode")
-    record["status"] = records_lib.FAILED
-    if runner.get("error"):
-      record["reason"] = runner["error"]
-    elif code == 0:
-      record["reason"] = f"exited 0 without writing {records_lib.SUMMARY_FILE}"
-    else:
-      last = last_log_line(trial_dir)
-      record["reason"] = _exit_reason(code) + (f": {last}" if last else "")
-    return record
-  started = runner or any(os.path.exists(os.path.join(trial_dir, name))
-                          for name in _TRAINER_OUTPUTS)
-  if started:
-    record["status"] = "interrupted"
-  return record
 
 
 def _param_columns(study: study_lib.Study) -> dict[str, str]:
@@ -163,7 +79,7 @@ def write_results(study: study_lib.Study) -> list[dict[str, Any]]:
   param_columns = _param_columns(study)
   rows = []
   for trial in study.trials:
-    record = trial_record(study.trial_dir(trial))
+    record = records_lib.trial_status(study.trial_dir(trial))
     row = {"trial_id": trial.trial_id, **record,
            "command": study.command_line(trial)}
     row.update({column: trial.params.get(name)

@@ -196,16 +196,12 @@ class TrialRecords:
     """Writes and returns the summary; call `wait_for_checkpoints` first."""
     self.writer.flush()
     best, config = self.best, self.config
-    summary = {
-        "status": records.COMPLETED if reason is None else records.DIVERGED,
-        "reason": reason, "best_step": best.step,
-        "best_metric": config.best_metric, "best_mode": config.best_mode,
-        "best_value": best.value, "final_step": self.step,
-        "max_train_steps": config.max_train_steps,
-        "total_train_steps": self.total_steps,
-        "best_checkpoint": (self.ckpt.step_path(best.step)
-                            if best.step is not None else None),
-    }
+    summary = records.summary(
+        config, records.COMPLETED if reason is None else records.DIVERGED,
+        reason, total_train_steps=self.total_steps, best_step=best.step,
+        best_value=best.value, final_step=self.step,
+        best_checkpoint=(self.ckpt.step_path(best.step)
+                         if best.step is not None else None))
     summary.update(self.throughput.summary())
     summary["perf"]["compute_dtype"] = compute_dtype
     self.throughput.log_input_bound()
