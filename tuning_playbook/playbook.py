@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from typing import Any, Mapping, Sequence
 
 from absl import app
@@ -34,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tuning_playbook import cli
+from tuning_playbook import commands
 from tuning_playbook import procedures
 from tuning_playbook import search_space as search_space_lib
 from tuning_playbook import study as study_lib
@@ -122,16 +122,13 @@ def playbook_command(name: str, config_path: str, study_dir: str,
                      argument_flags: Sequence[str],
                      overrides: Mapping[str, Any], trainer_module: str) -> str:
   """The command line that reproduces (and runs) the procedure's study."""
-  argv = ["python", "-m", "tuning_playbook.playbook", name,
-          f"--config={config_path}", f"--study_dir={study_dir}"]
+  flags = [name, f"--config={config_path}", f"--study_dir={study_dir}"]
   if source_dir:
-    argv.append(f"--from_study={source_dir}")
-  argv += [f"--seed={seed}", *argument_flags]
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in overrides.items()]
-  if trainer_module != study_lib.DEFAULT_TRAINER:
-    argv.append(f"--trainer_module={trainer_module}")
-  return shlex.join(argv + ["--run"])
+    flags.append(f"--from_study={source_dir}")
+  flags += [f"--seed={seed}", *argument_flags]
+  return commands.command_line(commands.module_argv(
+      "tuning_playbook.playbook", flags, overrides=overrides,
+      trainer_module=trainer_module, run=True))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -150,7 +147,7 @@ def overrides_passed_on(name: str, space: search_space_lib.SearchSpace,
   for key, value in user.items():
     if key in space.fixed and not _same(space.fixed[key], value):
       raise procedures.ProcedureError(
-          f"--config.{key}={study_lib.format_override(value)} conflicts with "
+          f"--config.{key}={commands.format_override(value)} conflicts with "
           f"{name}, which sets {key}={space.fixed[key]!r}; drop the flag")
   procedure_keys = set(space.config_keys())
   merged = {**base, **user}
@@ -205,16 +202,8 @@ def main(argv):
       name, config_path, study_dir, _FROM_STUDY.value, _SEED.value,
       _argument_flags(module.ARGUMENTS, args), user, study_flags.TRAINER_MODULE.value)
   try:
-    study_launch.launch(studies, study_launch.LaunchOptions(
-        table=(study_flags.TRACKING_TABLE.value
-               or study_launch.default_tracking_table(study_dir)),
-        command=command, print_commands=study_flags.PRINT_COMMANDS.value,
-        run=study_flags.RUN.value, parallel=study_flags.PARALLEL.value,
-        retry_failed=study_flags.RETRY_FAILED.value,
-        stop_rule=getattr(module, "stop_rule", None),
-        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value,
-        devices_per_worker=study_flags.DEVICES_PER_WORKER.value,
-        share_devices=study_flags.SHARE_DEVICES.value))
+    study_launch.launch(studies, study_flags.launch_options(
+        study_dir, command, stop_rule=getattr(module, "stop_rule", None)))
   except study_launch.LaunchError as e:
     cli.fail(str(e))
 

@@ -20,12 +20,12 @@ import copy
 import dataclasses
 import json
 import os
-import shlex
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 
 from tuning_playbook import atomic_files
+from tuning_playbook import commands
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
 from tuning_playbook import records
@@ -33,7 +33,8 @@ from tuning_playbook import search_space as search_space_lib
 
 STUDY_FILE = "study.json"
 TRIALS_DIR = "trials"
-DEFAULT_TRAINER = "tuning_playbook.main"
+DEFAULT_TRAINER = commands.DEFAULT_TRAINER  # TEMP
+format_override = commands.format_override  # TEMP
 # The fields of study.json that decide what every trial is; a study directory
 # refuses to be planned again with any of them changed.
 IDENTITY_FIELDS = ("config", "config_overrides", "seed", "sampler",
@@ -85,13 +86,13 @@ class Study:
 
   def command(self, trial: Trial, python: str = "python") -> list[str]:
     """The trainer command line of `trial` (run from the sweep's directory)."""
-    return [python, "-m", self.trainer_module, f"--config={self.config_path}",
-            f"--workdir={self.trial_dir(trial)}"] + [
-                f"--config.{k}={format_override(v)}"
-                for k, v in self.overrides(trial).items()]
+    return commands.module_argv(
+        self.trainer_module, [f"--config={self.config_path}",
+                              f"--workdir={self.trial_dir(trial)}"],
+        overrides=self.overrides(trial), python=python)
 
   def command_line(self, trial: Trial) -> str:
-    return shlex.join(self.command(trial))
+    return commands.command_line(self.command(trial))
 
   def to_json(self) -> dict[str, Any]:
     procedure = ({"procedure": dict(self.procedure)}
@@ -113,19 +114,6 @@ class Study:
                    for t in self.trials],
         **procedure,
     }
-
-
-def format_override(value: Any) -> str:
-  """A value as `--config.key=<text>` must spell it for config_flags."""
-  if isinstance(value, bool):
-    return str(value).lower()
-  if isinstance(value, str):
-    return value
-  if isinstance(value, float):
-    return repr(value)
-  if isinstance(value, (list, tuple)):
-    return repr(tuple(value))
-  return str(value)
 
 
 def _plain(obj: Any) -> Any:

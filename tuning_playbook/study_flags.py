@@ -1,9 +1,12 @@
 """Command-line flags shared by the study launchers (`sweep`, `playbook`):
 whether and how to run a study's trials, and where its row goes."""
 
+from typing import Any
+
 from absl import flags
 
-from tuning_playbook import study as study_lib
+from tuning_playbook import commands
+from tuning_playbook import study_launch
 
 RUN = flags.DEFINE_bool("run", False, "Run the unfinished trials.")
 PARALLEL = flags.DEFINE_integer(
@@ -25,7 +28,7 @@ TRACKING_TABLE = flags.DEFINE_string(
     "tracking_table", None,
     "CSV with one row per study; default <parent of study_dir>/studies.csv.")
 TRAINER_MODULE = flags.DEFINE_string(
-    "trainer_module", study_lib.DEFAULT_TRAINER,
+    "trainer_module", commands.DEFAULT_TRAINER,
     "Module run as `python -m <module> --config=... --workdir=...`.")
 RETRY_FAILED = flags.DEFINE_bool(
     "retry_failed", False, "Run failed trials again (diverged ones stay).")
@@ -39,3 +42,16 @@ ISOLATION = flags.DEFINE_enum(
     "trainer process per trial (for flaky user code, custom --trainer_module "
     "and procedures that stop early); `auto` picks worker unless one of those "
     "needs process.")
+
+
+def launch_options(study_dir: str, command: str, *, run: bool = False,
+                   **extra: Any) -> study_launch.LaunchOptions:
+  """The launch these flags ask for (`run` adds to --run; `extra`: what only
+  one launcher sets, such as `worker` or `stop_rule`)."""
+  return study_launch.LaunchOptions(
+      table=TRACKING_TABLE.value or study_launch.default_tracking_table(study_dir),
+      command=command, print_commands=PRINT_COMMANDS.value,
+      run=RUN.value or run, parallel=PARALLEL.value,
+      retry_failed=RETRY_FAILED.value, vectorize=VECTORIZE.value,
+      isolation=ISOLATION.value, devices_per_worker=DEVICES_PER_WORKER.value,
+      share_devices=SHARE_DEVICES.value, **extra)

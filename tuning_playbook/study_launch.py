@@ -33,9 +33,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 
+from tuning_playbook import commands
+from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_runner
-from tuning_playbook import records
 from tuning_playbook import tracking
 from tuning_playbook import worker_devices
 
@@ -152,15 +153,14 @@ def worker_command(studies: Sequence[study_lib.Study],
                    options: LaunchOptions) -> list[str]:
   """The study worker command line that trains these studies' trials."""
   first = studies[0]
-  argv = [sys.executable, "-m", "tuning_playbook.study_worker",
-          f"--config={first.config_path}"]
-  argv += [f"--study_dir={s.study_dir}" for s in studies]
-  argv.append(f"--vectorize={options.vectorize}")
+  flags = [f"--config={first.config_path}"]
+  flags += [f"--study_dir={s.study_dir}" for s in studies]
+  flags.append(f"--vectorize={options.vectorize}")
   if options.retry_failed:
-    argv.append("--retry_failed")
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in first.config_overrides.items()]
-  return argv
+    flags.append("--retry_failed")
+  return commands.module_argv("tuning_playbook.study_worker", flags,
+                              overrides=first.config_overrides,
+                              python=sys.executable)
 
 
 def _raise_system_exit(signum, frame):  # pylint: disable=unused-argument

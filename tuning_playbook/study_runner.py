@@ -30,13 +30,13 @@ import ctypes
 import dataclasses
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
 from typing import Callable, Mapping, Sequence
 
+from tuning_playbook import commands
 from tuning_playbook import records
 from tuning_playbook import trial_lease
 
@@ -112,7 +112,8 @@ def _launch(job: TrialJob, lease: trial_lease.Lease, cwd: str | None,
   """Starts the trial; None (recorded as failed) if it cannot be started."""
   lease.start(job.argv)
   with open(os.path.join(job.trial_dir, records.LOG_FILE), "ab") as log:
-    log.write(f"=== {lease.started} launch: {shlex.join(job.argv)}\n".encode())
+    command = commands.command_line(job.argv)
+    log.write(f"=== {lease.started} launch: {command}\n".encode())
     log.flush()
     try:
       process = subprocess.Popen(
@@ -202,10 +203,6 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
   return launched
 
 
-def _assignments(env: Mapping[str, str]) -> str:
-  return " ".join(f"{k}={v}" for k, v in env.items())
-
-
 def run_workers(argv: Sequence[str], count: int, *, log_dir: str,
                 cwd: str | None = None, env: dict[str, str] | None = None,
                 on_poll: Callable[[], None] | None = None,
@@ -230,9 +227,10 @@ def run_workers(argv: Sequence[str], count: int, *, log_dir: str,
     for i in range(count):
       extra = dict(worker_env[i]) if worker_env is not None else {}
       if extra:
-        logging.info("Study worker %d: %s", i, _assignments(extra))
+        logging.info("Study worker %d: %s", i, commands.environment_prefix(extra))
       with open(os.path.join(log_dir, f"worker-{i}.log"), "ab") as log:
-        command = " ".join(filter(None, [_assignments(extra), *argv]))
+        command = " ".join(filter(None, [commands.environment_prefix(extra),
+                                         commands.command_line(argv)]))
         log.write(f"=== {trial_lease.now()} launch: {command}\n".encode())
         log.flush()
         processes.append(subprocess.Popen(

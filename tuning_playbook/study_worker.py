@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging as std_logging
 import os
-import shlex
 import sys
 import threading
 from typing import Any, Iterator, Sequence
@@ -45,6 +44,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from tuning_playbook import cli
+from tuning_playbook import commands
 from tuning_playbook import cpu_devices
 from tuning_playbook import platform_check
 from tuning_playbook import records
@@ -327,7 +327,8 @@ def _logging_to(trial_dirs: Sequence[str], started: str,
   for trial_dir in trial_dirs:
     path = os.path.join(trial_dir, records.LOG_FILE)
     with open(path, "a") as f:
-      f.write(f"=== {started} worker {os.getpid()}: {shlex.join(command)}\n")
+      line = commands.command_line(command)
+      f.write(f"=== {started} worker {os.getpid()}: {line}\n")
     handler = std_logging.FileHandler(path)
     handler.setFormatter(std_logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"))

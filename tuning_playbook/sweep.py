@@ -52,6 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tuning_playbook import cli
+from tuning_playbook import commands
 from tuning_playbook import search_space as search_space_lib
 from tuning_playbook import search_space_file
 from tuning_playbook import slurm
@@ -87,21 +88,16 @@ _SLURM_CPUS_PER_TASK = flags.DEFINE_integer(
     "threads).", lower_bound=1)
 
 
-default_tracking_table = study_launch.default_tracking_table
-
 
 def sweep_command(config_path: str, study_dir: str, num_trials: int,
                   seed: int, overrides: Mapping[str, Any],
                   trainer_module: str) -> str:
   """The command line that reproduces (and runs) the study."""
-  argv = ["python", "-m", "tuning_playbook.sweep", f"--config={config_path}",
-          f"--study_dir={study_dir}", f"--num_trials={num_trials}",
-          f"--seed={seed}"]
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in overrides.items()]
-  if trainer_module != study_lib.DEFAULT_TRAINER:
-    argv.append(f"--trainer_module={trainer_module}")
-  return shlex.join(argv + ["--run"])
+  return commands.command_line(commands.module_argv(
+      "tuning_playbook.sweep",
+      [f"--config={config_path}", f"--study_dir={study_dir}",
+       f"--num_trials={num_trials}", f"--seed={seed}"],
+      overrides=overrides, trainer_module=trainer_module, run=True))
 
 
 def main(argv):
@@ -121,20 +117,14 @@ def main(argv):
     study_lib.write_studies(studies, config)
   except (study_lib.StudyError, search_space_lib.SearchSpaceError, ValueError) as e:
     cli.fail(str(e))
-  table = study_flags.TRACKING_TABLE.value or default_tracking_table(study_dir)
   command = sweep_command(config_path, study_dir,
                           max(len(s.trials) for s in studies), _SEED.value,
                           overrides, study_flags.TRAINER_MODULE.value)
   if _EMIT_SLURM.value:
     _write_slurm_script(_EMIT_SLURM.value, command, study_dir)
   try:
-    study_launch.launch(studies, study_launch.LaunchOptions(
-        table=table, command=command, print_commands=study_flags.PRINT_COMMANDS.value,
-        run=study_flags.RUN.value or _WORKER.value, parallel=study_flags.PARALLEL.value,
-        retry_failed=study_flags.RETRY_FAILED.value, worker=_WORKER.value,
-        vectorize=study_flags.VECTORIZE.value, isolation=study_flags.ISOLATION.value,
-        devices_per_worker=study_flags.DEVICES_PER_WORKER.value,
-        share_devices=study_flags.SHARE_DEVICES.value))
+    study_launch.launch(studies, study_flags.launch_options(
+        study_dir, command, run=_WORKER.value, worker=_WORKER.value))
   except study_launch.LaunchError as e:
     cli.fail(str(e))
 
