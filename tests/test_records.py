@@ -13,6 +13,7 @@ from tests import helpers
 from tuning_playbook import atomic_files
 from tuning_playbook import config_paths
 from tuning_playbook import records
+from tuning_playbook import step_logs
 from tuning_playbook.analysis import trial_data
 
 ROWS = [{"step": 10, "train/loss": 2.5}, {"step": 20, "train/loss": 1.75},
@@ -40,24 +41,24 @@ def _temp_files(directory):
 def test_torn_last_line_is_dropped_and_earlier_rows_kept(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS[:3]) + '{"step": 40, "train/lo')
-  assert records.read_jsonl(path) == ROWS[:3]
+  assert step_logs.read_jsonl(path) == ROWS[:3]
 
 
 def test_unreadable_last_line_with_newline_and_blank_lines_is_torn(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS[:2]) + '{"step": 30, "train/lo\n\n')
-  assert records.read_jsonl(path) == ROWS[:2]
-  assert records.scan_jsonl(path) == records.JsonlContents(ROWS[:2], [], 3)
+  assert step_logs.read_jsonl(path) == ROWS[:2]
+  assert step_logs.scan_jsonl(path) == step_logs.JsonlContents(ROWS[:2], [], 3)
 
 
 def test_whole_last_line_without_newline_is_kept(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS).rstrip("\n"))
-  assert records.read_jsonl(path) == ROWS
+  assert step_logs.read_jsonl(path) == ROWS
 
 
 def test_absent_file_reads_as_no_rows(tmp_path):
-  assert records.read_jsonl(str(tmp_path / "metrics.jsonl")) == []
+  assert step_logs.read_jsonl(str(tmp_path / "metrics.jsonl")) == []
 
 
 @pytest.mark.parametrize("bad_line", [
@@ -70,8 +71,8 @@ def test_bad_middle_line_raises_naming_file_and_line(tmp_path, bad_line):
   with open(path, "wb") as f:
     f.write((_jsonl(ROWS[:1]) + "\n" + bad_line + "\n" + _jsonl(ROWS[2:]))
             .encode("utf-8", "surrogateescape"))
-  with pytest.raises(records.RecordsError) as e:
-    records.read_jsonl(path)
+  with pytest.raises(step_logs.RecordsError) as e:
+    step_logs.read_jsonl(path)
   assert e.value.path == path
   assert e.value.line_number == 3  # Blank line 2 is skipped, not an error.
   assert path in str(e.value) and "line 3" in str(e.value)
@@ -83,7 +84,7 @@ def test_scan_reports_every_bad_line_and_keeps_every_readable_row(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS[:1]) + "garbage\n" + _jsonl(ROWS[1:3]) + "x" * 200
          + "\n" + _jsonl(ROWS[3:]) + '{"step": 5')
-  contents = records.scan_jsonl(path)
+  contents = step_logs.scan_jsonl(path)
   assert contents.rows == ROWS
   assert contents.bad_lines == [(2, "garbage"), (5, "x" * 80 + "...")]
   assert contents.torn_line == 7
@@ -92,15 +93,15 @@ def test_scan_reports_every_bad_line_and_keeps_every_readable_row(tmp_path):
 def test_truncate_after_keeps_every_row_up_to_the_step(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS))
-  records.StepLog(path, enabled=True).truncate_after(20)
-  assert records.read_jsonl(path) == ROWS[:2]
+  step_logs.StepLog(path, enabled=True).truncate_after(20)
+  assert step_logs.read_jsonl(path) == ROWS[:2]
   assert _temp_files(tmp_path) == []
 
 
 def test_truncate_after_drops_only_a_torn_last_line(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS) + '{"step": 50, "train/lo')
-  records.StepLog(path, enabled=True).truncate_after(40)
+  step_logs.StepLog(path, enabled=True).truncate_after(40)
   assert _read_bytes(path) == _jsonl(ROWS).encode()
 
 
@@ -110,7 +111,7 @@ def test_truncate_after_keeps_rows_byte_for_byte(tmp_path):
           '{"step": 2,   "train/loss": NaN}\n'
           '{"note": "a row without a step is never dropped"}\n')
   _write(path, text + '{"step": 3, "train/loss": 0.5}\n')
-  records.StepLog(path, enabled=True).truncate_after(2)
+  step_logs.StepLog(path, enabled=True).truncate_after(2)
   assert _read_bytes(path) == text.encode()
 
 
@@ -118,8 +119,8 @@ def test_truncate_after_refuses_a_bad_middle_line_and_changes_nothing(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS[:2]) + '{"step": 25, "trai\n' + _jsonl(ROWS[2:]))
   before = _read_bytes(path)
-  with pytest.raises(records.RecordsError, match="line 3"):
-    records.StepLog(path, enabled=True).truncate_after(30)
+  with pytest.raises(step_logs.RecordsError, match="line 3"):
+    step_logs.StepLog(path, enabled=True).truncate_after(30)
   assert _read_bytes(path) == before
   assert _temp_files(tmp_path) == []
 
@@ -128,30 +129,30 @@ def test_truncate_after_leaves_an_intact_log_untouched(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS))
   mtime = os.stat(path).st_mtime_ns
-  records.StepLog(path, enabled=True).truncate_after(40)
+  step_logs.StepLog(path, enabled=True).truncate_after(40)
   assert os.stat(path).st_mtime_ns == mtime
 
 
 def test_append_after_torn_line_gives_a_readable_file(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS[:2]) + '{"step": 30, "train/lo')
-  log = records.StepLog(path, enabled=True)
+  log = step_logs.StepLog(path, enabled=True)
   log.append(ROWS[2:3])
   log.append(ROWS[3:])
-  assert records.read_jsonl(path) == ROWS
+  assert step_logs.read_jsonl(path) == ROWS
   assert _read_bytes(path).endswith(b"\n")
 
 
 def test_append_after_whole_line_without_newline_does_not_glue(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   _write(path, _jsonl(ROWS[:2]).rstrip("\n"))
-  records.StepLog(path, enabled=True).append(ROWS[2:])
-  assert records.read_jsonl(path) == ROWS
+  step_logs.StepLog(path, enabled=True).append(ROWS[2:])
+  assert step_logs.read_jsonl(path) == ROWS
 
 
 def test_disabled_log_writes_nothing(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
-  log = records.StepLog(path, enabled=False)
+  log = step_logs.StepLog(path, enabled=False)
   log.append(ROWS)
   log.truncate_after(0)
   assert not os.path.exists(path)

@@ -19,13 +19,14 @@ import ml_collections
 
 from tuning_playbook import config_schema
 from tuning_playbook import records
+from tuning_playbook import step_logs
 from tuning_playbook import train
 from tuning_playbook import trial_setup
 from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
                     workload_lib.ModelConfigError, records.ConfigMismatchError,
-                    records.RecordsError, train.ResumeError)
+                    step_logs.RecordsError, train.ResumeError)
 
 
 def run_trial(config: ml_collections.ConfigDict, workdir: str,

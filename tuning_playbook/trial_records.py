@@ -30,6 +30,7 @@ import numpy as np
 from tuning_playbook import checkpointing
 from tuning_playbook import config_schema
 from tuning_playbook import records
+from tuning_playbook import step_logs
 from tuning_playbook import tensorboard_writer
 from tuning_playbook import throughput
 
@@ -133,9 +134,9 @@ class TrialRecords:
 
   def open_logs(self) -> None:
     """Opens the JSONL logs (dropping rows after the resumed step) and the writer."""
-    self.metrics_log = records.StepLog(
+    self.metrics_log = step_logs.StepLog(
         os.path.join(self.workdir, records.METRICS_FILE), self.is_writer)
-    self.grad_log = records.StepLog(
+    self.grad_log = step_logs.StepLog(
         os.path.join(self.workdir, records.GRAD_NORMS_FILE), self.is_writer)
     self.metrics_log.truncate_after(self.step)
     self.grad_log.truncate_after(self.step)
