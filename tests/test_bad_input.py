@@ -13,6 +13,7 @@ import pytest
 from tests import analysis_fixtures
 from tests import helpers
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import train
 from tuning_playbook import workload as workload_lib
 
@@ -63,7 +64,7 @@ def test_unknown_key_in_a_config_file_is_named():
   with config.unlocked():
     config.optimizer.lerning_rate = 0.1
   with pytest.raises(config_schema.ConfigError, match=r"config\.optimizer\.lerning_rate"):
-    config_schema.validate(config)
+    config_validation.validate(config)
 
 
 @pytest.mark.parametrize("key,value", [
@@ -74,7 +75,7 @@ def test_unknown_key_in_a_config_file_is_named():
 def test_bad_values_name_their_key(key, value):
   config = helpers.load_config(**{key: value})
   with pytest.raises(config_schema.ConfigError, match=rf"config\.{key}="):
-    config_schema.validate(config)
+    config_validation.validate(config)
 
 
 def test_ghost_batch_norm_needs_a_dividing_virtual_batch():
@@ -82,7 +83,7 @@ def test_ghost_batch_norm_needs_a_dividing_virtual_batch():
                                   "batch_norm.virtual_batch_size": 5})
   with pytest.raises(config_schema.ConfigError,
                      match=r"config\.batch_norm\.virtual_batch_size=5"):
-    config_schema.validate(config)
+    config_validation.validate(config)
 
 
 def test_a_bad_config_value_exits_before_the_trainer_is_imported(tmp_path):

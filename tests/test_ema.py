@@ -18,6 +18,7 @@ import pytest
 from tests import helpers
 from tests import tiny_workload
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import optimizers
 from tuning_playbook import train_step as train_step_lib
 from tuning_playbook import workload as workload_lib
@@ -93,7 +94,7 @@ def test_without_ema_the_state_holds_no_average():
 ])
 def test_bad_ema_configs_name_the_key(overrides, message):
   with pytest.raises(config_schema.ConfigError) as e:
-    config_schema.validate(helpers.load_config(**overrides))
+    config_validation.validate(helpers.load_config(**overrides))
   assert message in str(e.value)
 
 

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests import helpers
 from tuning_playbook import config_schema, records, sharding, train
+from tuning_playbook import config_validation
 
 MLP_CONFIG = os.path.join(helpers.REPO, "configs", "mnist1d_mlp.py")
 # 50 steps, an eval (and a checkpoint, all kept) every 10, a log row every 5.
@@ -129,7 +130,7 @@ def test_bad_meshes_name_the_key_before_compiling(mesh, message):
   config = _mlp_config(1)
   config.sharding.mesh = mesh
   with pytest.raises(config_schema.ConfigError) as error:
-    config_schema.validate(config, num_devices=4)
+    config_validation.validate(config, num_devices=4)
   assert message in str(error.value)
 
 

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from tests import helpers
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import image_preprocessing
 from tuning_playbook import train
 from tuning_playbook import workload as workload_lib
@@ -52,7 +53,7 @@ def coordinate_image(height, width):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_configs_validate_and_match_the_recipe(name):
   config = helpers.load_config(CONFIGS[name])
-  config_schema.validate(config)
+  config_validation.validate(config)
   workload = train.validate_before_compiling(config)
   assert config.workload == name and workload.splits == imagenet_data.SPLITS
   # 90 epochs in all: the warmup is prepended to the decay's max_train_steps.
@@ -64,7 +65,7 @@ def test_configs_validate_and_match_the_recipe(name):
   assert config_schema.total_train_steps(config) == total
   # A short run keeps the warmup's share (here none) and stays valid.
   config.max_train_steps = 3
-  config_schema.validate(config)
+  config_validation.validate(config)
   assert config_schema.total_train_steps(config) == 3
   spec = workload.synthetic_spec(config)
   assert spec["inputs"].shape == (224, 224, 3) and spec["num_classes"] == 1000

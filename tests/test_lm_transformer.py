@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from tests import helpers
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import evaluation
 from tuning_playbook import optimizers
 from tuning_playbook import sharding
@@ -55,7 +56,7 @@ def test_byte_tokenizer_exact_ids(text, length, inputs, label):
 
 def test_config_validates_and_bad_lengths_name_the_key():
   config = helpers.load_config(CONFIG)
-  config_schema.validate(config)
+  config_validation.validate(config)
   lm_transformer.create_model(config)
   spec = lm_transformer.synthetic_spec(config)
   assert spec["inputs"].shape == spec["label"].shape == (128,)

@@ -11,6 +11,7 @@ import pytest
 
 from tests import helpers
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import optimizers
 from tuning_playbook.analysis import trial_data
 
@@ -29,7 +30,7 @@ def _config(max_train_steps=10, **optimizer):
 
 def _learning_rates(config) -> list[float]:
   """The learning rate of every update of a run of `config`, in order."""
-  config_schema.validate(config)
+  config_validation.validate(config)
   tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
   params = {"w": jnp.zeros((2,))}
   state = tx.init(params)
@@ -112,15 +113,15 @@ def test_an_explicit_decay_ends_before_the_run():
 ])
 def test_phases_that_do_not_fit_name_their_key(overrides, key, allowed):
   with pytest.raises(config_schema.ConfigError) as info:
-    config_schema.validate(_config(10, **overrides))
+    config_validation.validate(_config(10, **overrides))
   message = str(info.value)
   assert message.startswith(f"config.{key}=") and allowed in message
 
 
 def test_phases_that_fit_exactly_are_valid():
-  config_schema.validate(_config(10, warmup_steps=10, hold_steps=4,
+  config_validation.validate(_config(10, warmup_steps=10, hold_steps=4,
                                  decay_steps=6))
-  config_schema.validate(_config(10, warmup_mode="included", warmup_steps=4,
+  config_validation.validate(_config(10, warmup_mode="included", warmup_steps=4,
                                  hold_steps=2, decay_steps=4))
 
 

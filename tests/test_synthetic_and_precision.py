@@ -11,6 +11,7 @@ import pytest
 from tests import helpers
 from tuning_playbook import batch_norm
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import optimizers
 from tuning_playbook import synthetic_data
 from tuning_playbook import train_step as train_step_lib
@@ -170,7 +171,7 @@ def test_float32_is_the_default_compute_dtype():
 
 def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_elsewhere(monkeypatch):
   config = _tiny_config("mnist1d_cnn", compute_dtype="auto")
-  config_schema.validate(config)
+  config_validation.validate(config)
   assert jax.default_backend() == "cpu"
   assert workload_lib.compute_dtype(config) == jnp.float32
   for backend in ("gpu", "tpu"):
@@ -181,7 +182,7 @@ def test_auto_compute_dtype_is_float32_on_cpu_and_bfloat16_elsewhere(monkeypatch
 def test_bad_compute_dtype_is_named_before_compiling():
   config = _tiny_config("mnist1d_cnn", compute_dtype="float16")
   with pytest.raises(config_schema.ConfigError, match=r"config\.compute_dtype='float16'"):
-    config_schema.validate(config)
+    config_validation.validate(config)
   with pytest.raises(config_schema.ConfigError, match=r"config\.compute_dtype='float16'"):
     workload_lib.compute_dtype(config)
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests import helpers
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import throughput
 from tuning_playbook import train
 
@@ -237,13 +238,13 @@ def test_a_run_with_little_input_wait_is_not_flagged(data_dir, tmp_path, caplog)
 def test_profile_steps_are_checked_before_compiling(value, message):
   config = helpers.load_config(profile_steps=value)
   with pytest.raises(config_schema.ConfigError, match="config.profile_steps") as e:
-    config_schema.validate(config)
+    config_validation.validate(config)
   assert message in str(e.value)
 
 
 def test_profile_steps_accepts_a_range_within_the_run():
   config = helpers.load_config(profile_steps="3:40")
-  config_schema.validate(config)
+  config_validation.validate(config)
   assert config_schema.profile_step_range(config) == (3, 40)
   assert config_schema.profile_step_range(helpers.load_config()) is None
 
@@ -253,7 +254,7 @@ def test_input_bound_threshold_is_checked(value):
   config = helpers.load_config(input_bound_warning_fraction=value)
   with pytest.raises(config_schema.ConfigError,
                      match="config.input_bound_warning_fraction"):
-    config_schema.validate(config)
+    config_validation.validate(config)
 
 
 def test_hand_count_is_the_three_passes():

@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import workload as workload_lib
 from workloads import cifar10_wrn
 from workloads import mnist1d_cnn
@@ -41,7 +42,7 @@ def mnist1d_builders(tmp_path_factory):
 @pytest.mark.parametrize("name", ["mnist1d_cnn", "mnist1d_mlp", "cifar10_wrn"])
 def test_configs_validate_and_load_their_workload(name):
   config = load_config(name)
-  config_schema.validate(config)
+  config_validation.validate(config)
   assert config.workload == name
   workload = workload_lib.load_workload(name)
   assert set(workload.splits) == {"train", "validation", "test"}

@@ -10,8 +10,8 @@ Workload configs start from `base_config()` and override fields:
     config.model = ml_collections.ConfigDict({"features": 32})
     return config
 
-`validate(config)` runs before anything is compiled and raises `ConfigError`
-naming the key, the bad value and what is allowed. The `model` section is
+`config_validation.validate(config)` runs before anything is compiled and
+raises `ConfigError` naming the key, the bad value and what is allowed. The `model` section is
 free-form: the workload's model checks its own fields.
 """
 
@@ -178,21 +178,21 @@ def mesh_axis_sizes(config: ml_collections.ConfigDict,
                     num_devices: int) -> dict[str, int]:
   """`config.sharding.mesh` with -1 resolved: {axis: size} in MESH_AXES
   order, whose product is `num_devices`; ConfigError otherwise."""
-  _check_mesh_values(config)
+  check_mesh_values(config)
   sizes = {axis: config.sharding.mesh[axis] for axis in MESH_AXES}
   free = [a for a, v in sizes.items() if v == -1]
   if len(free) > 1:
-    _fail(f"sharding.mesh.{free[1]}", -1, f"only one axis may be -1 (here also "
+    fail(f"sharding.mesh.{free[1]}", -1, f"only one axis may be -1 (here also "
           f"sharding.mesh.{free[0]})")
   fixed = math.prod(v for v in sizes.values() if v != -1)
   described = ", ".join(f"{a}={v}" for a, v in sizes.items())
   if free:
     if num_devices % fixed:
-      _fail(f"sharding.mesh.{free[0]}", -1, f"the other axes ({described}) "
+      fail(f"sharding.mesh.{free[0]}", -1, f"the other axes ({described}) "
             f"must divide the {num_devices} devices")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    _fail("sharding.mesh", described, f"the axes' sizes must multiply to the "
+    fail("sharding.mesh", described, f"the axes' sizes must multiply to the "
           f"{num_devices} devices (or set one axis to -1)")
   return sizes
 
@@ -209,27 +209,9 @@ def _as_json(value: Any) -> Any:
   return json.loads(json.dumps(value, default=str))
 
 
-def _fail(key: str, value, allowed: str):
+def fail(key: str, value: Any, allowed: str) -> None:
+  """Raises ConfigError naming `config.<key>`, its value and what is allowed."""
   raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
-
-
-def _check_keys(config: ml_collections.ConfigDict,
-                reference: ml_collections.ConfigDict, prefix: str = ""):
-  for key in config.keys():
-    full = f"{prefix}{key}"
-    if key == "model" and not prefix:
-      continue
-    if key not in reference:
-      _fail(full, config[key], "unknown key; allowed keys here: "
-            + ", ".join(sorted(f"{prefix}{k}" for k in reference.keys())))
-    if isinstance(reference[key], ml_collections.ConfigDict):
-      if not isinstance(config[key], ml_collections.ConfigDict):
-        _fail(full, config[key], "must be a section (ConfigDict)")
-      _check_keys(config[key], reference[key], prefix=f"{full}.")
-  for key in reference.keys():
-    if key not in config:
-      raise ConfigError(f"config.{prefix}{key} is missing; start configs from "
-                        "tuning_playbook.config_schema.base_config()")
 
 
 def total_train_steps(config: ml_collections.ConfigDict) -> int:
@@ -243,101 +225,13 @@ def resolved_eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return config.eval_batch_size or max(config.batch_size, 1024)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError for the first bad key; touches no JAX device.
-
-  `num_devices` (None: unknown yet) adds the checks that depend on it.
-  """
-  _check_keys(config, base_config())
-  if not config.workload:
-    _fail("workload", config.workload, "name a module in workloads/")
-  for key in ("batch_size", "max_train_steps", "eval_every_steps",
-              "log_every_steps"):
-    value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(key, value, "must be a positive integer")
-  if not isinstance(config.sharding.fsdp_min_size, int) or config.sharding.fsdp_min_size < 0:
-    _fail("sharding.fsdp_min_size", config.sharding.fsdp_min_size,
-          "must be an integer >= 0 (elements)")
-  if num_devices is None:
-    _check_mesh_values(config)
-    num_devices = 1
-  else:
-    mesh_axis_sizes(config, num_devices)
-  if config.batch_size % num_devices:
-    _fail("batch_size", config.batch_size,
-          f"the global batch must be divisible by the device count "
-          f"({num_devices})")
-  eval_bs = resolved_eval_batch_size(config)
-  if eval_bs < config.batch_size:
-    _fail("eval_batch_size", config.eval_batch_size,
-          f"must be 0 or at least batch_size ({config.batch_size})")
-  if eval_bs % num_devices:
-    _fail("eval_batch_size", eval_bs,
-          f"must be divisible by the device count ({num_devices})")
-  if not isinstance(config.seed, int) or config.seed < 0:
-    _fail("seed", config.seed, "must be a non-negative integer")
-  if config.num_best_checkpoints < 1:
-    _fail("num_best_checkpoints", config.num_best_checkpoints, "must be >= 1")
-  if config.best_mode not in BEST_MODES:
-    _fail("best_mode", config.best_mode, f"allowed: {', '.join(BEST_MODES)}")
-  ema = config.ema_decay
-  if (not isinstance(ema, (int, float)) or isinstance(ema, bool)
-      or not 0 <= ema < 1):
-    _fail("ema_decay", ema, "must be in [0, 1) (0: no parameter averaging)")
-  parts = config.best_metric.split("/")
-  if (len(parts) != 3 or parts[0] not in EVAL_PREFIXES
-      or parts[1] not in EVAL_SPLITS or parts[2] not in EVAL_METRICS):
-    _fail("best_metric", config.best_metric,
-          "must be eval/<split>/<metric> (or eval_ema/<split>/<metric>, the "
-          "averaged parameters', with ema_decay > 0) with split in "
-          f"{', '.join(EVAL_SPLITS)} and metric in {', '.join(EVAL_METRICS)}")
-  if parts[0] == "eval_ema" and ema == 0:
-    _fail("best_metric", config.best_metric,
-          f"eval_ema/... metrics need config.ema_decay > 0 (it is {ema!r}): "
-          "set ema_decay, or pick an eval/... metric")
-  if config.train_eval_subset_size < 0:
-    _fail("train_eval_subset_size", config.train_eval_subset_size, "must be >= 0")
-  if config.grad_clip_norm < 0:
-    _fail("grad_clip_norm", config.grad_clip_norm, "must be >= 0 (0 disables)")
-  if not config.divergence_loss_threshold > 0:
-    _fail("divergence_loss_threshold", config.divergence_loss_threshold,
-          "must be > 0")
-  if not config.watchdog_floor_seconds > 0:
-    _fail("watchdog_floor_seconds", config.watchdog_floor_seconds, "must be > 0")
-  if not config.preemption_deadline_seconds > 0:
-    _fail("preemption_deadline_seconds", config.preemption_deadline_seconds,
-          "must be > 0")
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    _fail("compute_dtype", config.compute_dtype,
-          f"allowed: {', '.join(COMPUTE_DTYPES)}")
-  if not 0 < config.input_bound_warning_fraction <= 1:
-    _fail("input_bound_warning_fraction", config.input_bound_warning_fraction,
-          "must be in (0, 1] (1: never warn)")
-  profile_step_range(config)
-  _validate_optimizer(config)
-  _validate_batch_norm(config, num_devices)
-  if config.data.batches_per_transfer < 1:
-    _fail("data.batches_per_transfer", config.data.batches_per_transfer, "must be >= 1")
-  if config.data.on_device_max_mb < 0:
-    _fail("data.on_device_max_mb", config.data.on_device_max_mb,
-          "must be >= 0 (0: gather batches on the host)")
-  if config.data.prefetch_batches < 1:
-    _fail("data.prefetch_batches", config.data.prefetch_batches, "must be >= 1")
-  if config.data.shuffle_buffer < 1:
-    _fail("data.shuffle_buffer", config.data.shuffle_buffer, "must be >= 1")
-  if config.data.max_length < 0:
-    _fail("data.max_length", config.data.max_length,
-          "must be >= 0 (0: not a sequence workload)")
-
-
-def _check_mesh_values(config: ml_collections.ConfigDict) -> None:
+def check_mesh_values(config: ml_collections.ConfigDict) -> None:
   """The mesh checks that need no device count."""
   for axis in MESH_AXES:
     value = config.sharding.mesh[axis]
     if not isinstance(value, int) or isinstance(value, bool) or (
         value < 1 and value != -1):
-      _fail(f"sharding.mesh.{axis}", value, "must be a positive integer, or -1 "
+      fail(f"sharding.mesh.{axis}", value, "must be a positive integer, or -1 "
             "for the devices the other axes leave")
 
 
@@ -348,81 +242,12 @@ def profile_step_range(config: ml_collections.ConfigDict) -> tuple[int, int] | N
     return None
   parts = value.split(":") if isinstance(value, str) else []
   if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-    _fail("profile_steps", value, "must be \"START:END\" (two step numbers) or "
+    fail("profile_steps", value, "must be \"START:END\" (two step numbers) or "
           "\"\" (off)")
   start, end = int(parts[0]), int(parts[1])
   total = total_train_steps(config)
   if not 1 <= start <= end <= total:
-    _fail("profile_steps", value, "needs 1 <= START <= END <= "
+    fail("profile_steps", value, "needs 1 <= START <= END <= "
           f"total_train_steps={total} (max_train_steps="
           f"{config.max_train_steps} + a prepended warmup)")
   return start, end
-
-
-def _validate_optimizer(config):
-  opt = config.optimizer
-  if opt.name not in OPTIMIZERS:
-    _fail("optimizer.name", opt.name, f"allowed: {', '.join(OPTIMIZERS)}")
-  if opt.schedule not in SCHEDULES:
-    _fail("optimizer.schedule", opt.schedule, f"allowed: {', '.join(SCHEDULES)}")
-  if opt.weight_decay_type not in WEIGHT_DECAY_TYPES:
-    _fail("optimizer.weight_decay_type", opt.weight_decay_type,
-          f"allowed: {', '.join(WEIGHT_DECAY_TYPES)}")
-  lr = opt.learning_rate
-  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-    _fail("optimizer.learning_rate", lr, "must be a finite number >= 0")
-  for key in ("momentum", "rho", "beta1", "beta2"):
-    if not 0 <= opt[key] < 1:
-      _fail(f"optimizer.{key}", opt[key], "must be in [0, 1)")
-  if not opt.epsilon >= 0:
-    _fail("optimizer.epsilon", opt.epsilon, "must be >= 0")
-  if not opt.weight_decay >= 0:
-    _fail("optimizer.weight_decay", opt.weight_decay, "must be >= 0")
-  _validate_schedule_phases(config)
-  if not 0 <= opt.end_learning_rate_factor <= 1:
-    _fail("optimizer.end_learning_rate_factor", opt.end_learning_rate_factor,
-          "must be in [0, 1]")
-
-
-def _check_steps(key: str, value, upper: int, where: str) -> None:
-  if (not isinstance(value, int) or isinstance(value, bool)
-      or not 0 <= value <= upper):
-    _fail(key, value, f"must be an integer in [0, {upper}] ({where})")
-
-
-def _validate_schedule_phases(config):
-  """Warmup, hold and decay must fit in the steps the schedule spans."""
-  opt = config.optimizer
-  max_steps = config.max_train_steps
-  if opt.warmup_mode not in WARMUP_MODES:
-    _fail("optimizer.warmup_mode", opt.warmup_mode,
-          f"allowed: {', '.join(WARMUP_MODES)}")
-  if opt.warmup_mode == "prepended":
-    _check_steps("optimizer.warmup_steps", opt.warmup_steps, max_steps,
-                 f"prepended to max_train_steps={max_steps}, and no longer")
-    span, span_name = max_steps, f"max_train_steps={max_steps}"
-  else:
-    _check_steps("optimizer.warmup_steps", opt.warmup_steps, max_steps,
-                 f"counted within max_train_steps={max_steps}")
-    span = max_steps - opt.warmup_steps
-    span_name = (f"max_train_steps={max_steps} - "
-                 f"optimizer.warmup_steps={opt.warmup_steps}")
-  _check_steps("optimizer.hold_steps", opt.hold_steps, span,
-               f"the hold fits in {span_name}")
-  _check_steps("optimizer.decay_steps", opt.decay_steps, span - opt.hold_steps,
-               f"0 means the rest; the hold plus the decay fit in {span_name}")
-
-
-def _validate_batch_norm(config, num_devices):
-  bn = config.batch_norm
-  if bn.policy not in BATCH_NORM_POLICIES:
-    _fail("batch_norm.policy", bn.policy,
-          f"allowed: {', '.join(BATCH_NORM_POLICIES)}")
-  if not 0 <= bn.momentum < 1:
-    _fail("batch_norm.momentum", bn.momentum, "must be in [0, 1)")
-  if bn.policy == "ghost":
-    vbs = bn.virtual_batch_size
-    if vbs <= 0 or config.batch_size % vbs:
-      _fail("batch_norm.virtual_batch_size", vbs,
-            f"ghost BatchNorm needs a positive size that divides batch_size "
-            f"({config.batch_size}) into groups")

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from tuning_playbook import cli
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import cpu_devices
 from tuning_playbook import distributed
 from tuning_playbook import platform_check
@@ -44,7 +45,7 @@ def main(argv):
   cli.quiet_library_logs()
   config = cli.loaded_config(_CONFIG)
   try:  # The config's own values and workload first, before the trainer's imports.
-    config_schema.validate(config)
+    config_validation.validate(config)
     workload_lib.load_workload(config.workload)
   except (config_schema.ConfigError, workload_lib.UnknownWorkloadError) as e:
     cli.fail(str(e))

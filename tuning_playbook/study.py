@@ -28,6 +28,7 @@ from tuning_playbook import atomic_files
 from tuning_playbook import commands
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import records
 from tuning_playbook import search_space as search_space_lib
 
@@ -153,7 +154,7 @@ def resolve_trial_config(config: ml_collections.ConfigDict,
     except (TypeError, ValueError, KeyError) as e:
       raise StudyError(f"{what}: cannot set config.{key}={value!r}: {e}") from e
   try:
-    config_schema.validate(resolved)
+    config_validation.validate(resolved)
   except config_schema.ConfigError as e:
     raise StudyError(f"{what}: {e}") from e
   return resolved

@@ -27,6 +27,7 @@ import numpy as np
 
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
+from tuning_playbook import config_validation
 from tuning_playbook import device_examples
 from tuning_playbook import evaluation
 from tuning_playbook import in_memory_stream
@@ -54,12 +55,12 @@ def validate_before_compiling(config: ml_collections.ConfigDict) -> workload_lib
 
   Returns the workload with its functions bound to this config.
   """
-  config_schema.validate(config)
+  config_validation.validate(config)
   workload = workload_lib.load_workload(config.workload, config)
   workload_lib.check_model_config(config, workload)
   if config.data.synthetic:
     synthetic_data.workload_spec(config, workload)
-  config_schema.validate(config, num_devices=jax.device_count())
+  config_validation.validate(config, num_devices=jax.device_count())
   if config.batch_size % jax.process_count():
     raise config_schema.ConfigError(
         f"config.batch_size={config.batch_size} is invalid: must be divisible "
