@@ -21,7 +21,8 @@ THRESHOLDS = Thresholds()
 
 def analyse(study_dir):
   study = study_data.load_study(study_dir)
-  return study, report.analyse(study, THRESHOLDS).findings
+  return study, report.analyse(study, THRESHOLDS,
+                               procedures.report_hook(study)).findings
 
 
 def by_kind(findings):
@@ -250,6 +251,36 @@ def test_a_procedure_study_leaves_out_the_checks_that_do_not_apply(tmp_path):
   assert "infeasible" in kinds  # The other general checks still run.
 
 
+def test_the_report_hook_carries_the_procedures_analysis_and_left_out_checks(
+    tmp_path):
+  study_dir = fx.clean_study(str(tmp_path / "s"))
+  study = study_data.load_study(study_dir)
+  assert procedures.report_hook(study) is None  # An ordinary study.
+  _update_json(os.path.join(study_dir, "study.json"),
+               procedure={"name": "lr_sweep", "parameters": {}})
+  hook = procedures.report_hook(study_data.load_study(study_dir))
+  module = procedures.load("lr_sweep")
+  assert hook == report.ProcedureHook("lr_sweep", module.analyze,
+                                      module.GENERAL_CHECKS_LEFT_OUT)
+
+
+def test_a_study_of_an_unknown_procedure_gets_the_general_report(tmp_path):
+  study_dir = fx.clean_study(str(tmp_path / "s"))
+  _update_json(os.path.join(study_dir, "study.json"),
+               procedure={"name": "no_such_procedure", "parameters": {}})
+  study = study_data.load_study(study_dir)
+  hook = procedures.report_hook(study)
+  assert hook.analyze is None
+  assert hook.error.startswith("unknown procedure 'no_such_procedure'")
+  result = report.write_report(study, procedure=hook)
+  (unknown,) = [f for f in result.findings if f.kind == "procedure"]
+  assert unknown.id == "procedure/unknown" and unknown.severity == "warning"
+  assert hook.error in unknown.message
+  general = report.analyse(study, THRESHOLDS).findings
+  assert [f.id for f in result.findings] == ["procedure/unknown"] + [
+      f.id for f in general]
+
+
 def test_enough_trials_in_the_clean_study(clean):
   _, findings = clean
   (hit,) = by_kind(findings)["sampling"]
@@ -347,7 +378,7 @@ def test_input_bound_trials_are_named_with_their_wait_share(tmp_path):
   assert "data.prefetch_batches" in finding.message
   json.dumps(finding.to_json(), allow_nan=False)
   # The leaderboard shows every trial's wait share, the finding sits beside it.
-  result = report.write_report(study_dir)
+  result = report.write_report(study_data.load_study(study_dir))
   with open(result.index_html) as f:
     page = f.read()
   leaderboard = page[page.index('id="leaderboard"'):]
@@ -498,7 +529,7 @@ def test_commands_follow_the_sweep_command_in_the_tracking_table(tmp_path):
       f"--study_dir={study_dir} ", f"--study_dir={study_dir}_clip ").replace(
           "grad_clip_norm=0.8", f"grad_clip_norm={value!r}")
   # The report shows the command beside the finding.
-  result = report.write_report(study_dir)
+  result = report.write_report(study_data.load_study(study_dir))
   with open(result.index_html) as f:
     page = f.read()
   assert f"<code>{hit.command}</code>" in page

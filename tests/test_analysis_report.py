@@ -171,7 +171,7 @@ class _BodyAttrs(html.parser.HTMLParser):
 def test_report_in_headless_chromium(tmp_path):
   browser = find_chromium()
   study_dir = fx.clean_study(str(tmp_path / "study"))
-  result = report.write_report(study_dir)
+  result = report.write_report(study_data.load_study(study_dir))
   url = "file://" + os.path.abspath(result.index_html)
   profile = tempfile.mkdtemp(dir=tmp_path)
 

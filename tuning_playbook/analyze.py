@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 
 from tuning_playbook import cli
+from tuning_playbook import procedures
 from tuning_playbook.analysis import findings
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
@@ -31,7 +32,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   thresholds = dataclasses.replace(findings.Thresholds(), top_k=_TOP_K.value)
   try:
-    result = report.write_report(_STUDY_DIR.value, _REPORT_DIR.value, thresholds)
+    study = study_data.load_study(_STUDY_DIR.value)
+    result = report.write_report(study, _REPORT_DIR.value, thresholds,
+                                 procedures.report_hook(study))
   except study_data.StudyError as e:
     cli.fail(str(e))
   for finding in sorted(result.findings, key=lambda f: f.severity != "warning"):

@@ -171,6 +171,37 @@ def examine_all(study: study_data.Study,
           for t in study.feasible_trials()}
 
 
+def _overfitting(study: study_data.Study, over_best: dict[str, Any],
+                 over_any: dict[str, Any],
+                 thresholds: findings_lib.Thresholds) -> Finding:
+  """The overfitting finding: a warning when best trials overfit."""
+  metric = study.objective.metric
+  regularization = [d.name for d in study.scientific_dimensions()
+                    if any(r in d.name.lower() for r in REGULARIZERS)]
+  if over_best:
+    message = (
+        f"Problematic overfitting: {metric} starts rising after its best step "
+        f"in {len(over_best)} of the best trials ({trial_list(over_best)}). "
+        f"Re-run with more regularization (dropout, label smoothing, weight "
+        f"decay) or better-tuned regularization before "
+        + ("comparing scientific values." if study.scientific_dimensions()
+           else "drawing conclusions from this study."))
+    if regularization:
+      message += (f" Expected for weak settings of {', '.join(regularization)}, "
+                  f"which are scientific hyperparameters here.")
+  else:
+    message = (
+        f"{metric} rises after its best step in {len(over_any)} trial(s) that "
+        f"are not among the best ({trial_list(over_any)}). Selecting the best "
+        f"trial favours configurations that regularize more (even by hobbling "
+        f"optimization, e.g. a small learning rate): keep this in mind.")
+  return Finding("overfitting", "overfitting", WARNING if over_best else INFO,
+                 message,
+                 {"best_trials": over_best, "all_trials": over_any,
+                  "rise_threshold": thresholds.overfit_rise,
+                  "noise_multiple": thresholds.noise_multiple})
+
+
 def check(study: study_data.Study, flags: dict[str, CurveFlags],
           best_ids: Sequence[str],
           thresholds: findings_lib.Thresholds) -> list[Finding]:
@@ -183,30 +214,7 @@ def check(study: study_data.Study, flags: dict[str, CurveFlags],
   over_best = flagged("overfitting", best_ids)
   over_any = flagged("overfitting", flags)
   if over_any:
-    regularization = [d.name for d in study.scientific_dimensions()
-                      if any(r in d.name.lower() for r in REGULARIZERS)]
-    if over_best:
-      message = (
-          f"Problematic overfitting: {metric} starts rising after its best step "
-          f"in {len(over_best)} of the best trials ({trial_list(over_best)}). "
-          f"Re-run with more regularization (dropout, label smoothing, weight "
-          f"decay) or better-tuned regularization before "
-          + ("comparing scientific values." if study.scientific_dimensions()
-             else "drawing conclusions from this study."))
-      if regularization:
-        message += (f" Expected for weak settings of {', '.join(regularization)}, "
-                    f"which are scientific hyperparameters here.")
-    else:
-      message = (
-          f"{metric} rises after its best step in {len(over_any)} trial(s) that "
-          f"are not among the best ({trial_list(over_any)}). Selecting the best "
-          f"trial favours configurations that regularize more (even by hobbling "
-          f"optimization, e.g. a small learning rate): keep this in mind.")
-    out.append(Finding("overfitting", "overfitting",
-                       WARNING if over_best else INFO, message,
-                       {"best_trials": over_best, "all_trials": over_any,
-                        "rise_threshold": thresholds.overfit_rise,
-                        "noise_multiple": thresholds.noise_multiple}))
+    out.append(_overfitting(study, over_best, over_any, thresholds))
   variance = flagged("late_variance", best_ids)
   if variance:
     where = "; ".join(

@@ -1,7 +1,11 @@
 """Builds a study's report: runs every check, draws every figure, writes files.
 
-  result = report.write_report("/tmp/studies/lr")
+  study = study_data.load_study("/tmp/studies/lr")
+  result = report.write_report(study, procedure=procedures.report_hook(study))
   # -> /tmp/studies/lr/report/index.html, findings.json and the PNGs beside them.
+
+The analysis does not import the playbook procedures (they import it): the
+caller hands in the `ProcedureHook` of the procedure that planned the study.
 """
 
 from __future__ import annotations
@@ -10,10 +14,9 @@ import dataclasses
 import glob
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from tuning_playbook import atomic_files
-from tuning_playbook import procedures
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import curve_checks
 from tuning_playbook.analysis import curve_plots
@@ -268,46 +271,59 @@ def _leaderboard_section(study, report_dir, thresholds) -> Section:
 IMAGE_PREFIXES = ("axis_", "isolation_", "curves_", "grad_", "coverage",
                   "best_step", "bootstrap", "procedure_")
 
+# save_figure(matplotlib Figure, name, caption) -> its Image in the report
+# (None for no figure).
+SaveFigure = Callable[[Any, str, str], Image | None]
+# analyze(study, save_figure) -> (findings, section)
+ProcedureAnalysis = Callable[[study_data.Study, SaveFigure],
+                             tuple[list[findings_lib.Finding], Section]]
 
-def _procedure_analysis(study, writer
+
+@dataclasses.dataclass(frozen=True)
+class ProcedureHook:
+  """What the report takes from the playbook procedure that planned a study.
+
+  `analyze` gives the procedure's findings and section; `checks_left_out`
+  maps each kind of general finding that does not apply to its studies to
+  why. A procedure that cannot be loaded has no `analyze`, and `error` says
+  why.
+  """
+  name: str
+  analyze: ProcedureAnalysis | None = None
+  checks_left_out: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  error: str | None = None
+
+
+def _procedure_analysis(study, writer, procedure: ProcedureHook | None
                         ) -> tuple[list[findings_lib.Finding], Section | None]:
-  """The findings and section of the playbook procedure that planned the
-  study (tuning_playbook/procedures), if any."""
-  name = (study.procedure or {}).get("name")
-  if not name:
+  """The findings and section of the procedure that planned the study."""
+  if procedure is None:
     return [], None
-  try:
-    module = procedures.load(name)
-  except procedures.ProcedureError as e:
+  if procedure.analyze is None:
     return [findings_lib.Finding(
         "procedure/unknown", "procedure", findings_lib.WARNING,
-        f"study.json names the procedure {name!r}, which cannot be analysed: "
-        f"{e}", {"procedure": name})], None
+        f"study.json names the procedure {procedure.name!r}, which cannot be "
+        f"analysed: {procedure.error}", {"procedure": procedure.name})], None
   def save_figure(fig, figure_name: str, caption: str):
     return writer.image(fig, f"procedure_{figure_name}", caption)
-  return module.analyze(study, save_figure)
+  return procedure.analyze(study, save_figure)
 
 
-def _without_checks_left_out(study, found: list[findings_lib.Finding]
+def _without_checks_left_out(found: list[findings_lib.Finding],
+                             procedure: ProcedureHook | None
                              ) -> list[findings_lib.Finding]:
-  """Drops the general findings that the study's procedure leaves out (its
-  `GENERAL_CHECKS_LEFT_OUT`: kind -> why), and says which it dropped."""
-  name = (study.procedure or {}).get("name")
-  if not name:
-    return found
-  try:
-    left_out = dict(getattr(procedures.load(name), "GENERAL_CHECKS_LEFT_OUT", {}))
-  except procedures.ProcedureError:
-    return found  # Reported by the procedure's own analysis.
+  """Drops the general findings that the study's procedure leaves out, and
+  says which it dropped."""
+  left_out = dict(procedure.checks_left_out) if procedure else {}
   dropped = {f.kind: left_out[f.kind] for f in found if f.kind in left_out}
   if not dropped:
     return found
   kept = [f for f in found if f.kind not in left_out]
   return kept + [findings_lib.Finding(
       PROCEDURE_CHECKS, PROCEDURE_CHECKS, findings_lib.INFO,
-      f"General checks left out for this {name} study: "
+      f"General checks left out for this {procedure.name} study: "
       + "; ".join(f"{kind} ({why})" for kind, why in sorted(dropped.items()))
-      + ".", {"procedure": name, "left_out": dropped})]
+      + ".", {"procedure": procedure.name, "left_out": dropped})]
 
 
 def _clear_old_images(report_dir: str) -> None:
@@ -329,9 +345,10 @@ class Analysis:
 
 
 def analyse(study: study_data.Study,
-            thresholds: findings_lib.Thresholds = findings_lib.Thresholds()
-            ) -> Analysis:
-  """Runs every check on a loaded study."""
+            thresholds: findings_lib.Thresholds = findings_lib.Thresholds(),
+            procedure: ProcedureHook | None = None) -> Analysis:
+  """Runs every check on a loaded study; `procedure`: the hook of the
+  procedure that planned it (None: an ordinary study)."""
   groups = isolation.curve_groups(study, thresholds.top_k)
   best_ids = list(dict.fromkeys(t.trial_id for _, ts in groups for t in ts))
   flags = curve_checks.examine_all(study, thresholds)
@@ -344,17 +361,19 @@ def analyse(study: study_data.Study,
            + bootstrap.check(study, result, thresholds)
            + throughput_checks.check(study, thresholds)
            + loss_trend.check(study, thresholds))
-  found = _without_checks_left_out(study, found)
+  found = _without_checks_left_out(found, procedure)
   found = next_steps.attach(study, found, thresholds)
   return Analysis(study, groups, flags, stats, result, found)
 
 
-def write_report(study_dir: str, report_dir: str | None = None,
-                 thresholds: findings_lib.Thresholds = findings_lib.Thresholds()
-                 ) -> ReportResult:
-  """Analyses the study in `study_dir`; writes index.html, findings.json, PNGs."""
-  study = study_data.load_study(study_dir)
-  analysis = analyse(study, thresholds)
+def write_report(study: study_data.Study, report_dir: str | None = None,
+                 thresholds: findings_lib.Thresholds = findings_lib.Thresholds(),
+                 procedure: ProcedureHook | None = None) -> ReportResult:
+  """Analyses a loaded study; writes index.html, findings.json and the PNGs
+  (into <study_dir>/report by default). `procedure`: the hook of the
+  procedure that planned the study (None: an ordinary study)."""
+  study_dir = study.study_dir
+  analysis = analyse(study, thresholds, procedure)
   report_dir = report_dir or os.path.join(study_dir, REPORT_DIR)
   os.makedirs(report_dir, exist_ok=True)
   _clear_old_images(report_dir)
@@ -367,7 +386,8 @@ def write_report(study_dir: str, report_dir: str | None = None,
       _sampling_section(study, writer, analysis.bootstrap),
       _leaderboard_section(study, report_dir, thresholds)]
   by_id = {s.id: s for s in sections}
-  procedure_findings, procedure_section = _procedure_analysis(study, writer)
+  procedure_findings, procedure_section = _procedure_analysis(
+      study, writer, procedure)
   for finding in analysis.findings:
     if finding.kind == PROCEDURE_CHECKS and procedure_section is not None:
       procedure_section.findings.append(finding)

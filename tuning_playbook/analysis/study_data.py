@@ -223,20 +223,10 @@ def _load_one(study_dir: str, spec: dict[str, Any], prefix: str = "") -> Study:
 
 def _read_spec(study_dir: str) -> dict[str, Any] | None:
   """study.json's object, or None when there is no study.json."""
-  path = os.path.join(study_dir, STUDY_FILE)
-  if not os.path.exists(path):
-    return None
   try:
-    with open(path) as f:
-      spec = json.load(f)
-  except (OSError, ValueError) as e:
-    raise StudyError(f"{path} is unreadable ({e}): it must hold the JSON "
-                     "object that tuning_playbook.sweep (or .playbook) "
-                     "writes") from None
-  if not isinstance(spec, dict):
-    raise StudyError(f"{path} holds a {type(spec).__name__}, not the JSON "
-                     "object that tuning_playbook.sweep (or .playbook) writes")
-  return spec
+    return study_lib.read_study_json(study_dir)
+  except study_lib.StudyError as e:
+    raise StudyError(str(e)) from None
 
 
 def _combine(study_dir: str, parts: Sequence[tuple[str, dict[str, Any], Study]]) -> Study:

@@ -33,6 +33,10 @@ The registry is the module path: procedure `<name>` is the module
       Kinds of the general analysis' findings that do not apply to the
       procedure's study, each with why (the report names them instead).
 
+The analysis does not import this package: `report_hook(study)` hands the
+report (tuning_playbook/analysis/report.py) `analyze` and
+`GENERAL_CHECKS_LEFT_OUT` of the procedure that planned a study.
+
 A study planned by a procedure is an ordinary study (study.json with a
 `procedure` field, trials/, results.csv, a tracking-table row), so the sweep's
 tools and `python -m tuning_playbook.analyze` work on it.
@@ -44,14 +48,16 @@ import dataclasses
 import importlib
 import pkgutil
 import types
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
+
+from tuning_playbook.analysis import report
+from tuning_playbook.analysis import study_data
 
 PACKAGE = "tuning_playbook.procedures"
 # Modules of this package that are helpers, not procedures.
 _HELPERS = ("from_study",)
 ARGUMENT_KINDS = ("int", "float", "floats", "string", "bool")
-# save_figure(matplotlib Figure, name, caption) -> report_html.Image | None
-SaveFigure = Callable[[Any, str, str], Any]
+SaveFigure = report.SaveFigure
 
 
 class ProcedureError(ValueError):
@@ -90,3 +96,18 @@ def load(name: str) -> types.ModuleType:
     raise ProcedureError(f"unknown procedure {name!r}; allowed: "
                          f"{', '.join(allowed)}")
   return importlib.import_module(f"{PACKAGE}.{name}")
+
+
+def report_hook(study: study_data.Study) -> report.ProcedureHook | None:
+  """The report's hook of the procedure that planned `study` (None for an
+  ordinary study); one that cannot be loaded gives the error instead."""
+  name = (study.procedure or {}).get("name")
+  if not name:
+    return None
+  try:
+    module = load(name)
+  except ProcedureError as e:
+    return report.ProcedureHook(name, error=str(e))
+  return report.ProcedureHook(
+      name, module.analyze,
+      dict(getattr(module, "GENERAL_CHECKS_LEFT_OUT", {})))

@@ -107,7 +107,7 @@ def throughput_row(trial: study_data.Trial) -> dict[str, Any]:
     fits = "does not fit"
   elif record["status"] == records.COMPLETED:
     fits = "fits"
-  elif record["status"] == "pending":
+  elif record["status"] == records.PENDING:
     fits = "not run"
   else:
     fits = record["status"]

@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 import os
 import shlex
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import matplotlib
 from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import loss_spikes
@@ -95,8 +96,24 @@ def trial_stability(trial: study_data.Trial,
                     ) -> loss_spikes.LossStability:
   """Spikes, divergence and stalling in a trial's per-step training loss."""
   steps, losses = trial.step_losses
-  diverged = trial.final_step if trial.status == "diverged" else None
+  diverged = trial.final_step if trial.status == records.DIVERGED else None
   return loss_spikes.examine(steps, losses, thresholds, diverged_step=diverged)
+
+
+def examined_trials(study: study_data.Study,
+                    value_of: Callable[[study_data.Trial], Any],
+                    thresholds: findings_lib.Thresholds
+                    ) -> list[tuple[study_data.Trial, Any,
+                                    loss_spikes.LossStability]]:
+  """(trial, value_of(trial), its loss stability) of each trial that has
+  finished and has a value (not None)."""
+  out = []
+  for trial in study.trials:
+    value = value_of(trial)
+    if value is None or trial.status == study_data.UNFINISHED:
+      continue
+    out.append((trial, value, trial_stability(trial, thresholds)))
+  return out
 
 
 def warmup_command(study: study_data.Study, unstable_lr: float) -> str:
@@ -147,12 +164,9 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
   thresholds = findings_lib.Thresholds()
   best_lr = float(params["best_learning_rate"])
   rows = []
-  for trial in study.trials:
-    lr = _learning_rate(trial)
-    if lr is None or trial.status == study_data.UNFINISHED:
-      continue
+  for trial, lr, stability in examined_trials(study, _learning_rate,
+                                              thresholds):
     factor = lr / best_lr
-    stability = trial_stability(trial, thresholds)
     rows.append({"trial": trial, "trial_id": trial.trial_id,
                  "learning_rate": lr, "factor": round(factor, 6),
                  "status": trial.status, "stability": stability,
@@ -164,62 +178,74 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
   table = [{"trial_id": r["trial_id"], "learning_rate": r["learning_rate"],
             "factor": r["factor"], "status": r["status"],
             **r["stability"].to_json()} for r in rows]
-  unstable = [r for r in rows if r["stability"].unstable]
-  evaluated = next((r for r in rows if r["evaluated"]), None)
   details = {"best_learning_rate": best_lr, "steps": params["steps"],
              "eval_every": params["eval_every"], "trials": table,
              "unfinished": unfinished,
              "spike_factor": thresholds.spike_factor,
              "spike_jump": thresholds.spike_jump,
              "spike_window": thresholds.spike_window}
-  found = []
+  found = [_result(study, rows, details)]
+  image = save_figure(_figure(rows), "instability_check_losses",
+                      "Per-step training loss at each learning rate (x: "
+                      "spikes; dashed: validation loss of the 2x trial)")
+  return found, _section(params, thresholds, rows, image)
+
+
+def _result(study: study_data.Study, rows: list[dict[str, Any]],
+            details: Mapping[str, Any]) -> Finding:
+  """The finding: no trial finished, no instability, or where it starts."""
+  params = study.procedure["parameters"]
+  best_lr = details["best_learning_rate"]
+  unstable = [r for r in rows if r["stability"].unstable]
   if not rows:
-    found.append(Finding(f"{NAME}/result", NAME, findings_lib.WARNING,
-                         "No trial has finished yet: nothing to examine.",
-                         details))
-  elif not unstable:
-    found.append(Finding(
+    return Finding(f"{NAME}/result", NAME, findings_lib.WARNING,
+                   "No trial has finished yet: nothing to examine.", details)
+  if not unstable:
+    return Finding(
         f"{NAME}/result", NAME, findings_lib.INFO,
         f"No early instability: the training loss shows no spike, divergence "
         f"or stall at {_factors(rows)} the best "
         f"learning rate {fmt(best_lr)} over {params['steps']} steps. Warmup is "
         "not what limits the learning rate.",
         {**details, "early_instability": False, "unstable_learning_rate": None,
-         "first_spike_step": None, "max_spike_size": None}))
-  else:
-    first = unstable[0]
-    spikes = [s for r in unstable for s in r["stability"].spikes]
-    first_step = min([s.step for s in spikes] + [
-        r["stability"].rising.start_step for r in unstable
-        if r["stability"].rising is not None], default=None)
-    biggest = max((s.size for s in spikes), default=None)
-    where = "; ".join(_describe(r) for r in unstable)
-    found.append(Finding(
-        f"{NAME}/result", NAME, findings_lib.WARNING,
-        f"Early instability: {where}. The lowest unstable learning rate is "
-        f"{fmt(first['learning_rate'])} ({first['factor']:g}x the best, "
-        f"{fmt(best_lr)}). Try a learning rate warmup (the playbook's fix for "
-        "early instability) with the command below.",
-        {**details, "early_instability": True,
-         "unstable_learning_rate": first["learning_rate"],
-         "unstable_factor": first["factor"],
-         "unstable_trials": [r["trial_id"] for r in unstable],
-         "first_spike_step": first_step, "max_spike_size": biggest},
-        command=warmup_command(study, first["learning_rate"])))
+         "first_spike_step": None, "max_spike_size": None})
+  first = unstable[0]
+  spikes = [s for r in unstable for s in r["stability"].spikes]
+  first_step = min([s.step for s in spikes] + [
+      r["stability"].rising.start_step for r in unstable
+      if r["stability"].rising is not None], default=None)
+  biggest = max((s.size for s in spikes), default=None)
+  where = "; ".join(_describe(r) for r in unstable)
+  return Finding(
+      f"{NAME}/result", NAME, findings_lib.WARNING,
+      f"Early instability: {where}. The lowest unstable learning rate is "
+      f"{fmt(first['learning_rate'])} ({first['factor']:g}x the best, "
+      f"{fmt(best_lr)}). Try a learning rate warmup (the playbook's fix for "
+      "early instability) with the command below.",
+      {**details, "early_instability": True,
+       "unstable_learning_rate": first["learning_rate"],
+       "unstable_factor": first["factor"],
+       "unstable_trials": [r["trial_id"] for r in unstable],
+       "first_spike_step": first_step, "max_spike_size": biggest},
+      command=warmup_command(study, first["learning_rate"]))
+
+
+def _section(params: Mapping[str, Any], thresholds: findings_lib.Thresholds,
+             rows: list[dict[str, Any]], image: Any) -> Section:
+  """The report's section: the losses' figure and one row per trial."""
   notes = []
+  evaluated = next((r for r in rows if r["evaluated"]), None)
   if evaluated is not None:
-    s, v = evaluated["trial"].series("eval/validation/loss")
+    s, _ = evaluated["trial"].series("eval/validation/loss")
     notes.append(f"The {EVALUATED_FACTOR:g}x trial ({evaluated['trial_id']}) "
                  f"was evaluated at {len(s)} steps (every "
                  f"{params['eval_every']}).")
-  image = save_figure(_figure(rows), "instability_check_losses",
-                      "Per-step training loss at each learning rate (x: "
-                      "spikes; dashed: validation loss of the 2x trial)")
-  section = Section(
+  return Section(
       NAME, "Instability check: learning rates above the best",
       f"The best trial of the source study, {params['steps']} steps at "
       f"{', '.join(f'{f:g}' for f in params['lr_factors'])} x its learning "
-      f"rate {fmt(best_lr)}. A spike: a step whose loss is above "
+      f"rate {fmt(float(params['best_learning_rate']))}. A spike: a step whose "
+      f"loss is above "
       f"{thresholds.spike_factor:g}x the lowest {thresholds.spike_window}-step "
       f"median so far and above the median of the {thresholds.spike_window} "
       f"steps before it by {thresholds.spike_jump:g}x that median plus "
@@ -240,7 +266,6 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
                   f"{r['stability'].rising.start_step}-"
                   f"{r['stability'].rising.end_step}"),
                  Code(r["trial"].command)] for r in rows])])
-  return found, section
 
 
 def _factors(rows) -> str:

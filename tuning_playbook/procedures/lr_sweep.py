@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from tuning_playbook import config_paths
+from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook import workload as workload_lib
 from tuning_playbook.analysis import findings as findings_lib
@@ -206,25 +207,16 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
   params = study.procedure["parameters"]
   threshold = float(params["train_error_threshold"])
   grid = sorted(float(v) for v in params["learning_rates"])
-  rows = []
-  for trial in study.trials:
-    lr = trial.params.get(LR_KEY)
-    _, errors = trial.series(TRAIN_ERROR)
-    finite = errors[np.isfinite(errors)]
-    rows.append({"trial": trial, "trial_id": trial.trial_id,
-                 "learning_rate": lr, "status": trial.status,
-                 "steps_to_fit": (steps_to_fit(trial, threshold)
-                                  if trial.status == "completed" else None),
-                 "final_train_error": float(finite[-1]) if len(finite) else None,
-                 "min_train_error": float(finite.min()) if len(finite) else None})
-  rows.sort(key=lambda r: r["learning_rate"] or 0)
+  rows = sorted((_row(trial, threshold) for trial in study.trials),
+                key=lambda r: r["learning_rate"] or 0)
   reached = [r for r in rows if r["steps_to_fit"] is not None]
   table = [{k: v for k, v in r.items() if k != "trial"} for r in rows]
   common = {"train_error_threshold": threshold, "steps_per_trial": params["steps"],
             "eval_every": params["eval_every"], "learning_rates": grid,
             "trials": table}
   found = []
-  unfinished = [r["trial_id"] for r in rows if r["status"] == "unfinished"]
+  unfinished = [r["trial_id"] for r in rows
+                if r["status"] == study_data.UNFINISHED]
   if unfinished:
     found.append(Finding(
         f"{NAME}/unfinished", NAME, findings_lib.WARNING,
@@ -276,7 +268,25 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
           "study.", details, command=_next_command(study, n)))
   image = save_figure(_figure(rows, threshold), "lr_sweep_train_error",
                       f"{TRAIN_ERROR} per learning rate (dashed: threshold)")
-  section = Section(
+  return found, _section(params, threshold, rows, image)
+
+
+def _row(trial: study_data.Trial, threshold: float) -> dict[str, Any]:
+  """A trial's learning rate, status, steps to fit and training errors."""
+  _, errors = trial.series(TRAIN_ERROR)
+  finite = errors[np.isfinite(errors)]
+  return {"trial": trial, "trial_id": trial.trial_id,
+          "learning_rate": trial.params.get(LR_KEY), "status": trial.status,
+          "steps_to_fit": (steps_to_fit(trial, threshold)
+                           if trial.status == records.COMPLETED else None),
+          "final_train_error": float(finite[-1]) if len(finite) else None,
+          "min_train_error": float(finite.min()) if len(finite) else None}
+
+
+def _section(params: Mapping[str, Any], threshold: float,
+             rows: list[dict[str, Any]], image: Any) -> Section:
+  """The report's section: the training errors' figure, a row per trial."""
+  return Section(
       NAME, "Learning-rate sweep: an initial max_train_steps",
       "A constant learning-rate grid without warmup, data augmentation or "
       "regularization (switched off: "
@@ -293,4 +303,3 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
                  else "not reached", fmt(r["final_train_error"]),
                  fmt(r["min_train_error"]), Code(r["trial"].command)]
                 for r in rows])])
-  return found, section

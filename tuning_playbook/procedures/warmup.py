@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from matplotlib.figure import Figure
 import ml_collections
 
+from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_presets
 from tuning_playbook.analysis import findings as findings_lib
@@ -156,14 +157,12 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
   thresholds = findings_lib.Thresholds()
   baseline = int(params["baseline_max_train_steps"])
   rows = []
-  for trial in study.trials:
-    w = _warmup(trial)
-    if w is None or trial.status == study_data.UNFINISHED:
-      continue
-    stability = instability_check.trial_stability(trial, thresholds)
+  for trial, w, stability in instability_check.examined_trials(
+      study, _warmup, thresholds):
     rows.append({"trial": trial, "trial_id": trial.trial_id, "warmup_steps": w,
                  "status": trial.status, "stability": stability,
-                 "feasible": trial.status == "completed" and not stability.unstable,
+                 "feasible": (trial.status == records.COMPLETED
+                              and not stability.unstable),
                  "best_value": trial.best_value})
   rows.sort(key=lambda r: r["warmup_steps"])
   table = [{"trial_id": r["trial_id"], "warmup_steps": r["warmup_steps"],
@@ -219,7 +218,12 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
         command=baseline_command(study, w)))
   image = save_figure(_figure(rows), "warmup_losses",
                       "Per-step training loss of each warmup length")
-  section = Section(
+  return found, _section(base, rows, image)
+
+
+def _section(base: str, rows: list[dict[str, Any]], image: Any) -> Section:
+  """The report's section: the losses' figure and one row per trial."""
+  return Section(
       NAME, "Warmup: the shortest stable warmup",
       f"Each trial warms up from 0 to the base learning rate {base} over its "
       f"warmup_steps, then trains {POST_WARMUP_FACTOR}x as many steps at it. "
@@ -233,4 +237,3 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
                            for s in r["stability"].spikes) or "none",
                  fmt(r["best_value"]), Code(r["trial"].command)]
                 for r in rows])])
-  return found, section
