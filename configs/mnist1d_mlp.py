@@ -35,19 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-def get_search_space(config: ml_collections.ConfigDict | None = None,
-                     num_trials: int | None = None) -> dict:
-  """The default study: the optimizer's nuisance hyperparameters, warmup
-  (0 to 10% of max_train_steps) and weight decay, by quasi-random search (see
-  tuning_playbook/study_presets.py).
-
-    python -m tuning_playbook.sweep --config=configs/mnist1d_mlp.py \
-        --study_dir=runs/mnist1d_mlp_study --num_trials=16 --seed=0 --run --parallel=2
-
-  The sweep passes `config` with every --config.* override applied (so
-  warmup follows --config.max_train_steps) and `num_trials`, the trial
-  budget, which decides which of Adam's hyperparameters are tuned.
-  """
-  if config is None:
-    config = get_config()
-  return study_presets.default_search_space(config, num_trials)
+# The default study of tuning_playbook/study_presets.py (the optimizer's
+# nuisance hyperparameters, warmup and weight decay), for the config with
+# every --config.* override applied and the --num_trials budget:
+#
+#   python -m tuning_playbook.sweep --config=configs/mnist1d_mlp.py \
+#       --study_dir=runs/mnist1d_mlp_study --num_trials=16 --seed=0 --run --parallel=2
+get_search_space = study_presets.default_get_search_space(get_config)

@@ -7,6 +7,9 @@
   def get_search_space(config, num_trials):
     return study_presets.default_search_space(config, num_trials)
 
+  # The same, and called without a config it uses get_config():
+  get_search_space = study_presets.default_get_search_space(get_config)
+
   # Adam's hyperparameters by trial budget ("How should Adam's
   # hyperparameters be tuned?"):
   study_presets.adam_nuisance(num_trials=20)
@@ -20,7 +23,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -111,6 +114,22 @@ def default_search_space(config: ml_collections.ConfigDict,
       "algorithm": "quasi_random",
       "nuisance": nuisance,
   }
+
+
+def default_get_search_space(
+    get_config: Callable[[], ml_collections.ConfigDict],
+) -> Callable[..., dict[str, Any]]:
+  """A config file's `get_search_space(config, num_trials)` that returns
+  `default_search_space`, of `get_config()` when no config is given."""
+
+  def get_search_space(config: ml_collections.ConfigDict | None = None,
+                       num_trials: int | None = None) -> dict[str, Any]:
+    """The default study of `config` (default: the file's `get_config()`)."""
+    if config is None:
+      config = get_config()
+    return default_search_space(config, num_trials)
+
+  return get_search_space
 
 
 def _warmup_steps_up_to(max_steps: int) -> list[int]:

@@ -14,11 +14,14 @@ ImageNet accuracies are usually reported, are the test split.
 Images reach `preprocess` as JPEG bytes, and only the crop is decoded
 (`tuning_playbook/image_preprocessing.py`); a data directory in a bucket
 (`--config.data.data_dir=gs://...`) is read in place.
+
+The ImageNet workloads take their `preprocess`, `loss_fn` and `synthetic_spec`
+from `workload_functions` (see tuning_playbook/workload.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,3 +77,32 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
                                 label_smoothing)
   return optax.softmax_cross_entropy(logits, targets)
+
+
+def workload_functions(
+    model_config: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+  """`preprocess`, `loss_fn` and `synthetic_spec` of an ImageNet classifier.
+
+  `model_config(config)` gives the workload's checked `config.model`, with the
+  fields image_size, num_classes and label_smoothing. Training examples are
+  augmented when `config.data.augment`.
+  """
+
+  @input_pipeline.takes_encoded_images
+  def workload_preprocess(example, *, train: bool, seed,
+                          config: ml_collections.ConfigDict):
+    return preprocess(example, train=train and config.data.augment, seed=seed,
+                      image_size=model_config(config).image_size)
+
+  def workload_loss_fn(logits: jax.Array, labels: jax.Array, *,
+                       config: ml_collections.ConfigDict) -> jax.Array:
+    return smoothed_cross_entropy(logits, labels,
+                                  model_config(config).label_smoothing)
+
+  def workload_synthetic_spec(
+      config: ml_collections.ConfigDict) -> dict[str, Any]:
+    fields = model_config(config)
+    return synthetic_spec(fields.image_size, fields.num_classes)
+
+  return workload_preprocess, workload_loss_fn, workload_synthetic_spec

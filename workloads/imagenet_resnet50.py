@@ -4,7 +4,7 @@ v1.5 puts the stride of a downsampling bottleneck in its 3x3 convolution, and
 the last BatchNorm of each residual block starts with scale 0, so every block
 starts as the identity (Goyal et al. 2017). BatchNorm statistics follow
 `config.batch_norm`; the layers compute in `config.compute_dtype`. Data,
-splits and augmentation: `workloads/imagenet_data.py`.
+splits, augmentation and the loss: `workloads/imagenet_data.py`.
 
 config.model fields (defaults below): depth (18, 34, 50, 101 or 152),
 width_multiplier (of the 64, 128, 256, 512 channels of the four stages),
@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from tuning_playbook import batch_norm
-from tuning_playbook import input_pipeline
 from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
 
@@ -120,19 +119,5 @@ def create_model(config: ml_collections.ConfigDict) -> ResNet:
                 dtype=workload_lib.compute_dtype(config))
 
 
-@input_pipeline.takes_encoded_images
-def preprocess(example, *, train: bool, seed, config: ml_collections.ConfigDict):
-  return imagenet_data.preprocess(example, train=train and config.data.augment,
-                                  seed=seed,
-                                  image_size=model_config(config).image_size)
-
-
-def loss_fn(logits: jax.Array, labels: jax.Array, *,
-            config: ml_collections.ConfigDict) -> jax.Array:
-  return imagenet_data.smoothed_cross_entropy(
-      logits, labels, model_config(config).label_smoothing)
-
-
-def synthetic_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  fields = model_config(config)
-  return imagenet_data.synthetic_spec(fields.image_size, fields.num_classes)
+preprocess, loss_fn, synthetic_spec = imagenet_data.workload_functions(
+    model_config)

@@ -4,7 +4,7 @@ Pre-LayerNorm encoder blocks over non-overlapping patches, with global average
 pooling and fixed 2-D sin-cos position embeddings by default (Beyer et al.
 2022), a zero-initialized linear head. Layers compute in
 `config.compute_dtype`; LayerNorm statistics and the attention softmax are
-float32. Data, splits and augmentation: `workloads/imagenet_data.py`.
+float32. Data, splits, augmentation and the loss: `workloads/imagenet_data.py`.
 
 config.model fields (defaults below): variant ("Ti/16", "S/16", "B/16",
 "L/16"; any "<size>/<patch>"), and hidden_size, depth, num_heads, mlp_dim,
@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tuning_playbook import input_pipeline
 from tuning_playbook import layers
 from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
@@ -165,19 +164,5 @@ def create_model(config: ml_collections.ConfigDict) -> VisionTransformer:
       dropout_rate=fields.dropout_rate, dtype=workload_lib.compute_dtype(config))
 
 
-@input_pipeline.takes_encoded_images
-def preprocess(example, *, train: bool, seed, config: ml_collections.ConfigDict):
-  return imagenet_data.preprocess(example, train=train and config.data.augment,
-                                  seed=seed,
-                                  image_size=model_config(config).image_size)
-
-
-def loss_fn(logits: jax.Array, labels: jax.Array, *,
-            config: ml_collections.ConfigDict) -> jax.Array:
-  return imagenet_data.smoothed_cross_entropy(
-      logits, labels, model_config(config).label_smoothing)
-
-
-def synthetic_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  fields = model_config(config)
-  return imagenet_data.synthetic_spec(fields.image_size, fields.num_classes)
+preprocess, loss_fn, synthetic_spec = imagenet_data.workload_functions(
+    model_config)
