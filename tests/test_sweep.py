@@ -18,6 +18,7 @@ import pytest
 
 from tuning_playbook import records
 from tuning_playbook import tracking
+from tuning_playbook.analysis import study_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -324,6 +325,22 @@ def test_infeasible_trials_are_recorded_and_never_stop_the_study(tmp_path):
   assert float(table["best_value"]) == float(best["best_value"])
   assert int(table["num_infeasible"]) == len(rows) - len(completed)
   assert table["num_unfinished"] == "0"
+  # The report reads each trial as results.csv and the table do: a trial
+  # process that exited without summary.json failed (it is not unfinished).
+  analysed = study_data.load_study(str(study_dir))
+  assert {t.trial_id: t.status for t in analysed.trials} == expected
+  assert {t.trial_id: t.reason for t in analysed.trials} == {
+      k: r["reason"] for k, r in rows.items()}
+  analyze = subprocess.run(
+      [sys.executable, "-m", "tuning_playbook.analyze",
+       f"--study_dir={study_dir}"], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=240)
+  assert analyze.returncode == 0, analyze.stderr[-3000:]
+  findings = _read_json(study_dir / "report" / "findings.json")["findings"]
+  assert "unfinished" not in {f["kind"] for f in findings}
+  infeasible = [f for f in findings if f["kind"] == "infeasible"]
+  assert infeasible and infeasible[0]["details"]["num_infeasible"] == len(
+      rows) - len(completed), infeasible
 
   # Relaunching leaves finished trials alone; --retry_failed reruns failures.
   failed = [k for k, s in expected.items() if s == "failed"]

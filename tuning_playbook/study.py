@@ -34,8 +34,6 @@ from tuning_playbook import search_space as search_space_lib
 
 STUDY_FILE = "study.json"
 TRIALS_DIR = "trials"
-DEFAULT_TRAINER = commands.DEFAULT_TRAINER  # TEMP
-format_override = commands.format_override  # TEMP
 # The fields of study.json that decide what every trial is; a study directory
 # refuses to be planned again with any of them changed.
 IDENTITY_FIELDS = ("config", "config_overrides", "seed", "sampler",
@@ -73,7 +71,7 @@ class Study:
   search_space: Mapping[str, Any]
   base_config: Mapping[str, Any]
   trials: tuple[Trial, ...]
-  trainer_module: str = DEFAULT_TRAINER
+  trainer_module: str = commands.DEFAULT_TRAINER
   # The playbook procedure that planned the study (name and parameters, see
   # tuning_playbook/procedures); None for an ordinary sweep.
   procedure: Mapping[str, Any] | None = None
@@ -171,10 +169,10 @@ def read_study_json(study_dir: str) -> dict[str, Any] | None:
       record = json.load(f)
   except (OSError, ValueError) as e:
     raise StudyError(f"{path} is unreadable ({e}): it must hold the JSON "
-                     "object that tuning_playbook.sweep writes") from None
+                     "object that tuning_playbook.sweep (or .playbook) writes") from None
   if not isinstance(record, dict):
     raise StudyError(f"{path} holds a {type(record).__name__}, not the JSON "
-                     "object that tuning_playbook.sweep writes")
+                     "object that tuning_playbook.sweep (or .playbook) writes")
   return record
 
 
@@ -203,7 +201,7 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
                  spec: Mapping[str, Any], study_dir: str,
                  num_trials: int | None, seed: int,
                  config_overrides: Mapping[str, Any] | None = None,
-                 trainer_module: str = DEFAULT_TRAINER,
+                 trainer_module: str = commands.DEFAULT_TRAINER,
                  procedure: Mapping[str, Any] | None = None) -> list[Study]:
   """Expands a search space into its studies (one per scientific value when
   the space says so); nothing is written.
@@ -297,7 +295,7 @@ def write_studies(studies: Sequence[Study],
         records.write_config(directory, resolved[directory])
 
 
-def load_study(study_dir: str, trainer_module: str = DEFAULT_TRAINER) -> Study:
+def load_study(study_dir: str, trainer_module: str = commands.DEFAULT_TRAINER) -> Study:
   """The Study recorded in `study_dir/study.json`."""
   if not os.path.isdir(study_dir):
     raise StudyError(f"{study_dir} is not a directory: name a study directory "

@@ -110,7 +110,7 @@ def resolve_isolation(studies: Sequence[study_lib.Study],
   trial end before launching the next, needs one process per trial.
   """
   custom = [s.trainer_module for s in studies
-            if s.trainer_module != study_lib.DEFAULT_TRAINER]
+            if s.trainer_module != commands.DEFAULT_TRAINER]
   needs_process = (f"--trainer_module={custom[0]}" if custom else
                    "a procedure that stops early" if options.stop_rule else None)
   isolation = options.isolation

@@ -35,12 +35,6 @@ from tuning_playbook import atomic_files
 from tuning_playbook import records as records_lib
 from tuning_playbook import study as study_lib
 
-RUNNER_FILE = records_lib.RUNNER_FILE  # TEMP
-LOCK_FILE = records_lib.LOCK_FILE  # TEMP
-LOG_FILE = records_lib.LOG_FILE  # TEMP
-trial_record = records_lib.trial_status  # TEMP
-is_locked = records_lib.is_locked  # TEMP
-last_log_line = records_lib.last_log_line  # TEMP
 RESULTS_FILE = "results.csv"
 TRACKING_TABLE_FILE = "studies.csv"
 RESULT_COLUMNS = ("trial_id", "status", "reason")

@@ -19,6 +19,7 @@ import os
 import shlex
 from typing import Any, Callable, Mapping, Sequence
 
+from tuning_playbook import commands
 from tuning_playbook import study as study_lib
 from tuning_playbook import tracking
 from tuning_playbook.analysis import findings as findings_lib
@@ -51,15 +52,14 @@ def _rebuilt_command(record: Mapping[str, Any] | None) -> list[str] | None:
   """The sweep command of an ordinary study, from its study.json."""
   if not record or record.get("procedure") or not record.get("config"):
     return None
-  argv = ["python", "-m", "tuning_playbook.sweep", f"--config={record['config']}",
-          "--study_dir=<study_dir>", f"--num_trials={len(record.get('trials') or [])}",
-          f"--seed={record.get('seed', 0)}"]
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in (record.get("config_overrides") or {}).items()]
-  trainer = record.get("trainer_module") or study_lib.DEFAULT_TRAINER
-  if trainer != study_lib.DEFAULT_TRAINER:
-    argv.append(f"--trainer_module={trainer}")
-  return argv + ["--run"]
+  return commands.module_argv(
+      "tuning_playbook.sweep",
+      [f"--config={record['config']}", "--study_dir=<study_dir>",
+       f"--num_trials={len(record.get('trials') or [])}",
+       f"--seed={record.get('seed', 0)}"],
+      overrides=record.get("config_overrides") or {},
+      trainer_module=record.get("trainer_module") or commands.DEFAULT_TRAINER,
+      run=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,21 +105,19 @@ class StudyCommands:
                                           required=True):
       return None
     for key, value in (overrides or {}).items():
-      put(f"--config.{key}", study_lib.format_override(value), required=False)
-    return shlex.join(argv)
+      put(f"--config.{key}", commands.format_override(value), required=False)
+    return commands.command_line(argv)
 
   def playbook(self, procedure: str, suffix: str, *flags: str) -> str | None:
     """A playbook procedure starting from the best trial of this study."""
     if not self.study.config_path or self.record is None:
       return None
-    argv = ["python", "-m", PLAYBOOK, procedure,
-            f"--config={self.study.config_path}",
-            f"--study_dir={self.new_dir(suffix)}",
-            f"--from_study={self.study.study_dir}", *flags]
-    trainer = self.record.get("trainer_module") or study_lib.DEFAULT_TRAINER
-    if trainer != study_lib.DEFAULT_TRAINER:
-      argv.append(f"--trainer_module={trainer}")
-    return shlex.join(argv + ["--run"])
+    return commands.command_line(commands.module_argv(
+        PLAYBOOK, [procedure, f"--config={self.study.config_path}",
+                   f"--study_dir={self.new_dir(suffix)}",
+                   f"--from_study={self.study.study_dir}", *flags],
+        trainer_module=(self.record.get("trainer_module")
+                        or commands.DEFAULT_TRAINER), run=True))
 
 
 def _round_up(value: float) -> int:

@@ -18,11 +18,11 @@ import csv
 import dataclasses
 import json
 import os
-import shlex
 from typing import Any, Sequence
 
 import numpy as np
 
+from tuning_playbook import commands
 from tuning_playbook import dimension as dimension_lib
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
@@ -181,10 +181,10 @@ def _results_commands(study_dir: str) -> dict[str, str]:
 def _command(spec: dict[str, Any], run_dir: str, params: dict[str, Any]) -> str:
   overrides = {**(spec.get("config_overrides") or {}), **(spec.get("fixed") or {}),
                **params}
-  args = ["python", "-m", str(spec.get("trainer_module") or study_lib.DEFAULT_TRAINER),
-          f"--config={spec.get('config') or '<config>'}", f"--workdir={run_dir}"]
-  args += [f"--config.{k}={study_lib.format_override(v)}" for k, v in overrides.items()]
-  return shlex.join(args)
+  return commands.command_line(commands.module_argv(
+      str(spec.get("trainer_module") or commands.DEFAULT_TRAINER),
+      [f"--config={spec.get('config') or '<config>'}", f"--workdir={run_dir}"],
+      overrides=overrides))
 
 
 def _load_one(study_dir: str, spec: dict[str, Any], prefix: str = "") -> Study:

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from tuning_playbook import records
-from tuning_playbook import tracking
+from tuning_playbook import step_logs
 
 RECORD_FILES = (records.CONFIG_FILE, records.METRICS_FILE,
-                records.GRAD_NORMS_FILE, records.SUMMARY_FILE, tracking.LOG_FILE)
+                records.GRAD_NORMS_FILE, records.SUMMARY_FILE, records.LOG_FILE)
 UNFINISHED = "unfinished"
 _LISTED_LINES = 5
 
@@ -49,7 +49,7 @@ def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], str | None]:
   """
   name = os.path.basename(path)
   try:
-    contents = records.scan_jsonl(path)
+    contents = step_logs.scan_jsonl(path)
   except OSError as e:
     return [], f"{name} unreadable ({e})"
   rows = [r for r in contents.rows if finite(r.get("step"))]
@@ -92,13 +92,17 @@ class Trial:
   problems: list[str]
   values: dict[str, Any] = dataclasses.field(default_factory=dict)  # By dimension.
   command: str = ""
+  # records.trial_status of the run directory: the status results.csv and
+  # the tracking table give the trial.
+  record: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def status(self) -> str:
-    """completed | diverged | failed | unfinished (no summary.json)."""
-    if not self.summary:
-      return UNFINISHED
-    return str(self.summary.get("status", UNFINISHED))
+    """completed | diverged | failed | unfinished (pending, running or
+    interrupted: not ended), as `records.trial_status` has it."""
+    source = self.record or self.summary or {}
+    status = source.get("status")
+    return str(status) if status in records.ENDED_STATUSES else UNFINISHED
 
   @property
   def best_value(self) -> float | None:
@@ -157,7 +161,7 @@ class Trial:
 
   @property
   def reason(self) -> str:
-    return str((self.summary or {}).get("reason") or "")
+    return str((self.record or self.summary or {}).get("reason") or "")
 
   @property
   def grad_clip_norm(self) -> float:
@@ -227,4 +231,6 @@ def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:
   return Trial(trial_id=trial_id, params=dict(params), run_dir=run_dir,
                summary=summary if isinstance(summary, dict) else None,
                config=config if isinstance(config, dict) else None,
-               metrics=metrics, present_files=present, problems=problems)
+               metrics=metrics, present_files=present, problems=problems,
+               record=(records.trial_status(run_dir) if os.path.isdir(run_dir)
+                       else {}))

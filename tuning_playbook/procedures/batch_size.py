@@ -26,7 +26,6 @@ import ml_collections
 
 from tuning_playbook import config_schema
 from tuning_playbook import records
-from tuning_playbook import tracking
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt
@@ -97,9 +96,9 @@ def stop_rule(record: Mapping[str, Any]) -> bool:
 
 def throughput_row(trial: study_data.Trial) -> dict[str, Any]:
   """Batch size, what happened, and the summary's throughput figures."""
-  # The runner's record: a trial that died before writing summary.json (out
-  # of memory at start-up) is failed there, with the log's last line.
-  record = tracking.trial_record(trial.run_dir)
+  # A trial that died before writing summary.json (out of memory at
+  # start-up) is failed, with the log's last line.
+  record = trial.record or records.trial_status(trial.run_dir)
   perf = (trial.summary or {}).get("perf") or {}
   steps, seconds = perf.get("steps_timed"), perf.get("seconds_timed")
   timed = bool(steps) and bool(seconds)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 from typing import Any, Callable, Mapping
 
 import matplotlib
@@ -30,6 +29,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from tuning_playbook import commands
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook.analysis import findings as findings_lib
@@ -120,17 +120,16 @@ def warmup_command(study: study_data.Study, unstable_lr: float) -> str:
   """The warmup procedure at `unstable_lr`, from the same source study."""
   params = study.procedure["parameters"]
   source = (params.get("from_study") or {}).get("study_dir")
-  argv = ["python", "-m", "tuning_playbook.playbook", "warmup",
-          f"--config={study.config_path}",
-          f"--study_dir={os.path.normpath(study.study_dir)}_warmup"]
+  flags = ["warmup", f"--config={study.config_path}",
+           f"--study_dir={os.path.normpath(study.study_dir)}_warmup"]
   if source:
-    argv.append(f"--from_study={source}")
-  argv.append(f"--unstable_learning_rate={unstable_lr!r}")
+    flags.append(f"--from_study={source}")
+  flags.append(f"--unstable_learning_rate={unstable_lr!r}")
   record = study_lib.read_study_json(study.study_dir) or {}
-  trainer = record.get("trainer_module") or study_lib.DEFAULT_TRAINER
-  if trainer != study_lib.DEFAULT_TRAINER:
-    argv.append(f"--trainer_module={trainer}")
-  return shlex.join(argv + ["--run"])
+  return commands.command_line(commands.module_argv(
+      "tuning_playbook.playbook", flags,
+      trainer_module=record.get("trainer_module") or commands.DEFAULT_TRAINER,
+      run=True))
 
 
 def _figure(rows) -> Figure:

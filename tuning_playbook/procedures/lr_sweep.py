@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from tuning_playbook import commands
 from tuning_playbook import config_paths
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
@@ -155,13 +156,11 @@ def _next_command(study: study_data.Study, max_train_steps: int) -> str:
   overrides["max_train_steps"] = max_train_steps
   parent = os.path.dirname(os.path.normpath(study.study_dir)) or "."
   stem = os.path.splitext(os.path.basename(study.config_path.split(":")[0]))[0]
-  argv = ["python", "-m", "tuning_playbook.sweep",
-          f"--config={study.config_path}",
-          f"--study_dir={os.path.join(parent, stem + '_study')}",
-          "--num_trials=16", "--seed=0"]
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in overrides.items()]
-  return " ".join(argv + ["--run"])
+  return commands.command_line(commands.module_argv(
+      "tuning_playbook.sweep",
+      [f"--config={study.config_path}",
+       f"--study_dir={os.path.join(parent, stem + '_study')}",
+       "--num_trials=16", "--seed=0"], overrides=overrides, run=True))
 
 
 def _rerun_command(study: study_data.Study, params: Mapping[str, Any],
@@ -171,16 +170,15 @@ def _rerun_command(study: study_data.Study, params: Mapping[str, Any],
   values = {"steps": params["steps"], "eval_every": params["eval_every"],
             "train_error_threshold": params["train_error_threshold"],
             "learning_rates": params["learning_rates"], **flags}
-  argv = ["python", "-m", "tuning_playbook.playbook", NAME,
-          f"--config={study.config_path}",
-          f"--study_dir={os.path.normpath(study.study_dir)}_{suffix}"]
+  flags = [NAME, f"--config={study.config_path}",
+           f"--study_dir={os.path.normpath(study.study_dir)}_{suffix}"]
   for key, value in values.items():
     text = (",".join(f"{v:.3g}" for v in value) if isinstance(value, list)
             else value)
-    argv.append(f"--{key}={text}")
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in (record.get("config_overrides") or {}).items()]
-  return " ".join(argv + ["--run"])
+    flags.append(f"--{key}={text}")
+  return commands.command_line(commands.module_argv(
+      "tuning_playbook.playbook", flags,
+      overrides=record.get("config_overrides") or {}, run=True))
 
 
 def _figure(rows, threshold) -> Figure:

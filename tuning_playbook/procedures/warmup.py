@@ -21,12 +21,12 @@ loss spike, non-finite loss or stall in its per-step training loss
 from __future__ import annotations
 
 import os
-import shlex
 from typing import Any, Mapping
 
 from matplotlib.figure import Figure
 import ml_collections
 
+from tuning_playbook import commands as commands_lib
 from tuning_playbook import records
 from tuning_playbook import study as study_lib
 from tuning_playbook import study_presets
@@ -122,17 +122,17 @@ def baseline_command(study: study_data.Study, warmup: int) -> str | None:
     commands = next_steps.StudyCommands.of(source)
     target = f"{os.path.normpath(source_dir)}_warmup{warmup}"
     if not commands.searched(WARMUP_KEY) and commands.argv:
-      return next_steps.with_flags(shlex.join(commands.argv),
+      return next_steps.with_flags(commands_lib.command_line(commands.argv),
                                    {"--study_dir": target, **override})
     best = source.best_trial()
     return next_steps.with_flags(best.command, {"--workdir": target, **override})
   record = study_lib.read_study_json(study.study_dir) or {}
-  argv = ["python", "-m", record.get("trainer_module") or study_lib.DEFAULT_TRAINER,
-          f"--config={study.config_path}",
-          f"--workdir={os.path.normpath(study.study_dir)}_baseline_warmup{warmup}"]
-  argv += [f"--config.{k}={study_lib.format_override(v)}"
-           for k, v in (record.get("config_overrides") or {}).items()]
-  return next_steps.with_flags(shlex.join(argv), override)
+  argv = commands_lib.module_argv(
+      record.get("trainer_module") or commands_lib.DEFAULT_TRAINER,
+      [f"--config={study.config_path}",
+       f"--workdir={os.path.normpath(study.study_dir)}_baseline_warmup{warmup}"],
+      overrides=record.get("config_overrides") or {})
+  return next_steps.with_flags(commands_lib.command_line(argv), override)
 
 
 def _figure(rows) -> Figure:
