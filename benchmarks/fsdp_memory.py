@@ -39,7 +39,7 @@ _DEVICES = flags.DEFINE_integer(
 
 def _measure(config, mesh: dict[str, int]) -> dict[str, float]:
   import jax  # pylint: disable=g-import-not-at-top
-  from tuning_playbook import sharding, train  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import sharding, train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.sharding.mesh = mesh
   workload = train.validate_before_compiling(config)
@@ -61,7 +61,7 @@ def main(argv):
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_DEVICES.value}")
-  from tuning_playbook import cpu_devices  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.common import cpu_devices  # pylint: disable=g-import-not-at-top
   cpu_devices.configure_thread_pool()
   import jax  # pylint: disable=g-import-not-at-top
   n = jax.device_count()

@@ -14,7 +14,7 @@ from absl import flags
 import numpy as np
 from scipy.stats import qmc
 
-from tuning_playbook import halton
+from tuning_playbook.studies import halton
 
 _DIMS = flags.DEFINE_integer("dims", 4, "Search-space dimensions.")
 _SEEDS = flags.DEFINE_integer("seeds", 20, "Seeds averaged over.")

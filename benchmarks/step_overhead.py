@@ -33,10 +33,10 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from tuning_playbook.common import cpu_devices
 from tuning_playbook import config_schema
-from tuning_playbook import cpu_devices
-from tuning_playbook import sharding
-from tuning_playbook import train
+from tuning_playbook.training import sharding
+from tuning_playbook.training import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/mnist1d_cnn.py", "Training config.", lock_config=True)

@@ -34,8 +34,8 @@ import time
 from absl import app
 from absl import flags
 
-from tuning_playbook import records
-from tuning_playbook import tracking
+from tuning_playbook.common import records
+from tuning_playbook.studies import tracking
 
 _CONFIG = flags.DEFINE_string("config", "configs/mnist1d_cnn.py", "Config file.")
 _NUM_TRIALS = flags.DEFINE_integer("num_trials", 16, "Trials in the study.")

@@ -29,7 +29,7 @@ if "jax" not in __import__("sys").modules:
     os.environ["XLA_FLAGS"] = (
         f"{flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
   _inherited = {name: os.environ.get(name) for name in HARNESS_ONLY_VARIABLES}
-  from tuning_playbook import cpu_devices  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.common import cpu_devices  # pylint: disable=g-import-not-at-top
   cpu_devices.configure_thread_pool()
   import jax  # pylint: disable=g-import-not-at-top
   jax.devices()  # The backend starts here, with the pool sized.

@@ -29,9 +29,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tuning_playbook import atomic_files
+from tuning_playbook.common import atomic_files
+from tuning_playbook.common import records
 from tuning_playbook import config_schema
-from tuning_playbook import records
 
 # A held trial that nobody kills exits after this long, failing its test.
 HOLD_SECONDS = 120.0

@@ -11,7 +11,7 @@ from absl import app
 from absl import flags
 import jax
 
-from tuning_playbook import distributed
+from tuning_playbook.training import distributed
 
 flags.DEFINE_string("coordinator_address", "", "")
 flags.DEFINE_integer("num_processes", 1, "")

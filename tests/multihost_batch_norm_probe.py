@@ -14,8 +14,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from tuning_playbook import batch_norm
-from tuning_playbook import distributed
-from tuning_playbook import sharding
+from tuning_playbook.training import distributed
+from tuning_playbook.training import sharding
 
 flags.DEFINE_string("coordinator_address", "", "")
 flags.DEFINE_integer("num_processes", 1, "")

@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from tests import helpers
 from tests import tiny_workload
-from tuning_playbook import distributed
 from tuning_playbook import input_pipeline
+from tuning_playbook.training import distributed
 
 flags.DEFINE_string("coordinator_address", "", "")
 flags.DEFINE_integer("num_processes", 1, "")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from tests import analysis_fixtures as fx
-from tuning_playbook import procedures
 from tuning_playbook.analysis import bootstrap
+from tuning_playbook.analysis.findings import Thresholds
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
-from tuning_playbook.analysis.findings import Thresholds
+from tuning_playbook import procedures
 
 THRESHOLDS = Thresholds()
 

@@ -12,9 +12,9 @@ import pytest
 
 from tests import analysis_fixtures
 from tests import helpers
+from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import train
+from tuning_playbook.training import train
 from tuning_playbook import workload as workload_lib
 
 
@@ -94,7 +94,7 @@ def test_a_bad_config_value_exits_before_the_trainer_is_imported(tmp_path):
           "  runpy.run_module('tuning_playbook.main', run_name='__main__')\n"
           "finally:\n"
           "  print(sorted(m for m in ('tensorflow', 'orbax.checkpoint', "
-          "'tuning_playbook.train') if m in sys.modules))\n")
+          "'tuning_playbook.training.train') if m in sys.modules))\n")
   for override, expected in [
       ("--config.optimizer.name=adamw", "config.optimizer.name='adamw' is invalid"),
       ("--config.workload=no_such_workload", "no module workloads.no_such_workload")]:

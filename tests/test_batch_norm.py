@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tuning_playbook import batch_norm
-from tuning_playbook import cpu_devices
+from tuning_playbook.common import cpu_devices
 
 EPS = 1e-5
 MOMENTUM = 0.9

@@ -15,9 +15,9 @@ import sys
 import pytest
 
 from tests import helpers
-from tuning_playbook import records
-from tuning_playbook import run
+from tuning_playbook.common import records
 from tuning_playbook.procedures import batch_size
+from tuning_playbook.training import run
 
 BATCH_SIZES = (16, 32)
 STEPS = 20

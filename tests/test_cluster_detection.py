@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from tests import helpers
-from tuning_playbook import distributed
+from tuning_playbook.training import distributed
 
 
 @pytest.mark.parametrize("environ,expected", [

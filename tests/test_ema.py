@@ -17,13 +17,13 @@ import pytest
 
 from tests import helpers
 from tests import tiny_workload
-from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import optimizers
-from tuning_playbook import train_step as train_step_lib
-from tuning_playbook import workload as workload_lib
 from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis import trial_data
+from tuning_playbook.common import config_validation
+from tuning_playbook import config_schema
+from tuning_playbook.training import optimizers
+from tuning_playbook.training import train_step as train_step_lib
+from tuning_playbook import workload as workload_lib
 
 CNN_CONFIG = os.path.join(helpers.REPO, "configs", "mnist1d_cnn.py")
 EMA_METRIC = "eval_ema/validation/error_rate"

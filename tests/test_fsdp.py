@@ -17,8 +17,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests import helpers
-from tuning_playbook import config_schema, records, sharding, train
-from tuning_playbook import config_validation
+from tuning_playbook.common import config_validation
+from tuning_playbook.common import records
+from tuning_playbook import config_schema
+from tuning_playbook.training import sharding, train
 
 MLP_CONFIG = os.path.join(helpers.REPO, "configs", "mnist1d_mlp.py")
 # 50 steps, an eval (and a checkpoint, all kept) every 10, a log row every 5.

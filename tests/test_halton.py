@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 from scipy.stats import qmc
 
-from tuning_playbook import halton
+from tuning_playbook.studies import halton
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "halton_points.json")
 # Dimension of the default search space (learning rate, momentum, warmup,

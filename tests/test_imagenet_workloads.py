@@ -12,10 +12,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tests import helpers
+from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
 from tuning_playbook import image_preprocessing
-from tuning_playbook import train
+from tuning_playbook.training import train
 from tuning_playbook import workload as workload_lib
 from workloads import imagenet_data
 from workloads import imagenet_resnet50

@@ -12,11 +12,11 @@ import tensorflow_datasets as tfds
 
 from tests import helpers
 from tests import tiny_workload
-from tuning_playbook import device_examples
-from tuning_playbook import in_memory_stream
+from tuning_playbook.common import stable_hash
 from tuning_playbook import input_pipeline
-from tuning_playbook import sharding
-from tuning_playbook import stable_hash
+from tuning_playbook.training import device_examples
+from tuning_playbook.training import in_memory_stream
+from tuning_playbook.training import sharding
 from workloads import imagenet_data
 
 

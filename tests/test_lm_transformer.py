@@ -15,13 +15,13 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from tests import helpers
+from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import evaluation
-from tuning_playbook import optimizers
-from tuning_playbook import sharding
-from tuning_playbook import train
-from tuning_playbook import train_step as train_step_lib
+from tuning_playbook.training import evaluation
+from tuning_playbook.training import optimizers
+from tuning_playbook.training import sharding
+from tuning_playbook.training import train
+from tuning_playbook.training import train_step as train_step_lib
 from tuning_playbook import workload as workload_lib
 from workloads import lm_transformer
 

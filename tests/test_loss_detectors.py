@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
+from tuning_playbook.analysis.findings import Thresholds
 from tuning_playbook.analysis import loss_spikes
 from tuning_playbook.analysis import loss_trend
-from tuning_playbook.analysis.findings import Thresholds
 
 THRESHOLDS = Thresholds()
 

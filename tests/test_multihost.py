@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests import helpers
-from tuning_playbook import termination
-from tuning_playbook import watchdog
+from tuning_playbook.common import termination
+from tuning_playbook.training import watchdog
 
 # 40 steps: the tiny config's 5 warmup steps prepended to 35.
 RUN_FLAGS = ("--config.max_train_steps=35", "--config.eval_every_steps=10",

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from tuning_playbook import config_schema
-from tuning_playbook import optimizers
+from tuning_playbook.training import optimizers
 
 NUM_STEPS = 8
 HPARAMS = dict(learning_rate=0.3, momentum=0.8, rho=0.7, beta1=0.8,

@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from tests import helpers
+from tuning_playbook.common import platform_check
 from tuning_playbook import config_schema
-from tuning_playbook import platform_check
 
 def test_describe_names_platform_devices_and_versions():
   line = platform_check.describe()

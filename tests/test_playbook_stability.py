@@ -14,9 +14,9 @@ import pytest
 from tests import analysis_fixtures as fx
 from tests.test_playbook_procedures import _findings, _playbook, _read_json, _run
 from tuning_playbook import config_schema
-from tuning_playbook import search_space as search_space_lib
 from tuning_playbook.procedures import from_study
 from tuning_playbook.procedures import next_round
+from tuning_playbook.studies import search_space as search_space_lib
 
 CNN = "configs/mnist1d_cnn.py"
 SHORT = ("--config.max_train_steps=60", "--config.eval_every_steps=30",

@@ -9,9 +9,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import helpers
-from tuning_playbook import population
-from tuning_playbook import records
-from tuning_playbook import train
+from tuning_playbook.common import records
+from tuning_playbook.training import population
+from tuning_playbook.training import train
 from tuning_playbook import workload as workload_lib
 
 MNIST1D_CNN = os.path.join(helpers.REPO, "configs", "mnist1d_cnn.py")

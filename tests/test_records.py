@@ -10,11 +10,11 @@ import ml_collections
 import pytest
 
 from tests import helpers
-from tuning_playbook import atomic_files
-from tuning_playbook import config_paths
-from tuning_playbook import records
-from tuning_playbook import step_logs
 from tuning_playbook.analysis import trial_data
+from tuning_playbook.common import atomic_files
+from tuning_playbook.common import records
+from tuning_playbook.common import step_logs
+from tuning_playbook import config_paths
 
 ROWS = [{"step": 10, "train/loss": 2.5}, {"step": 20, "train/loss": 1.75},
         {"step": 30, "train/loss": 1.125}, {"step": 40, "train/loss": 0.875}]

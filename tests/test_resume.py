@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import helpers
-from tuning_playbook import termination
+from tuning_playbook.common import termination
 
 # Small enough to be quick, long enough that kills land inside the run: 60
 # steps, the tiny config's 5 warmup steps prepended to 55.

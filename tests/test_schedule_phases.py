@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import optimizers
 from tuning_playbook.analysis import trial_data
+from tuning_playbook.common import config_validation
+from tuning_playbook import config_schema
+from tuning_playbook.training import optimizers
 
 CNN_CONFIG = os.path.join(helpers.REPO, "configs", "mnist1d_cnn.py")
 PEAK = 0.5

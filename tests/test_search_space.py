@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tuning_playbook import config_schema
-from tuning_playbook import dimension
-from tuning_playbook import search_space as ss
-from tuning_playbook import search_space_file
-from tuning_playbook import study
-from tuning_playbook import study_presets
 from tuning_playbook.analysis import study_data
+from tuning_playbook import config_schema
+from tuning_playbook.studies import dimension
+from tuning_playbook.studies import search_space as ss
+from tuning_playbook.studies import search_space_file
+from tuning_playbook.studies import study
+from tuning_playbook import study_presets
 
 HERE = os.path.dirname(__file__)
 REPO = os.path.dirname(os.path.abspath(HERE))

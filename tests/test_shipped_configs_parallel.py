@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tuning_playbook import synthetic_data
+from tuning_playbook.training import synthetic_data
 
 # 60 steps: 10 warmup steps prepended to 50.
 SHORT_RUN = ("--config.max_train_steps=50", "--config.eval_every_steps=30",

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from tests import test_sweep
-from tuning_playbook import records
-from tuning_playbook import slurm
-from tuning_playbook import study_runner
-from tuning_playbook import trial_claims
+from tuning_playbook.common import records
+from tuning_playbook.studies import slurm
+from tuning_playbook.studies import study_runner
+from tuning_playbook.studies import trial_claims
 
 REPO = test_sweep.REPO
 
@@ -224,7 +224,7 @@ def test_slurm_script_refuses_bad_arguments():
 
 
 def test_trials_share_one_compilation_cache_and_the_user_setting_wins(tmp_path):
-  from tuning_playbook import study_launch  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.studies import study_launch  # pylint: disable=g-import-not-at-top
   studies = [type("S", (), {"study_dir": str(tmp_path / "study" / v)})()
              for v in ("adam", "sgd")]
   env = study_launch.compilation_cache_environment(studies)

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from tuning_playbook import records
-from tuning_playbook import tracking
 from tuning_playbook.analysis import study_data
+from tuning_playbook.common import records
+from tuning_playbook.studies import tracking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -520,7 +520,7 @@ _PAIRED_TRIAL = textwrap.dedent("""\
 
 
 def test_runner_bounds_parallelism_and_survives_unstartable_trials(tmp_path):
-  from tuning_playbook import study_runner  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.studies import study_runner  # pylint: disable=g-import-not-at-top
   script, events = tmp_path / "trial.py", str(tmp_path / "events.txt")
   script.write_text(_PAIRED_TRIAL)
   jobs = [study_runner.TrialJob(str(tmp_path / f"t{i}"),

@@ -10,11 +10,11 @@ import pytest
 
 from tests import helpers
 from tuning_playbook import batch_norm
+from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import optimizers
-from tuning_playbook import synthetic_data
-from tuning_playbook import train_step as train_step_lib
+from tuning_playbook.training import optimizers
+from tuning_playbook.training import synthetic_data
+from tuning_playbook.training import train_step as train_step_lib
 from tuning_playbook import workload as workload_lib
 
 CONFIGS = os.path.join(helpers.REPO, "configs")

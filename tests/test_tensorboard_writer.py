@@ -8,7 +8,7 @@ from clu.metric_writers.tf import summary_writer
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from tuning_playbook import tensorboard_writer
+from tuning_playbook.training import tensorboard_writer
 
 ROWS = [(5, {"train/loss": 2.302585092994, "perf/examples_per_second": 1.5e4,
              "eval/test/accuracy": np.float32(0.875)}),

@@ -8,10 +8,10 @@ import jax
 import pytest
 
 from tests import helpers
+from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import throughput
-from tuning_playbook import train
+from tuning_playbook.training import throughput
+from tuning_playbook.training import train
 
 MLP_CONFIG = os.path.join(helpers.REPO, "configs", "mnist1d_mlp.py")
 BATCH = 400  # 100 examples per device on the 4 test devices.

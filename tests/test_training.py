@@ -14,11 +14,11 @@ import tensorflow_datasets as tfds
 
 from tests import helpers
 from tests import tiny_workload
+from tuning_playbook.common import termination
 from tuning_playbook import config_schema
-from tuning_playbook import in_memory_stream
-from tuning_playbook import preemption
-from tuning_playbook import termination
-from tuning_playbook import train
+from tuning_playbook.training import in_memory_stream
+from tuning_playbook.training import preemption
+from tuning_playbook.training import train
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_first_step_grad_norm_matches_numpy(data_dir, tmp_path):
       local_batch_size=16, process_index=0, process_count=1)
   batch = next(stream.iterate(0))
   # Initial parameters: re-create them exactly as training does.
-  from tuning_playbook import optimizers, train_step  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import optimizers, train_step  # pylint: disable=g-import-not-at-top
   model = tiny_workload.create_model(config)
   tx = optimizers.create_optimizer(config.optimizer, config.max_train_steps)
   state = train_step.create_train_state(model, tx, np.zeros((1, 6), np.float32), config.seed)
@@ -216,7 +216,7 @@ def test_clipping_bounds_the_update(data_dir, tmp_path):
       "optimizer.schedule": "constant", "optimizer.learning_rate": 1.0,
       "model.dropout_rate": 0.0})
   train.train_and_evaluate(config, str(tmp_path))
-  from tuning_playbook import optimizers, train_step  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import optimizers, train_step  # pylint: disable=g-import-not-at-top
   model = tiny_workload.create_model(config)
   tx = optimizers.create_optimizer(config.optimizer, 1)
   init = train_step.create_train_state(model, tx, np.zeros((1, 6), np.float32), config.seed)

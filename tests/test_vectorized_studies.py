@@ -12,8 +12,8 @@ import pytest
 
 from tests import helpers
 from tests import test_sweep
-from tuning_playbook import records
-from tuning_playbook import trial_claims
+from tuning_playbook.common import records
+from tuning_playbook.studies import trial_claims
 
 REPO = test_sweep.REPO
 CNN = "configs/mnist1d_cnn.py"

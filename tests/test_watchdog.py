@@ -1,6 +1,6 @@
 """The watchdog's limits, with time injected (no sleeping)."""
 
-from tuning_playbook import watchdog
+from tuning_playbook.training import watchdog
 
 
 class _Clock:

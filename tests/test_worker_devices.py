@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from tests import test_sweep
-from tuning_playbook import study as study_lib
-from tuning_playbook import study_launch
-from tuning_playbook import study_runner
-from tuning_playbook import worker_devices
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import study_launch
+from tuning_playbook.studies import study_runner
+from tuning_playbook.studies import worker_devices
 
 GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
                  "XLA_PYTHON_CLIENT_PREALLOCATE")

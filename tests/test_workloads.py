@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
 from tuning_playbook import workload as workload_lib
 from workloads import cifar10_wrn
 from workloads import mnist1d_cnn

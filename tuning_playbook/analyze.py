@@ -12,11 +12,11 @@ import dataclasses
 from absl import app
 from absl import flags
 
-from tuning_playbook import cli
-from tuning_playbook import procedures
 from tuning_playbook.analysis import findings
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
+from tuning_playbook.common import cli
+from tuning_playbook import procedures
 
 _STUDY_DIR = flags.DEFINE_string("study_dir", None, "The study directory (holds study.json).")
 _REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where to write; default <study_dir>/report.")

@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   # batch more than this fraction of a log interval's wall time.
   c.input_bound_warning_fraction = 0.2
   # "START:END": trace steps START..END (both included) into <workdir>/profile
-  # (tuning_playbook/profiling.py); "" is off. Process 0 only, unless
+  # (tuning_playbook/training/profiling.py); "" is off. Process 0 only, unless
   # profile_all_processes.
   c.profile_steps = ""
   c.profile_all_processes = False
@@ -162,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   # axis at most) takes the devices left. The batch is split over every axis;
   # parameters, gradients, optimizer state and EMA over "fsdp" (each array
   # along its largest dimension divisible by the axis size, unless the
-  # workload's SHARDING_RULES say otherwise; see tuning_playbook/sharding.py).
+  # workload's SHARDING_RULES say otherwise; see tuning_playbook/training/sharding.py).
   # {"data": -1, "fsdp": 1} is plain data parallelism. A run may resume on
   # another mesh: checkpoints restore onto any shape.
   c.sharding.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})

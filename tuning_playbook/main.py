@@ -15,13 +15,13 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from tuning_playbook import cli
+from tuning_playbook.common import cli
+from tuning_playbook.common import config_validation
+from tuning_playbook.common import cpu_devices
+from tuning_playbook.common import platform_check
+from tuning_playbook.common import termination
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import cpu_devices
-from tuning_playbook import distributed
-from tuning_playbook import platform_check
-from tuning_playbook import termination
+from tuning_playbook.training import distributed
 from tuning_playbook import workload as workload_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,7 +49,7 @@ def main(argv):
     workload_lib.load_workload(config.workload)
   except (config_schema.ConfigError, workload_lib.UnknownWorkloadError) as e:
     cli.fail(str(e))
-  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   cpu_devices.configure_thread_pool()  # Before the backend starts.
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -32,14 +32,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tuning_playbook import cli
-from tuning_playbook import commands
+from tuning_playbook.common import cli
 from tuning_playbook import procedures
-from tuning_playbook import search_space as search_space_lib
-from tuning_playbook import study as study_lib
-from tuning_playbook import study_flags
-from tuning_playbook import study_launch
 from tuning_playbook.procedures import from_study
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import search_space as search_space_lib
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import study_flags
+from tuning_playbook.studies import study_launch
 
 flags.adopt_module_key_flags(study_flags)
 

@@ -43,15 +43,15 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from tuning_playbook import cli
-from tuning_playbook import commands
-from tuning_playbook import cpu_devices
-from tuning_playbook import platform_check
-from tuning_playbook import records
-from tuning_playbook import study as study_lib
-from tuning_playbook import termination
-from tuning_playbook import trial_lease
-from tuning_playbook import trial_logs
+from tuning_playbook.common import cli
+from tuning_playbook.common import cpu_devices
+from tuning_playbook.common import platform_check
+from tuning_playbook.common import records
+from tuning_playbook.common import termination
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import trial_lease
+from tuning_playbook.training import trial_logs
 from tuning_playbook import workload as workload_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -136,7 +136,7 @@ class Worker:
     self.trials = list(trials)
     self.vectorize = vectorize
     self.retry_failed = retry_failed
-    from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
     # Data sets and programs, kept from one population to the next.
     self.cache = trial_setup.SetupCache()
     self.trained = 0
@@ -146,8 +146,8 @@ class Worker:
 
   def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
     """(structure, resume step); None when the trial must train alone."""
-    from tuning_playbook import population  # pylint: disable=g-import-not-at-top
-    from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import population  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
     try:
       workload = trial_setup.validate_before_compiling(trial.config)
     except Exception:  # pylint: disable=broad-except
@@ -233,9 +233,9 @@ class Worker:
     directory's records, say), its trials train one by one, so that only the
     trial at fault fails.
     """
-    from tuning_playbook import run  # pylint: disable=g-import-not-at-top
-    from tuning_playbook import train  # pylint: disable=g-import-not-at-top
-    from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import train  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
     trials = [c.trial for c in group]
     outcomes: dict[str, tuple[int, str | None]] = {}
     if len(trials) > 1:
@@ -278,8 +278,8 @@ def _give_back(group: Sequence[_Claimed]) -> None:
 
 def _refusal(trial: _Trial) -> str | None:
   """Why the trainer would refuse this trial's config or directory, if it would."""
-  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
-  from tuning_playbook import trial_setup  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
   try:
     trial_setup.validate_before_compiling(trial.config)
     records.check_or_write_config(trial.trial_dir, trial.config, write=False)
@@ -290,7 +290,7 @@ def _refusal(trial: _Trial) -> str | None:
 
 def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
   """Trains one trial as `tuning_playbook.main` would; (exit status, error)."""
-  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   try:
     run.run_trial(trial.config, trial.trial_dir, cache)
     return 0, None
@@ -304,7 +304,7 @@ def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
 
 def _record_failed(trial: _Trial, error: Exception) -> None:
   """Marks an unfinished trial failed, as a failing trial process does."""
-  from tuning_playbook import run  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   summary = records.read_summary(trial.trial_dir)
   if summary and summary.get("status") in records.ENDED_STATUSES:
     return

@@ -7,7 +7,7 @@ writes `runs/cnn_lr/study.json` (the search space and every trial's params),
 `runs/cnn_lr/trials/<trial_id>/config.json`, `runs/cnn_lr/results.csv`, and
 the study's row of the tracking table (`runs/studies.csv` by default). The
 config file defines `get_search_space(config, num_trials)` (see
-tuning_playbook/search_space.py): the sweep calls it with the config as
+tuning_playbook/studies/search_space.py): the sweep calls it with the config as
 resolved (every `--config.*` override applied) and --num_trials.
 
   --run --parallel=4       runs the trials in 4 local study workers
@@ -51,14 +51,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tuning_playbook import cli
-from tuning_playbook import commands
-from tuning_playbook import search_space as search_space_lib
-from tuning_playbook import search_space_file
-from tuning_playbook import slurm
-from tuning_playbook import study as study_lib
-from tuning_playbook import study_flags
-from tuning_playbook import study_launch
+from tuning_playbook.common import cli
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import search_space as search_space_lib
+from tuning_playbook.studies import search_space_file
+from tuning_playbook.studies import slurm
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import study_flags
+from tuning_playbook.studies import study_launch
 
 flags.adopt_module_key_flags(study_flags)
 

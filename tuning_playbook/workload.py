@@ -52,7 +52,7 @@ Optional names, with the defaults used when a module leaves them out:
       integer dtype; a shape such as (seq_len,) for a language model), and the
       number of classes. Needed only for `config.data.synthetic=True`, which
       trains and evaluates on random batches of these shapes without touching
-      the data set (see `tuning_playbook/synthetic_data.py`). Default: none;
+      the data set (see `tuning_playbook/training/synthetic_data.py`). Default: none;
       asking for synthetic data is then a config error.
   REGULARIZATION_OFF = {"model.dropout_rate": 0.0, ...}
       The config keys of the workload's regularizers and data augmentation,
@@ -165,7 +165,7 @@ class Workload:
   # Config keys of hyperparameters the model and loss accept as traced values.
   traced_hyperparameters: tuple[str, ...] = ()
   # (regular expression, PartitionSpec tuple) pairs that place state leaves
-  # on the mesh before the default FSDP rule (tuning_playbook/sharding.py).
+  # on the mesh before the default FSDP rule (tuning_playbook/training/sharding.py).
   sharding_rules: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 

@@ -40,7 +40,7 @@ from typing import Any, Iterable
 from absl import app
 from absl import flags
 
-STEPS_FILE = "steps.json"  # Written by tuning_playbook/profiling.py.
+STEPS_FILE = "steps.json"  # Written by tuning_playbook/training/profiling.py.
 TRAIN_STEP_MODULE = "jit_step_in_loop"  # train_step.for_loop's program.
 
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None,

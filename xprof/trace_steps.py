@@ -18,8 +18,8 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from tuning_playbook import cpu_devices
-from tuning_playbook import train
+from tuning_playbook.common import cpu_devices
+from tuning_playbook.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config.",
                                           lock_config=True)

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt, percent
+from tuning_playbook.analysis import study_data
 
 INFO, WARNING = findings_lib.INFO, findings_lib.WARNING
 BUDGET_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 25, 30, 40, 50, 60, 80, 100,

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, percent, trial_list
+from tuning_playbook.analysis import study_data
 
 INFO, WARNING = findings_lib.INFO, findings_lib.WARNING
 LATE_FRACTION = 0.25

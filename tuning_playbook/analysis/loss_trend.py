@@ -19,8 +19,8 @@ import math
 import numpy as np
 
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt, trial_list
+from tuning_playbook.analysis import study_data
 
 WARNING = findings_lib.WARNING
 MIN_POINTS = 20

@@ -19,12 +19,12 @@ import os
 import shlex
 from typing import Any, Callable, Mapping, Sequence
 
-from tuning_playbook import commands
-from tuning_playbook import study as study_lib
-from tuning_playbook import tracking
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding
+from tuning_playbook.analysis import study_data
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import tracking
 
 PLAYBOOK = "tuning_playbook.playbook"
 

@@ -15,11 +15,11 @@ from matplotlib.backends import backend_agg
 from matplotlib.figure import Figure
 import numpy as np
 
-from tuning_playbook import atomic_files
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import isolation
 from tuning_playbook.analysis import study_data
+from tuning_playbook.common import atomic_files
 
 FEASIBLE = "#1f77b4"
 INFEASIBLE = "#d62728"

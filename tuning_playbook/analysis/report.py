@@ -16,7 +16,6 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-from tuning_playbook import atomic_files
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import curve_checks
 from tuning_playbook.analysis import curve_plots
@@ -27,10 +26,11 @@ from tuning_playbook.analysis import loss_trend
 from tuning_playbook.analysis import next_steps
 from tuning_playbook.analysis import plots
 from tuning_playbook.analysis import report_html
+from tuning_playbook.analysis.report_html import Code, Image, Link, Section
 from tuning_playbook.analysis import search_space_checks
 from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis import throughput_checks
-from tuning_playbook.analysis.report_html import Code, Image, Link, Section
+from tuning_playbook.common import atomic_files
 
 REPORT_DIR = "report"
 FINDINGS_FILE = "findings.json"

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from tuning_playbook import records
 from tuning_playbook.analysis import findings as findings_lib
+from tuning_playbook.analysis.findings import Finding, fmt, percent, trial_list
 from tuning_playbook.analysis import isolation
 from tuning_playbook.analysis import study_data
-from tuning_playbook.analysis.findings import Finding, fmt, percent, trial_list
+from tuning_playbook.common import records
 
 INFO, WARNING = findings_lib.INFO, findings_lib.WARNING
 

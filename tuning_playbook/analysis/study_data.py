@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tuning_playbook import commands
-from tuning_playbook import dimension as dimension_lib
-from tuning_playbook import records
-from tuning_playbook import study as study_lib
-from tuning_playbook import tracking
 from tuning_playbook.analysis import trial_data
+from tuning_playbook.common import records
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import dimension as dimension_lib
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import tracking
 
 STUDY_FILE = study_lib.STUDY_FILE
 RESULTS_FILE = tracking.RESULTS_FILE

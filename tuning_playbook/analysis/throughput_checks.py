@@ -17,8 +17,8 @@ import dataclasses
 import numpy as np
 
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import trial_data
 from tuning_playbook.analysis.findings import WARNING, Finding, percent, trial_list
+from tuning_playbook.analysis import trial_data
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tuning_playbook import records
-from tuning_playbook import step_logs
+from tuning_playbook.common import records
+from tuning_playbook.common import step_logs
 
 RECORD_FILES = (records.CONFIG_FILE, records.METRICS_FILE,
                 records.GRAD_NORMS_FILE, records.SUMMARY_FILE, records.LOG_FILE)

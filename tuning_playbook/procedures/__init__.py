@@ -17,13 +17,13 @@ The registry is the module path: procedure `<name>` is the module
       `config` is the config as the user resolved it (every `--config.*`
       override applied, and the best trial of `--from_study` under them);
       `source` a `from_study.Source` or None. Returns the search space (grid
-      "values" lists and "fixed" overrides, as tuning_playbook/search_space.py
+      "values" lists and "fixed" overrides, as tuning_playbook/studies/search_space.py
       reads it), the parameters recorded in study.json and, for a space
       that is not a grid, the number of trials. Raises
       ProcedureError naming the flag for bad input.
   stop_rule(record) -> bool   (optional)
       Trials then run one at a time in order, and none is launched after a
-      trial whose tracking record (tuning_playbook/tracking.py) satisfies it.
+      trial whose tracking record (tuning_playbook/studies/tracking.py) satisfies it.
   analyze(study, save_figure) -> (findings, report_html.Section)
       `study` is the analysis' study_data.Study (its `procedure` holds the
       name and parameters); `save_figure(fig, name, caption)` stores a

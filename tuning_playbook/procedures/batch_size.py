@@ -24,12 +24,12 @@ from typing import Any, Mapping
 from matplotlib.figure import Figure
 import ml_collections
 
-from tuning_playbook import config_schema
-from tuning_playbook import records
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt
 from tuning_playbook.analysis.report_html import Section
+from tuning_playbook.analysis import study_data
+from tuning_playbook.common import records
+from tuning_playbook import config_schema
 from tuning_playbook.procedures import Argument, Plan, ProcedureError
 from tuning_playbook.procedures import SaveFigure
 

@@ -17,9 +17,9 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from tuning_playbook import study as study_lib
 from tuning_playbook.analysis import study_data
 from tuning_playbook.procedures import ProcedureError
+from tuning_playbook.studies import study as study_lib
 
 
 @dataclasses.dataclass(frozen=True)

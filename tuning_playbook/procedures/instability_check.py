@@ -29,17 +29,17 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
-from tuning_playbook import commands
-from tuning_playbook import records
-from tuning_playbook import study as study_lib
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import loss_spikes
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt
+from tuning_playbook.analysis import loss_spikes
 from tuning_playbook.analysis.report_html import Code, Section
+from tuning_playbook.analysis import study_data
+from tuning_playbook.common import records
 from tuning_playbook.procedures import Argument, Plan, ProcedureError
-from tuning_playbook.procedures import SaveFigure
 from tuning_playbook.procedures import from_study
+from tuning_playbook.procedures import SaveFigure
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import study as study_lib
 
 NAME = "instability_check"
 DESCRIPTION = "Short runs above the best learning rate: early loss spikes?"

@@ -26,17 +26,17 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
-from tuning_playbook import commands
-from tuning_playbook import config_paths
-from tuning_playbook import records
-from tuning_playbook import study as study_lib
-from tuning_playbook import workload as workload_lib
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt
 from tuning_playbook.analysis.report_html import Code, Section
+from tuning_playbook.analysis import study_data
+from tuning_playbook.common import records
+from tuning_playbook import config_paths
 from tuning_playbook.procedures import Argument, Plan, ProcedureError
 from tuning_playbook.procedures import SaveFigure
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook import workload as workload_lib
 
 NAME = "lr_sweep"
 DESCRIPTION = "Constant learning-rate grid: steps to fit the training set."

@@ -31,15 +31,15 @@ from typing import Any, Mapping
 from matplotlib.figure import Figure
 import ml_collections
 
-from tuning_playbook import study as study_lib
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import search_space_checks
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt
 from tuning_playbook.analysis.report_html import Section
+from tuning_playbook.analysis import search_space_checks
+from tuning_playbook.analysis import study_data
 from tuning_playbook.procedures import Argument, Plan, ProcedureError
-from tuning_playbook.procedures import SaveFigure
 from tuning_playbook.procedures import from_study
+from tuning_playbook.procedures import SaveFigure
+from tuning_playbook.studies import study as study_lib
 
 NAME = "next_round"
 DESCRIPTION = "Round 2 (train the best longer) or a widened search space."

@@ -25,12 +25,12 @@ import numpy as np
 
 from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt
 from tuning_playbook.analysis.report_html import Section
+from tuning_playbook.analysis import study_data
 from tuning_playbook.procedures import Argument, Plan, ProcedureError
-from tuning_playbook.procedures import SaveFigure
 from tuning_playbook.procedures import from_study
+from tuning_playbook.procedures import SaveFigure
 
 NAME = "seed_variance"
 DESCRIPTION = "Rerun the best trial(s) of --from_study with N seeds."

@@ -26,19 +26,19 @@ from typing import Any, Mapping
 from matplotlib.figure import Figure
 import ml_collections
 
-from tuning_playbook import commands as commands_lib
-from tuning_playbook import records
-from tuning_playbook import study as study_lib
-from tuning_playbook import study_presets
 from tuning_playbook.analysis import findings as findings_lib
-from tuning_playbook.analysis import next_steps
-from tuning_playbook.analysis import study_data
 from tuning_playbook.analysis.findings import Finding, fmt, percent
+from tuning_playbook.analysis import next_steps
 from tuning_playbook.analysis.report_html import Code, Section
+from tuning_playbook.analysis import study_data
+from tuning_playbook.common import records
 from tuning_playbook.procedures import Argument, Plan, ProcedureError
-from tuning_playbook.procedures import SaveFigure
 from tuning_playbook.procedures import from_study
 from tuning_playbook.procedures import instability_check
+from tuning_playbook.procedures import SaveFigure
+from tuning_playbook.studies import commands as commands_lib
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook import study_presets
 
 NAME = "warmup"
 DESCRIPTION = "Warmup lengths at 10x an unstable learning rate: the shortest stable."

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
-from tuning_playbook import search_space as search_space_lib
+from tuning_playbook.studies import search_space as search_space_lib
 
 
 def _arguments(fn: Callable[..., Any], config: ml_collections.ConfigDict,
@@ -53,6 +53,6 @@ def load(config_path: str, config: ml_collections.ConfigDict,
   if not hasattr(module, "get_search_space"):
     raise search_space_lib.SearchSpaceError(
         f"{path} defines no get_search_space(config, num_trials); see "
-        "tuning_playbook/search_space.py for what it returns")
+        "tuning_playbook/studies/search_space.py for what it returns")
   fn = module.get_search_space
   return fn(*_arguments(fn, copy.deepcopy(config), num_trials))

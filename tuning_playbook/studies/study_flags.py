@@ -5,8 +5,8 @@ from typing import Any
 
 from absl import flags
 
-from tuning_playbook import commands
-from tuning_playbook import study_launch
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import study_launch
 
 RUN = flags.DEFINE_bool("run", False, "Run the unfinished trials.")
 PARALLEL = flags.DEFINE_integer(

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from tuning_playbook import atomic_files
+from tuning_playbook.common import atomic_files
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
 

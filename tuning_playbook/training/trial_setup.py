@@ -25,19 +25,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tuning_playbook.common import config_validation
+from tuning_playbook.common import records
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import device_examples
-from tuning_playbook import evaluation
-from tuning_playbook import in_memory_stream
 from tuning_playbook import input_pipeline
-from tuning_playbook import optimizers
-from tuning_playbook import population
-from tuning_playbook import records
-from tuning_playbook import sharding
-from tuning_playbook import synthetic_data
-from tuning_playbook import train_step as train_step_lib
+from tuning_playbook.training import device_examples
+from tuning_playbook.training import evaluation
+from tuning_playbook.training import in_memory_stream
+from tuning_playbook.training import optimizers
+from tuning_playbook.training import population
+from tuning_playbook.training import sharding
+from tuning_playbook.training import synthetic_data
+from tuning_playbook.training import train_step as train_step_lib
 from tuning_playbook import workload as workload_lib
 
 # Config keys that only the training loop reads, never the data functions.

@@ -27,12 +27,12 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
-from tuning_playbook import checkpointing
+from tuning_playbook.common import records
+from tuning_playbook.common import step_logs
 from tuning_playbook import config_schema
-from tuning_playbook import records
-from tuning_playbook import step_logs
-from tuning_playbook import tensorboard_writer
-from tuning_playbook import throughput
+from tuning_playbook.training import checkpointing
+from tuning_playbook.training import tensorboard_writer
+from tuning_playbook.training import throughput
 
 # Evaluates the state at an eval step: (eval metrics, the state to checkpoint).
 EvaluateFn = Callable[[], tuple[dict[str, float], Any]]

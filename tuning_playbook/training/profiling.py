@@ -24,7 +24,7 @@ from typing import Any
 from absl import logging
 import jax
 
-from tuning_playbook import atomic_files
+from tuning_playbook.common import atomic_files
 
 PROFILE_DIR = "profile"
 STEPS_FILE = "steps.json"

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Iterable
 
-from tuning_playbook import atomic_files
+from tuning_playbook.common import atomic_files
 
 _EXCERPT_CHARS = 80
 

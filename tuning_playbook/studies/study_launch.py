@@ -33,12 +33,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 
-from tuning_playbook import commands
-from tuning_playbook import records
-from tuning_playbook import study as study_lib
-from tuning_playbook import study_runner
-from tuning_playbook import tracking
-from tuning_playbook import worker_devices
+from tuning_playbook.common import records
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import study as study_lib
+from tuning_playbook.studies import study_runner
+from tuning_playbook.studies import tracking
+from tuning_playbook.studies import worker_devices
 
 # Given the tracking record of a finished trial, whether the trials after it
 # are not to be launched (e.g. a batch size that did not fit in memory).

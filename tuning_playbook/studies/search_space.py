@@ -37,7 +37,7 @@ Keys are dotted config paths (nested sections work too). Scales: `linear`,
 categorical. A categorical whose values are dicts sets several keys at once.
 `conditional` maps a categorical value to parameters that exist only for it;
 each is its own dimension, so a same-named parameter under two values is two
-distinct hyperparameters. The scale math lives in tuning_playbook/dimension.py.
+distinct hyperparameters. The scale math lives in tuning_playbook/studies/dimension.py.
 
 `max_train_steps` is never tuned (the playbook: "Never tune the
 `max_train_steps` number in a study"): only a scientific categorical, such as
@@ -61,8 +61,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tuning_playbook import config_paths
-from tuning_playbook import dimension as dimension_lib
-from tuning_playbook import halton
+from tuning_playbook.studies import dimension as dimension_lib
+from tuning_playbook.studies import halton
 
 Dimension = dimension_lib.Dimension
 NUMERIC_SCALES = dimension_lib.NUMERIC_SCALES

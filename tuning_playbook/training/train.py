@@ -42,23 +42,23 @@ import jax
 import ml_collections
 import numpy as np
 
+from tuning_playbook.common import cpu_devices
+from tuning_playbook.common import records
+from tuning_playbook.common import termination
 from tuning_playbook import config_schema
-from tuning_playbook import cpu_devices
-from tuning_playbook import device_examples
-from tuning_playbook import distributed
 from tuning_playbook import input_pipeline
-from tuning_playbook import population
-from tuning_playbook import preemption
-from tuning_playbook import profiling
-from tuning_playbook import records
-from tuning_playbook import sharding
-from tuning_playbook import termination
-from tuning_playbook import throughput
-from tuning_playbook import train_step as train_step_lib
-from tuning_playbook import trial_logs
-from tuning_playbook import trial_records
-from tuning_playbook import trial_setup
-from tuning_playbook import watchdog
+from tuning_playbook.training import device_examples
+from tuning_playbook.training import distributed
+from tuning_playbook.training import population
+from tuning_playbook.training import preemption
+from tuning_playbook.training import profiling
+from tuning_playbook.training import sharding
+from tuning_playbook.training import throughput
+from tuning_playbook.training import train_step as train_step_lib
+from tuning_playbook.training import trial_logs
+from tuning_playbook.training import trial_records
+from tuning_playbook.training import trial_setup
+from tuning_playbook.training import watchdog
 from tuning_playbook import workload as workload_lib
 
 ResumeError = trial_records.ResumeError

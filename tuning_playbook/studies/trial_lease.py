@@ -25,9 +25,9 @@ import fcntl
 import os
 from typing import Any, Sequence
 
-from tuning_playbook import records
-from tuning_playbook import termination
-from tuning_playbook import trial_claims
+from tuning_playbook.common import records
+from tuning_playbook.common import termination
+from tuning_playbook.studies import trial_claims
 
 
 def now() -> str:

@@ -24,13 +24,13 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from tuning_playbook import atomic_files
-from tuning_playbook import commands
+from tuning_playbook.common import atomic_files
+from tuning_playbook.common import config_validation
+from tuning_playbook.common import records
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
-from tuning_playbook import config_validation
-from tuning_playbook import records
-from tuning_playbook import search_space as search_space_lib
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import search_space as search_space_lib
 
 STUDY_FILE = "study.json"
 TRIALS_DIR = "trials"

@@ -31,9 +31,9 @@ import math
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-from tuning_playbook import atomic_files
-from tuning_playbook import records as records_lib
-from tuning_playbook import study as study_lib
+from tuning_playbook.common import atomic_files
+from tuning_playbook.common import records as records_lib
+from tuning_playbook.studies import study as study_lib
 
 RESULTS_FILE = "results.csv"
 TRACKING_TABLE_FILE = "studies.csv"

@@ -36,9 +36,9 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from tuning_playbook import commands
-from tuning_playbook import records
-from tuning_playbook import trial_lease
+from tuning_playbook.common import records
+from tuning_playbook.studies import commands
+from tuning_playbook.studies import trial_lease
 
 _PR_SET_PDEATHSIG = 1
 # A terminated trial or worker saves a checkpoint and exits within its

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tuning_playbook.common import records
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
-from tuning_playbook import in_memory_stream
-from tuning_playbook import optimizers
-from tuning_playbook import records
+from tuning_playbook.training import in_memory_stream
+from tuning_playbook.training import optimizers
 from tuning_playbook import workload as workload_lib
 
 # Config keys that may differ between the trials of one population.

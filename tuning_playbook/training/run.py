@@ -17,11 +17,11 @@ from absl import logging
 import jax
 import ml_collections
 
+from tuning_playbook.common import records
+from tuning_playbook.common import step_logs
 from tuning_playbook import config_schema
-from tuning_playbook import records
-from tuning_playbook import step_logs
-from tuning_playbook import train
-from tuning_playbook import trial_setup
+from tuning_playbook.training import train
+from tuning_playbook.training import trial_setup
 from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,

@@ -25,7 +25,7 @@ import threading
 from absl import logging
 import jax
 
-from tuning_playbook import termination
+from tuning_playbook.common import termination
 
 # How often the watcher asks for a notice; closing waits up to this long
 # (its thread must be out of the client before JAX shuts the client down).

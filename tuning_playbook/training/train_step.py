@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tuning_playbook import device_examples
-from tuning_playbook import optimizers
+from tuning_playbook.training import device_examples
+from tuning_playbook.training import optimizers
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

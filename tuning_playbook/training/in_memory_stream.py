@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
+from tuning_playbook.common import stable_hash
 from tuning_playbook import input_pipeline
-from tuning_playbook import stable_hash
 
 def used_for(config, workload) -> bool:
   """Whether a trial of `config` trains from this stream: real data held in

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from tuning_playbook import input_pipeline
-from tuning_playbook import sharding
+from tuning_playbook.training import sharding
 
 
 def metrics_from_sums(name: str, loss_sum: float, num_correct: float,

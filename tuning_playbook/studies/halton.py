@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from tuning_playbook.stable_hash import hash64
+from tuning_playbook.common.stable_hash import hash64
 
 _MASK64 = (1 << 64) - 1
 # Stream tags keep the random numbers of different uses independent.

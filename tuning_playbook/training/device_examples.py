@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from tuning_playbook import sharding
+from tuning_playbook.training import sharding
 
 INDEX_KEY = "index"
 Examples = dict[str, jax.Array]

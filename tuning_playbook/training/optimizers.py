@@ -273,7 +273,7 @@ def _find(opt_state) -> OptimizerState:
       return _find(child)
     except ValueError:
       pass
-  raise ValueError("opt_state holds no tuning_playbook.optimizers state")
+  raise ValueError("opt_state holds no tuning_playbook.training.optimizers state")
 
 
 def _replace(opt_state, fn: Callable[[OptimizerState], OptimizerState]):
