@@ -133,7 +133,7 @@ section_devices() {
   limited python - "$SMOKE" <<'EOF' || return
 import sys
 import jax
-from tuning_playbook import platform_check
+from tuning_playbook.common import platform_check
 print("jax.devices():", jax.devices())
 print(platform_check.describe())
 if sys.argv[1] != "1" and jax.default_backend() != "gpu":

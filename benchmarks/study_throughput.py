@@ -87,7 +87,8 @@ def _run_study(root: str, name: str, flags_: list[str]) -> float:
 
 def _prepare_data() -> None:
   """Builds the config's data set once, outside the timed runs."""
-  code = ("from tuning_playbook import train, input_pipeline; "
+  code = ("from tuning_playbook import input_pipeline; "
+          "from tuning_playbook.training import train; "
           "import importlib.util as u; "
           f"s = u.spec_from_file_location('c', {_CONFIG.value!r}); "
           "m = u.module_from_spec(s); s.loader.exec_module(m); c = m.get_config(); "

@@ -117,7 +117,7 @@ def test_point_depends_only_on_seed_and_index():
 
 
 def test_identical_in_another_process():
-  code = ("import json; from tuning_playbook import halton; "
+  code = ("import json; from tuning_playbook.studies import halton; "
           "print(json.dumps(halton.scrambled_halton(range(40), 5, 123)"
           ".tolist() + halton.pseudo_random(range(40), 5, 123).tolist()))")
   env = dict(os.environ, PYTHONHASHSEED="4321")

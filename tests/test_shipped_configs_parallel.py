@@ -99,7 +99,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 HOSTS_DATA_MAIN = (
     "import runpy\n"
     "from tests import test_shipped_configs_parallel as parallel\n"
-    "from tuning_playbook import trial_setup\n"
+    "from tuning_playbook.training import trial_setup\n"
     "trial_setup.make_train_stream = parallel.HostsTrainStream\n"
     "trial_setup.make_eval_splits = parallel.hosts_eval_splits\n"
     "runpy.run_module('tuning_playbook.main', run_name='__main__')\n")
