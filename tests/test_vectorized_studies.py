@@ -100,7 +100,7 @@ def _wait_for_checkpoints(study_dir, step, timeout=180):
 @pytest.mark.slow
 def test_killed_vectorized_study_resumes_exactly(tmp_path):
   args = ("--num_trials=3", "--run", "--vectorize=3",
-          "--config.max_train_steps=1000", "--config.eval_every_steps=40",
+          "--config.max_train_steps=1000", "--config.eval_every_steps=100",
           "--config.log_every_steps=10")
   reference = tmp_path / "reference"
   test_sweep._sweep(reference, *args, fake=False)
@@ -109,7 +109,7 @@ def test_killed_vectorized_study_resumes_exactly(tmp_path):
                            cwd=REPO, env=test_sweep._env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-  _wait_for_checkpoints(study, 80)
+  _wait_for_checkpoints(study, 100)
   # SIGTERM to the launcher: its worker stops the population at a step,
   # checkpoints it and marks the trials interrupted.
   sweep.send_signal(signal.SIGTERM)
@@ -124,7 +124,7 @@ def test_killed_vectorized_study_resumes_exactly(tmp_path):
                            cwd=REPO, env=test_sweep._env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-  _wait_for_checkpoints(study, 200)
+  _wait_for_checkpoints(study, 300)
   worker_pid = helpers.read_json(os.path.join(_trial_dirs(study)[0], "runner.json"))["pid"]
   os.kill(worker_pid, signal.SIGKILL)
   sweep.send_signal(signal.SIGKILL)
