@@ -55,6 +55,9 @@ def _file_names(workdir):
                  for n in os.listdir(workdir) if n not in study_files})
 
 
+_PROGRESS_TAGS = ("steps_per_sec", "uptime")
+
+
 def _assert_same_records(population_dir, alone_dir, rtol, examples_off=0,
                          resumed=False, atol=1e-6):
   """`atol`: the absolute tolerance of the metrics; `examples_off`: how many
@@ -66,6 +69,15 @@ def _assert_same_records(population_dir, alone_dir, rtol, examples_off=0,
   # (CLU's progress scalars steps_per_sec and uptime included).
   assert _file_names(population_dir) == _file_names(alone_dir)
   got_board, want_board = _board_steps(population_dir), _board_steps(alone_dir)
+  status = helpers.read_json(os.path.join(alone_dir, records.SUMMARY_FILE))["status"]
+  if status == records.DIVERGED:
+    # A diverged trial stops when the fetch of its divergent log step
+    # arrives, which may be after the next log step's progress call (the
+    # fetch runs behind training): CLU's progress scalars of those steps
+    # depend on timing, the metrics do not.
+    for board in (got_board, want_board):
+      for tag in _PROGRESS_TAGS:
+        board.pop(tag, None)
   assert set(got_board) == set(want_board)
   if not resumed:
     assert got_board == want_board
@@ -357,11 +369,11 @@ def test_every_population_of_a_worker_trains_its_own_loss(tmp_path):
   trials = [study_worker._Trial(str(tmp_path / f"t{i}"), c)
             for i, c in enumerate(configs)]
   assert study_worker.Worker(trials, vectorize=2).run() == 4
-  # The first trial of the first population and the last of the second.
-  for i in (0, 3):
-    alone = str(tmp_path / f"alone{i}")
-    train.train_and_evaluate(configs[i], alone)
-    _assert_same_records(trials[i].trial_dir, alone, 1e-5)
+  # The last trial of the second population (a first population that
+  # trains as its trials alone: test_a_worker_groups_trials_...).
+  alone = str(tmp_path / "alone")
+  train.train_and_evaluate(configs[3], alone)
+  _assert_same_records(trials[3].trial_dir, alone, 1e-5)
   smoothed, plain = _rows(trials[2].trial_dir), _rows(trials[0].trial_dir)
   assert abs(smoothed[-1]["train/loss"] - plain[-1]["train/loss"]) > 0.1
 

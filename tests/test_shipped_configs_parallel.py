@@ -8,6 +8,7 @@ fed the two hosts' batches. Same data and initialisation everywhere: only the
 order of float reductions differs, so the logged metrics agree closely.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -53,7 +54,9 @@ def _assert_close(rows, ref, rel, steps=(10, 20, 30, 40, 50, 60)):
 def test_shipped_config_on_four_devices_and_two_processes(name, tmp_path, data_flag):
   config = _config_path(name)
   runs = {}
-  for label, devices in (("1x1", 1), ("1x4", 4)):
+  # One device against four: data parallelism, once (the models share it).
+  layouts = (("1x1", 1), ("1x4", 4)) if name == CONFIGS[0] else (("1x4", 4),)
+  for label, devices in layouts:
     runs[label] = str(tmp_path / label)
     result = helpers.run_main(runs[label], data_flag, *SHORT_RUN, config=config,
                               num_devices=devices)
@@ -62,14 +65,15 @@ def test_shipped_config_on_four_devices_and_two_processes(name, tmp_path, data_f
   command = helpers.main_command(runs["2x2"], data_flag, *SHORT_RUN, config=config)
   for rc, err in helpers.wait_all(helpers.start_processes(command, 2, 2), timeout=400):
     assert rc == 0, err[-4000:]
-  one, four, two_by_two = (_metrics(runs[k]) for k in ("1x1", "1x4", "2x2"))
-  _assert_close(four, one, rel=2e-3)
+  four, two_by_two = _metrics(runs["1x4"]), _metrics(runs["2x2"])
+  if "1x1" in runs:
+    _assert_close(four, _metrics(runs["1x1"]), rel=2e-3)
   _assert_close(two_by_two, four, rel=1e-4)
   for label, workdir in runs.items():
     summary = helpers.read_json(os.path.join(workdir, "summary.json"))
     assert summary["status"] == "completed", (label, summary)
   # Learning, not just agreeing: well below chance (0.9 error) after 60 steps.
-  assert one[-1]["eval/validation/error_rate"] < 0.8
+  assert four[-1]["eval/validation/error_rate"] < 0.8
 
 
 # 4 steps (no warmup), a log row at each, an eval at the last.
@@ -90,10 +94,6 @@ TINY_MODELS = {  # name: (flags' overrides, model fields the file lacks)
                         "model.max_len": 16, "data.max_length": 16}, {}),
 }
 NUM_PROCESSES = 2
-# The runs of tiny models on synthetic data compile far more than they
-# compute: without LLVM's optimisations a ResNet's programs compile in a
-# quarter of the time.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 # tuning_playbook.main in one process, fed the synthetic batches that
 # NUM_PROCESSES hosts draw (the streams below).
 HOSTS_DATA_MAIN = (
@@ -159,14 +159,9 @@ def _config_file(name, fields, directory):
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_synthetic_config_on_two_processes_matches_one_process(
     name, tmp_path, monkeypatch):
-  plain_env = helpers.subprocess_env
-
-  def fast_compile_env(num_devices=1):
-    env = plain_env(num_devices)
-    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {FAST_COMPILE}"
-    return env
-
-  monkeypatch.setattr(helpers, "subprocess_env", fast_compile_env)
+  # Tiny models on synthetic data: compiled fast (helpers.FAST_COMPILE).
+  monkeypatch.setattr(helpers, "subprocess_env",
+                      functools.partial(helpers.subprocess_env, fast_compile=True))
   model, fields = TINY_MODELS[name]
   data_dir = str(tmp_path / "data")
   flags = [f"--config.{k}={v}" for k, v in

@@ -44,9 +44,10 @@ MAX_VALIDATION_ERROR_DIFFERENCE = 0.02
 MAX_TRAIN_LOSS_RELATIVE_DIFFERENCE = 0.05
 
 
-def _run_ok(workdir, *flags, config, num_devices=1):
+def _run_ok(workdir, *flags, config, num_devices=1, fast_compile=False):
   """Runs main; returns metrics.jsonl without the timing-dependent perf/* fields."""
-  result = helpers.run_main(workdir, *flags, config=config, num_devices=num_devices)
+  result = helpers.run_main(workdir, *flags, config=config, num_devices=num_devices,
+                            fast_compile=fast_compile)
   assert result.returncode == 0, result.stderr[-3000:]
   return [{k: v for k, v in row.items() if not k.startswith("perf/")}
           for row in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
@@ -60,7 +61,9 @@ def test_synthetic_run_trains_evaluates_and_resumes_without_data(tmp_path, name)
   num_devices, run_flags = SYNTHETIC_RUNS[name]
   flags = (*SYNTHETIC_FLAGS, *run_flags, f"--config.data.data_dir={data_dir}")
   config = os.path.join(CONFIGS, f"{name}.py")
-  rows = _run_ok(workdir, *flags, config=config, num_devices=num_devices)
+  # Compared with itself only: compiled fast (helpers.FAST_COMPILE).
+  rows = _run_ok(workdir, *flags, config=config, num_devices=num_devices,
+                 fast_compile=True)
 
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   # Random labels of 10 classes: the loss starts near ln(10).
@@ -78,7 +81,8 @@ def test_synthetic_run_trains_evaluates_and_resumes_without_data(tmp_path, name)
   # steps 4-6 on the same batches and logs the same values.
   os.remove(os.path.join(workdir, "summary.json"))
   shutil.rmtree(os.path.join(checkpoints, "6"))
-  assert _run_ok(workdir, *flags, config=config, num_devices=num_devices) == rows
+  assert _run_ok(workdir, *flags, config=config, num_devices=num_devices,
+                 fast_compile=True) == rows
   assert not data_dir.exists()
 
 

@@ -43,17 +43,17 @@ def _assert_close_rows(got, want, rtol):
 def test_vectorized_study_matches_one_process_per_trial(tmp_path):
   # The shipped config and its default search space, on 2 simulated
   # devices (data parallel) both ways.
-  args = ("--num_trials=4", "--run") + CNN_SHORT
+  args = ("--num_trials=3", "--run") + CNN_SHORT
   env = test_sweep._env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
   alone = tmp_path / "alone"
   test_sweep._sweep(alone, *args, "--isolation=process", "--parallel=2",
                     config=CNN, fake=False, env=env)
   grouped = tmp_path / "grouped"
-  test_sweep._sweep(grouped, *args, "--vectorize=4", config=CNN, fake=False,
+  test_sweep._sweep(grouped, *args, "--vectorize=3", config=CNN, fake=False,
                     env=env)
   want = test_sweep._read_csv(alone / "results.csv")
   got = test_sweep._read_csv(grouped / "results.csv")
-  assert [r["status"] for r in got] == ["completed"] * 4
+  assert [r["status"] for r in got] == ["completed"] * 3
   for g, w in zip(got, want):
     for key in ("trial_id", "status", "best_step", "final_step",
                 "optimizer.learning_rate", "optimizer.warmup_steps"):
@@ -64,10 +64,10 @@ def test_vectorized_study_matches_one_process_per_trial(tmp_path):
     _assert_close_rows(_metrics(g_dir), _metrics(w_dir), rtol=1e-5)
     runner = helpers.read_json(os.path.join(g_dir, "runner.json"))
     assert runner["status"] == "exited" and runner["returncode"] == 0
-    assert len(runner["population"]) == 4
+    assert len(runner["population"]) == 3
     with open(os.path.join(g_dir, "log.txt")) as f:
       log = f.read()
-    assert log.count("worker") >= 1 and "Training 4 trial(s) as one population" in log
+    assert log.count("worker") >= 1 and "Training 3 trial(s) as one population" in log
     # Its own lines, not its partners': one eval line per eval of its own.
     evals = [r for r in _metrics(g_dir) if "eval/test/accuracy" in r]
     assert len(evals) >= 3 and log.count("] eval/test/accuracy=") == len(evals)
