@@ -205,9 +205,10 @@ ANALYZE_BAD_INPUT = [  # (case, flags, what stderr says)
      ["{missing} is not a directory", "one holding study.json"]),
     ("no study.json", ("--study_dir={tmp}",), ["no study.json in {tmp}"]),
     ("corrupt study.json", ("--study_dir={study}",),
-     ["{study}/study.json is unreadable (Expecting value", "JSON object"]),
+     ["{study}/study.json, line 1: not readable as JSON (Expecting value, column 10)",
+      "the JSON object that tuning_playbook.sweep (or .playbook) writes"]),
     ("study.json a list", ("--study_dir={study}",),
-     ["{study}/study.json holds a list, not the JSON object"]),
+     ["{study}/study.json: holds a list, not a JSON object"]),
     ("unknown flag", ("--study_dir={study}", "--top_kk=3"),
      ["Unknown command line flag 'top_kk'", "Did you mean: top_k"]),
     ("top_k of 0", ("--study_dir={study}", "--top_k=0"),
@@ -242,11 +243,11 @@ def test_analyze_refuses_bad_input_and_changes_nothing(tmp_path, analysis_study,
   assert not os.path.exists(os.path.join(study, "report"))
 
 
-def test_analyze_names_damaged_trial_records_and_leaves_them_as_they_are(
+def test_analyze_names_a_torn_log_line_and_leaves_the_log_as_it_is(
     tmp_path, analysis_study):
-  # A trial's records are written while it trains (a torn line, a summary cut
-  # short): the analysis uses what it can read, names what it cannot, and
-  # writes only its report.
+  # A trial's logs are appended while it trains (a kill may tear a line):
+  # the analysis uses what it can read, names what it cannot, and writes
+  # only its report.
   study = str(tmp_path / "study")
   shutil.copytree(analysis_study, study)
   metrics = os.path.join(study, "trials", "0001", "metrics.jsonl")
@@ -255,8 +256,6 @@ def test_analyze_names_damaged_trial_records_and_leaves_them_as_they_are(
   lines[2] = "not json\n"
   with open(metrics, "w") as f:
     f.writelines(lines)
-  with open(os.path.join(study, "trials", "0002", "summary.json"), "w") as f:
-    f.write('{"status": ')
   before = _files(study)
   result = _run_module("tuning_playbook.analyze", f"--study_dir={study}")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -265,13 +264,35 @@ def test_analyze_names_damaged_trial_records_and_leaves_them_as_they_are(
   problems = found["record_problems"]
   assert ("0001: metrics.jsonl: unreadable line 3 skipped (line 3: 'not json')"
           in problems["message"])
-  unfinished = found["unfinished"]
-  assert unfinished["details"]["unreadable"] == {
-      "0002": "summary.json unreadable (Expecting value: line 1 column 12 (char 11))"}
-  assert "0002 (" in unfinished["message"]
-  assert "summary.json unreadable" in unfinished["message"]
   after = _files(study)
   assert {k: v for k, v in after.items() if not k.startswith("report")} == before
+
+
+DAMAGED_RECORDS = [  # (file of trial 0002, content, what stderr says)
+    ("summary.json", '{"status": \n',
+     "summary.json, line 2: not readable as JSON (Expecting value, column 1)"),
+    ("config.json", "[1]", "config.json: holds a list, not a JSON object"),
+    ("runner.json", "\xff", "runner.json, line 1: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", DAMAGED_RECORDS,
+                         ids=[c[0] for c in DAMAGED_RECORDS])
+def test_analyze_refuses_a_damaged_record_naming_file_and_line(
+    tmp_path, analysis_study, name, content, expected):
+  # Records written whole (never torn by a kill): damage is bad input.
+  study = str(tmp_path / "study")
+  shutil.copytree(analysis_study, study)
+  path = os.path.join(study, "trials", "0002", name)
+  with open(path, "wb") as f:
+    f.write(content.encode("latin-1"))
+  before = _files(tmp_path)
+  result = _run_module("tuning_playbook.analyze", f"--study_dir={study}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"Error: {os.path.join(study, 'trials', '0002', expected)}" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert _files(tmp_path) == before
+  assert not os.path.exists(os.path.join(study, "report"))
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +311,8 @@ WORKER_BAD_INPUT = [  # (case, flags, what stderr says)
     ("no study.json", ("--study_dir={tmp}",), ["no study.json in {tmp}"]),
     ("no study_dir", (), ["--study_dir must have a value"]),
     ("corrupt study.json", ("--study_dir={study}",),
-     ["{study}/study.json is unreadable (Expecting value", "JSON object"]),
+     ["{study}/study.json, line 1: not readable as JSON (Expecting value, column 10)",
+      "the JSON object that tuning_playbook.sweep (or .playbook) writes"]),
     ("incomplete study.json", ("--study_dir={study}",),
      ["{study}/study.json: a bad or missing key 'description'", "base_config"]),
     ("unknown workload", ("--study_dir={study}", "--config.workload=nope"),

@@ -16,6 +16,7 @@ from tuning_playbook.analysis import findings
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
 from tuning_playbook.common import cli
+from tuning_playbook.common import json_records
 from tuning_playbook import procedures
 
 _STUDY_DIR = flags.DEFINE_string("study_dir", None, "The study directory (holds study.json).")
@@ -35,7 +36,7 @@ def main(argv):
     study = study_data.load_study(_STUDY_DIR.value)
     result = report.write_report(study, _REPORT_DIR.value, thresholds,
                                  procedures.report_hook(study))
-  except study_data.StudyError as e:
+  except (study_data.StudyError, json_records.RecordFileError) as e:
     cli.fail(str(e))
   for finding in sorted(result.findings, key=lambda f: f.severity != "warning"):
     print(f"[{finding.severity}] {finding.message}")

@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tuning_playbook.common import cli
+from tuning_playbook.common import json_records
 from tuning_playbook import procedures
 from tuning_playbook.procedures import from_study
 from tuning_playbook.studies import commands
@@ -204,7 +205,7 @@ def main(argv):
   try:
     study_launch.launch(studies, study_flags.launch_options(
         study_dir, command, stop_rule=getattr(module, "stop_rule", None)))
-  except study_launch.LaunchError as e:
+  except (study_launch.LaunchError, json_records.RecordFileError) as e:
     cli.fail(str(e))
 
 

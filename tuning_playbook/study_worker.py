@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging as std_logging
 import os
 import sys
@@ -45,6 +44,7 @@ from ml_collections import config_flags
 
 from tuning_playbook.common import cli
 from tuning_playbook.common import cpu_devices
+from tuning_playbook.common import json_records
 from tuning_playbook.common import platform_check
 from tuning_playbook.common import records
 from tuning_playbook.common import termination
@@ -97,13 +97,12 @@ def check_trial_configs(trials: Sequence[_Trial]) -> None:
   differences = []
   for trial in trials:
     recorded = os.path.join(trial.trial_dir, records.CONFIG_FILE)
-    if not os.path.exists(recorded):
-      continue
     try:
-      with open(recorded) as f:
-        old = json.load(f)
-    except (OSError, ValueError):
-      return  # The trial's own bad input.
+      old = json_records.read_optional(recorded)
+    except json_records.RecordFileError:
+      return  # The trial's own bad input, reported when it trains.
+    if old is None:
+      continue
     lines = records.config_differences(old, records.config_to_dict(trial.config))
     if not lines:
       return
@@ -368,7 +367,10 @@ def main(argv):
     check_trial_configs(trials)
   except study_lib.StudyError as e:
     cli.fail(str(e))
-  trained = Worker(trials, _VECTORIZE.value, _RETRY_FAILED.value).run()
+  try:
+    trained = Worker(trials, _VECTORIZE.value, _RETRY_FAILED.value).run()
+  except json_records.RecordFileError as e:
+    cli.fail(str(e))
   logging.info("No unclaimed unfinished trial left; trained %d.", trained)
 
 

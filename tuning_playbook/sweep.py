@@ -52,6 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tuning_playbook.common import cli
+from tuning_playbook.common import json_records
 from tuning_playbook.studies import commands
 from tuning_playbook.studies import search_space as search_space_lib
 from tuning_playbook.studies import search_space_file
@@ -125,7 +126,7 @@ def main(argv):
   try:
     study_launch.launch(studies, study_flags.launch_options(
         study_dir, command, run=_WORKER.value, worker=_WORKER.value))
-  except study_launch.LaunchError as e:
+  except (study_launch.LaunchError, json_records.RecordFileError) as e:
     cli.fail(str(e))
 
 

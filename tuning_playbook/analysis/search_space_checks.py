@@ -20,7 +20,6 @@ from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis.findings import Finding, fmt, percent, trial_list
 from tuning_playbook.analysis import isolation
 from tuning_playbook.analysis import study_data
-from tuning_playbook.common import records
 
 INFO, WARNING = findings_lib.INFO, findings_lib.WARNING
 
@@ -205,28 +204,22 @@ def infeasible_trials(study: study_data.Study,
 
 
 def unfinished_trials(study: study_data.Study) -> list[Finding]:
-  """Trials with no readable summary.json: still running, killed, never
-  started, or a summary.json that cannot be read (named)."""
+  """Trials with no summary.json: still running, killed or never started."""
   unfinished = [t for t in study.trials if t.status == study_data.UNFINISHED]
   if not unfinished:
     return []
-  parts, unreadable = [], {}
+  parts = []
   for t in unfinished:
     files = ", ".join(t.present_files) if t.present_files else "no files"
-    summary = [p for p in t.problems if p.startswith(records.SUMMARY_FILE)]
-    if summary:
-      unreadable[t.trial_id] = summary[0]
-      files += f"; {summary[0]}"
     parts.append(f"{t.trial_id} ({files})")
   return [Finding(
       "unfinished", "unfinished", WARNING,
-      f"{len(unfinished)} of {len(study.trials)} trials have no readable "
+      f"{len(unfinished)} of {len(study.trials)} trials have no "
       f"summary.json (still running, killed, or failed to start) and are left "
       f"out of the analysis: {trial_list(parts)}. Relaunch them with their "
       f"reproduce command (it resumes from the last checkpoint) to complete "
       f"the study.",
-      {"trials": {t.trial_id: list(t.present_files) for t in unfinished},
-       "unreadable": unreadable})]
+      {"trials": {t.trial_id: list(t.present_files) for t in unfinished}})]
 
 
 def record_problems(study: study_data.Study) -> list[Finding]:

@@ -1,7 +1,9 @@
 """One trial's run directory: config.json, summary.json, metrics.jsonl,
-grad_norms.jsonl (and log.txt). Missing or damaged files never raise: what
-could not be read is listed in `Trial.problems`. A JSON-lines log with an
-unreadable line is read as every row that can be read, and the line named.
+grad_norms.jsonl (and log.txt). Missing files are listed in `Trial.problems`,
+as are a JSON-lines log's unreadable lines (written while the trial trains,
+or cut short by a kill): the log is read as every row that can be read, and
+the line named. A damaged config.json or summary.json (each written whole)
+raises json_records.RecordFileError, naming the file and the line.
 
   trial = trial_data.load_trial("D/trials/0003", "0003", params)
   steps, errors = trial.series("eval/validation/error_rate")
@@ -11,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from tuning_playbook.common import json_records
 from tuning_playbook.common import records
 from tuning_playbook.common import step_logs
 
@@ -29,16 +31,6 @@ _LISTED_LINES = 5
 
 def finite(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def read_json(path: str) -> tuple[Any, str | None]:
-  if not os.path.exists(path):
-    return None, None
-  try:
-    with open(path) as f:
-      return json.load(f), None
-  except (OSError, ValueError) as e:
-    return None, f"{os.path.basename(path)} unreadable ({e})"
 
 
 def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -218,10 +210,8 @@ def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:
                   if os.path.exists(os.path.join(run_dir, f)))
   if not os.path.isdir(run_dir):
     problems.append("no run directory")
-  summary, problem = read_json(os.path.join(run_dir, records.SUMMARY_FILE))
-  problems += [problem] if problem else []
-  config, problem = read_json(os.path.join(run_dir, records.CONFIG_FILE))
-  problems += [problem] if problem else []
+  summary = records.read_summary(run_dir)
+  config = json_records.read_optional(os.path.join(run_dir, records.CONFIG_FILE))
   metrics, problem = _read_jsonl(os.path.join(run_dir, records.METRICS_FILE))
   problems += [problem] if problem else []
   if os.path.isdir(run_dir):
@@ -229,8 +219,7 @@ def load_trial(run_dir: str, trial_id: str, params: dict[str, Any]) -> Trial:
     if missing:
       problems.append("missing " + ", ".join(missing))
   return Trial(trial_id=trial_id, params=dict(params), run_dir=run_dir,
-               summary=summary if isinstance(summary, dict) else None,
-               config=config if isinstance(config, dict) else None,
+               summary=summary, config=config,
                metrics=metrics, present_files=present, problems=problems,
                record=(records.trial_status(run_dir) if os.path.isdir(run_dir)
                        else {}))

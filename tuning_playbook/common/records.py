@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from tuning_playbook.common import atomic_files
+from tuning_playbook.common import json_records
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
 
@@ -100,9 +101,8 @@ def check_or_write_config(workdir: str, config: ml_collections.ConfigDict,
   """Refuses a work directory that holds another config; writes config.json."""
   path = os.path.join(workdir, CONFIG_FILE)
   new = config_to_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  old = json_records.read_optional(path)
+  if old is not None:
     diff = config_differences(old, new)
     if diff:
       raise ConfigMismatchError(
@@ -115,11 +115,8 @@ def check_or_write_config(workdir: str, config: ml_collections.ConfigDict,
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, SUMMARY_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  """summary.json, or None before the run ends (json_records' policy)."""
+  return json_records.read_optional(os.path.join(workdir, SUMMARY_FILE))
 
 
 def remove_unfinished_summary(workdir: str) -> None:
@@ -145,14 +142,6 @@ def summary(config: ml_collections.ConfigDict, status: str,
           "max_train_steps": config.max_train_steps,
           "total_train_steps": total_train_steps,
           "best_checkpoint": best_checkpoint}
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def write_runner(trial_dir: str, status: str, **fields: Any) -> None:
@@ -213,9 +202,9 @@ def trial_status(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
   if check_lock and is_locked(trial_dir):
     record["status"] = RUNNING
     return record
-  ended = _read_json(os.path.join(trial_dir, SUMMARY_FILE))
-  runner = _read_json(os.path.join(trial_dir, RUNNER_FILE)) or {}
-  if isinstance(ended, dict) and ended.get("status") in ENDED_STATUSES:
+  ended = read_summary(trial_dir) or {}
+  runner = json_records.read_optional(os.path.join(trial_dir, RUNNER_FILE)) or {}
+  if ended.get("status") in ENDED_STATUSES:
     for key in record:
       if key in ended:
         record[key] = ended[key]

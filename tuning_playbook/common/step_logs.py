@@ -15,19 +15,19 @@ import os
 from typing import Any, Iterable
 
 from tuning_playbook.common import atomic_files
+from tuning_playbook.common import json_records
 
 _EXCERPT_CHARS = 80
 
 
-class RecordsError(ValueError):
+class RecordsError(json_records.RecordFileError):
   """A JSON-lines file holds an unreadable line that is not its last."""
 
   def __init__(self, path: str, line_number: int, excerpt: str):
     super().__init__(
-        f"{path}, line {line_number}: unreadable (not a JSON object): "
-        f"{excerpt!r}. Only a torn last line may be dropped, so the file was "
-        "left as it is; repair or remove that line by hand.")
-    self.path = path
+        path, f"unreadable (not a JSON object): {excerpt!r}. Only a torn last "
+        "line may be dropped, so the file was left as it is; repair or remove "
+        "that line by hand.", line_number)
     self.line_number = line_number
     self.excerpt = excerpt
 

@@ -26,6 +26,7 @@ import ml_collections
 
 from tuning_playbook.common import atomic_files
 from tuning_playbook.common import config_validation
+from tuning_playbook.common import json_records
 from tuning_playbook.common import records
 from tuning_playbook import config_paths
 from tuning_playbook import config_schema
@@ -159,21 +160,14 @@ def resolve_trial_config(config: ml_collections.ConfigDict,
 
 
 def read_study_json(study_dir: str) -> dict[str, Any] | None:
-  """study.json's object, or None when there is none; StudyError when it
-  cannot be read or holds something else."""
-  path = os.path.join(study_dir, STUDY_FILE)
-  if not os.path.exists(path):
-    return None
+  """study.json's object, or None when there is none; StudyError (the
+  message of json_records' policy) when it cannot be read."""
   try:
-    with open(path) as f:
-      record = json.load(f)
-  except (OSError, ValueError) as e:
-    raise StudyError(f"{path} is unreadable ({e}): it must hold the JSON "
-                     "object that tuning_playbook.sweep (or .playbook) writes") from None
-  if not isinstance(record, dict):
-    raise StudyError(f"{path} holds a {type(record).__name__}, not the JSON "
-                     "object that tuning_playbook.sweep (or .playbook) writes")
-  return record
+    return json_records.read_optional(
+        os.path.join(study_dir, STUDY_FILE),
+        written_by="tuning_playbook.sweep (or .playbook)")
+  except json_records.RecordFileError as e:
+    raise StudyError(str(e)) from None
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

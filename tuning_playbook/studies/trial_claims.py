@@ -30,6 +30,8 @@ import socket
 import time
 import uuid
 
+from tuning_playbook.common import json_records
+
 CLAIM_FILE = ".claim"
 _BREAK_FILE = ".claim.break"
 HEARTBEAT_SECONDS = 30.0
@@ -85,11 +87,12 @@ def _create_exclusive(path: str, content: dict) -> bool:
 
 
 def read_claim(trial_dir: str) -> dict | None:
-  """The claim's owner record ({host, pid, token, claimed}), or None."""
+  """The claim's owner record ({host, pid, token, claimed}), or None: no
+  claim, or one still being written (created empty, then filled; its age
+  judges it, `is_stale`)."""
   try:
-    with open(os.path.join(trial_dir, CLAIM_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json_records.read_optional(os.path.join(trial_dir, CLAIM_FILE))
+  except json_records.RecordFileError:
     return None
 
 

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 from tuning_playbook.common import records
-from tuning_playbook.common import step_logs
+from tuning_playbook.common import json_records
 from tuning_playbook import config_schema
 from tuning_playbook.training import train
 from tuning_playbook.training import trial_setup
@@ -26,7 +26,7 @@ from tuning_playbook import workload as workload_lib
 
 BAD_INPUT_ERRORS = (config_schema.ConfigError, workload_lib.UnknownWorkloadError,
                     workload_lib.ModelConfigError, records.ConfigMismatchError,
-                    step_logs.RecordsError, train.ResumeError)
+                    json_records.RecordFileError, train.ResumeError)
 
 
 def run_trial(config: ml_collections.ConfigDict, workdir: str,
