@@ -12,6 +12,7 @@ import pytest
 from tests import helpers
 from tuning_playbook.training import checkpointing
 from tuning_playbook.training import run
+from tuning_playbook.training import trial_records
 
 METRIC = "eval/validation/error_rate"
 
@@ -85,8 +86,7 @@ def test_background_save_error_fails_the_run(monkeypatch, tmp_path):
 def test_ties_keep_the_earliest_best_which_the_summary_names(tmp_path):
   # Step 1 and 2 tie at the best value; the earliest is the best and is kept.
   assert _save_sequence(str(tmp_path), [0.1, 0.1, 0.2], num_best=1) == [1, 3]
-  from tuning_playbook.training import train  # pylint: disable=g-import-not-at-top
-  best = train.BestCheckpoint(METRIC, "min")
+  best = trial_records.BestCheckpoint(METRIC, "min")
   for step, value in enumerate([0.1, 0.1, 0.2], start=1):
     best.update(step, value)
   assert best.step == 1

@@ -15,7 +15,7 @@ Larger splits, tf.data streams and synthetic data keep gathering on the host:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -53,6 +53,18 @@ def transfers(stream: Any, start_step: int, k: int,
     return ({INDEX_KEY: np.ascontiguousarray(index)}
             for index in stream.stacked_indices(start_step, k))
   return sharding.stacked_stream(stream, start_step, k)
+
+
+def population_transfers(streams: Sequence[Any], start_step: int, k: int,
+                         on_device: bool, shared_data: bool
+                         ) -> Iterator[dict[str, np.ndarray]]:
+  """The transfers of a population: one stream for all trials
+  (`shared_data`: one seed), or each trial's stacked on a leading axis."""
+  if shared_data:
+    return transfers(streams[0], start_step, k, on_device)
+  per_trial = [transfers(s, start_step, k, on_device) for s in streams]
+  return ({name: np.stack([b[name] for b in group]) for name in group[0]}
+          for group in zip(*per_trial))
 
 
 def gather(batch: dict[str, jax.Array], examples: Examples) -> dict[str, jax.Array]:

@@ -15,29 +15,25 @@ each step's metrics on the device, and fetches them every `log_every_steps`
 goes on. Evals run every `eval_every_steps` and at each trial's last step
 (`config_schema.total_train_steps`: max_train_steps plus a prepended
 warmup); each eval is followed by a checkpoint of that trial, so a resumed
-run repeats exactly the steps an uninterrupted run takes. With `ema_decay >
-0` each eval also scores the moving average of the parameters
-(`eval_ema/<split>/...`, see train_step.py), which the checkpoints hold
-beside the raw parameters. Checkpoints are written asynchronously (Orbax);
-summaries are written once training is over, after their checkpoints.
+run repeats exactly the steps an uninterrupted run takes (evals and their
+EMA scores: log_step_evals.py). Checkpoints are written asynchronously
+(Orbax); summaries once training is over, after their checkpoints.
 
 A trial that diverges, or reaches its last step before the others, is
 recorded and then frozen under a mask while the others go on. Each log row
-also holds the interval's throughput (`perf/*`, see throughput.py) and each
-trial writes CLU's progress scalars (`steps_per_sec`, `uptime`). The
-interval clock starts after the step is compiled and restarts after each
-log, so compilation, evals and checkpoints are not in it. Several processes,
-and `profile_steps`, train one trial at a time (`population.refusal`).
+holds the interval's throughput (`perf/*`, throughput.py; the clock starts
+after compilation and restarts after each log, so evals and checkpoints are
+not in it) and each trial writes CLU's progress scalars (trial_runs.py).
+Several processes, and `profile_steps`, train one trial at a time
+(`population.refusal`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Sequence
 
 from absl import logging
-from clu import periodic_actions
 import jax
 import ml_collections
 import numpy as np
@@ -48,49 +44,21 @@ from tuning_playbook.common import termination
 from tuning_playbook import config_schema
 from tuning_playbook import input_pipeline
 from tuning_playbook.training import device_examples
-from tuning_playbook.training import distributed
+from tuning_playbook.training import log_step_evals
 from tuning_playbook.training import population
 from tuning_playbook.training import preemption
 from tuning_playbook.training import profiling
 from tuning_playbook.training import sharding
 from tuning_playbook.training import throughput
-from tuning_playbook.training import train_step as train_step_lib
 from tuning_playbook.training import trial_logs
 from tuning_playbook.training import trial_records
+from tuning_playbook.training import trial_runs
 from tuning_playbook.training import trial_setup
 from tuning_playbook.training import watchdog
 from tuning_playbook import workload as workload_lib
 
 ResumeError = trial_records.ResumeError
-BestCheckpoint = trial_records.BestCheckpoint
 validate_before_compiling = trial_setup.validate_before_compiling
-
-
-@dataclasses.dataclass
-class _TrialRun:
-  """One trial's records and its place in the loop."""
-  records: trial_records.TrialRecords
-  last_step: int
-  active: bool
-  progress: periodic_actions.ReportProgress | None = None
-  first: int = 1  # The first step of its open log interval,
-  started: float = 0.0  # that interval's start clock,
-  waited: float = 0.0  # and its seconds spent waiting for input.
-  reason: str | None = None  # Why it diverged, if it did.
-  summary: dict[str, Any] | None = None
-
-
-@dataclasses.dataclass
-class _PendingLog:
-  """The metrics of a log step for its due trials, on their way to the host;
-  per due trial, its interval's first step, start clock and input wait."""
-  step: int
-  due: list[int]
-  evals: list[int]
-  first: list[int]
-  started: list[float]
-  waited: list[float]
-  buffer: jax.Array
 
 
 class Trainer:
@@ -147,22 +115,24 @@ class Trainer:
                  dict(mesh.shape),
                  sharding.bytes_per_device(self.programs.abstract_trial) / 2**20)
     # The directories are claimed only once the configs are known to work.
-    self.trials = [_TrialRun(trial_records.TrialRecords(
+    self.trials = [trial_runs.TrialRun(trial_records.TrialRecords(
         c, d, stream=s, is_writer=self.is_writer,
         device_kind=jax.devices()[0].device_kind, device_count=jax.device_count()),
                              last_step=config_schema.total_train_steps(c), active=True)
                    for c, d, s in zip(configs, workdirs, streams)]
     self.watchdog = watchdog.Watchdog(config.step_watchdog_seconds,
                                       floor_seconds=config.watchdog_floor_seconds)
-    self.state, self.step = self._restore_or_init()
-    self._open_logs()
-    self.metrics_buffer = jax.device_put(self._resumed_metrics(), self._replicated)
+    self.state, self.step = trial_runs.restore_or_init(self.programs, self.trials)
+    trial_runs.open_logs(self.trials, self.step)
+    self.metrics_buffer = jax.device_put(
+        trial_runs.resumed_metrics(self.trials, config.log_every_steps), self._replicated)
     self.examples = data.examples
     logging.info("Training batches are gathered %s.",
                  "on the devices" if self.examples else "on the host")
-    self.batches = sharding.prefetch_to_devices(
-        self._transfers(streams, spec.shared_data), self.programs.batch_sharding,
-        size=config.data.prefetch_batches)
+    k = config.data.batches_per_transfer  # From the current step's transfer:
+    self.batches = sharding.prefetch_to_devices(device_examples.population_transfers(
+        streams, self.step // k * k, k, bool(self.examples), spec.shared_data),
+        self.programs.batch_sharding, size=config.data.prefetch_batches)
     self._transfer = None
     self._active_mask = None
     self._compiled = False
@@ -179,69 +149,6 @@ class Trainer:
   def total_steps(self) -> int:
     """The last step of the trial that trains longest."""
     return max(t.last_step for t in self.trials)
-
-  def _restore_or_init(self) -> tuple[Any, int]:
-    """The stacked state: every trial's latest checkpoint, or initialised."""
-    programs = self.programs
-    latest = {t.records.latest_step() for t in self.trials}
-    if len(latest) > 1:
-      raise population.PopulationError(
-          "the trials' latest checkpoints are at different steps "
-          f"({sorted(map(str, latest))}); group trials by their resume step")
-    latest_step = latest.pop()
-    if latest_step is None:
-      # Each trial is initialised by one program for every seed, then stacked.
-      state = programs.stack(*[programs.init_trial(
-          train_step_lib.seed_key_data(c.seed), trial_setup.trial_hyperparameters(c))
-                               for c in self.configs])
-      step = 0
-    else:
-      state = programs.stack(*[t.records.restore(latest_step, programs.abstract_trial)
-                               for t in self.trials])
-      step = self.trials[0].records.step
-      logging.info("Resumed from checkpoint at step %d.", step)
-    # Every process must resume from the same step (a shared file system that
-    # is not shared, say, would silently split the job).
-    distributed.agree("resume", str(step), timeout_seconds=max(
-        600.0, self.config.step_watchdog_seconds, self.config.watchdog_floor_seconds))
-    return state, step
-
-  def _open_logs(self) -> None:
-    """Opens each trial's logs and its progress scalars (CLU)."""
-    for t in self.trials:
-      t.records.open_logs()
-      t.active = self.step < t.last_step
-      resumed = t.records.open_interval
-      t.first = self.step + 1 if resumed is None else resumed["first"]
-      # Called at log steps only, which is all it needs to report steps/s.
-      t.progress = periodic_actions.ReportProgress(
-          num_train_steps=t.last_step, writer=t.records.writer,
-          every_steps=None, every_secs=None,
-          on_steps=range(0, t.last_step + 1, t.records.config.log_every_steps))
-
-  def _resumed_metrics(self) -> np.ndarray:
-    """The metrics buffer, holding the steps that a run stopped between
-    evals trained but had not recorded (`TrialRecords.save_to_resume`)."""
-    size = self.config.log_every_steps
-    buffer = np.zeros((self.num_trials, size, len(train_step_lib.STEP_METRICS)),
-                      np.float32)
-    for i, t in enumerate(self.trials):
-      resumed = t.records.open_interval or {"first": 0, "fetched": []}
-      for step, metrics in enumerate(resumed["fetched"], resumed["first"]):
-        buffer[i, (step - 1) % size] = [metrics[k] for k in train_step_lib.STEP_METRICS]
-    return buffer
-
-  def _transfers(self, streams: Sequence[Any], shared_data: bool):
-    """Host batches of k steps each, from the transfer of the current step:
-    one for all trials, or the trials' own stacked."""
-    k = self.config.data.batches_per_transfer
-    start = self.step // k * k
-    on_device = bool(self.examples)
-    if shared_data:
-      return device_examples.transfers(streams[0], start, k, on_device)
-    per_trial = [device_examples.transfers(s, start, k, on_device) for s in streams]
-    return ({name: np.stack([b[name] for b in group]) for name in group[0]}
-            for group in zip(*per_trial))
 
   def _update_mask(self) -> None:
     self._active_mask = jax.device_put(
@@ -315,11 +222,10 @@ class Trainer:
     for i, t in enumerate(self.trials):
       if not t.active:
         continue
-      rows = buffer[i, [(s - 1) % buffer.shape[1] for s in range(t.first, step + 1)]]
       with trial_logs.about(t.records.workdir):
         t.records.save_to_resume(
             step, self.programs.take_trial(self.state, i), t.first,
-            [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows])
+            trial_runs.fetched_rows(buffer, i, t.first, step))
     for t in self.trials:
       with trial_logs.about(t.records.workdir):
         t.records.wait_for_checkpoints()
@@ -327,17 +233,14 @@ class Trainer:
         logging.info("Stopped on SIGTERM at step %d; relaunching resumes "
                      "from there.", step)
 
-  def _reset_intervals(self, first: int, trials: Sequence[_TrialRun]) -> None:
-    """Opens the next log interval of `trials` at step `first`."""
-    for t in trials:
-      t.first = first
-    self._restart_clocks(trials)
-
-  def _restart_clocks(self, trials: Sequence[_TrialRun] | None = None) -> None:
-    """Restarts the interval clocks (compilation is not throughput)."""
+  def _restart_clocks(self, trials: Sequence[trial_runs.TrialRun] | None = None,
+                      first: int | None = None) -> None:
+    """Restarts the interval clocks (compilation is not throughput); with
+    `first`, opens the next log interval of `trials` at that step."""
     now = self.clock()
     for t in self.trials if trials is None else trials:
       t.started, t.waited = now, 0.0
+      t.first = t.first if first is None else first
 
   def _shift_intervals(self, seconds: float) -> None:
     """Leaves `seconds` (a profiler's start or stop) out of the intervals."""
@@ -361,7 +264,7 @@ class Trainer:
       self._restart_clocks()
 
   def _log_step(self, step: int, until: int,
-                pending: _PendingLog | None) -> _PendingLog | None:
+                pending: trial_runs.PendingLog | None) -> trial_runs.PendingLog | None:
     """Records, or starts fetching, the metrics of the trials due at `step`;
     returns the fetch still on its way, if any."""
     is_eval = step % self.config.eval_every_steps == 0
@@ -379,7 +282,7 @@ class Trainer:
         pending = None
         due = [i for i in due if self.trials[i].active]
       evals = [i for i in due if is_eval or step == self.trials[i].last_step]
-      fetch = _PendingLog(step, due, evals, [self.trials[i].first for i in due],
+      fetch = trial_runs.PendingLog(step, due, evals, [self.trials[i].first for i in due],
                           [self.trials[i].started for i in due],
                           [self.trials[i].waited for i in due], self.metrics_buffer)
       if evals or step == until:
@@ -389,7 +292,7 @@ class Trainer:
         fetch.buffer = self.metrics_buffer.copy()
         fetch.buffer.copy_to_host_async()
         pending = fetch
-    self._reset_intervals(step + 1, [self.trials[i] for i in due])
+    self._restart_clocks([self.trials[i] for i in due], first=step + 1)
     return pending
 
   def lower_train_step(self) -> jax.stages.Lowered:
@@ -419,23 +322,35 @@ class Trainer:
     if self.num_trials == 1 or len({t.last_step for t in self.trials}) > 1:
       # A trial alone, or trials that end apart (each evaluated alone then).
       self.programs.trial_evaluator.compile(
-          (self.programs.abstract_trial, self._trial_hyperparams(0)))
+          (self.programs.abstract_trial, log_step_evals.trial_values(self._host_hyperparams, 0)))
     self._compiled = True
 
-  def _record(self, fetch: _PendingLog) -> None:
+  def _record(self, fetch: trial_runs.PendingLog) -> None:
     """Records the steps of `fetch` for its trials; evaluates and
     checkpoints those of `fetch.evals` (at the current step)."""
     step = fetch.step
     self.watchdog.begin("log", "the metrics of steps {}..{}", min(fetch.first), step)
     buffer = np.asarray(jax.device_get(fetch.buffer))
     now = self.clock()
-    evaluate = self._evaluation(fetch)
+    if fetch.evals:
+      self.watchdog.begin("eval", "the eval and checkpoint at step {}", step)
+      # The moving averages evaluated and saved must be the same everywhere.
+      sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
+    evals = log_step_evals.LogStepEvals(
+        self.programs, self.state, self.hyperparams, self._host_hyperparams,
+        num_trials=self.num_trials, num_due=len(fetch.evals),
+        ema=self.config.ema_decay > 0)
+
+    def evaluate(i: int) -> tuple[dict[str, float], Any]:
+      self.watchdog.begin("eval", "the eval and checkpoint at step {}", step)
+      with self.trials[i].progress.timed("eval"):
+        return evals(i)
+
     ended = False
     for i, first, started, waited in zip(fetch.due, fetch.first, fetch.started,
                                          fetch.waited):
       t = self.trials[i]
-      rows = buffer[i, [(s - 1) % buffer.shape[1] for s in range(first, step + 1)]]
-      fetched = [dict(zip(train_step_lib.STEP_METRICS, map(float, r))) for r in rows]
+      fetched = trial_runs.fetched_rows(buffer, i, first, step)
       with trial_logs.about(t.records.workdir):
         reason = t.records.log(
             first, step, fetched, seconds=now - started, input_wait=waited,
@@ -449,46 +364,6 @@ class Trainer:
         t.active, t.reason, ended = False, reason, True
     if ended:
       self._update_mask()
-
-  def _evaluation(self, fetch: _PendingLog):
-    """`evaluate(i) -> (eval metrics, state to checkpoint)` for trial i of
-    `fetch.evals`: the trial alone, or every trial at once when several are
-    due (one vmapped eval)."""
-    programs, ema = self.programs, self.config.ema_decay > 0
-    evaluated: list[dict[str, float]] = []
-    if fetch.evals:
-      self.watchdog.begin("eval", "the eval and checkpoint at step {}", fetch.step)
-      # The moving averages evaluated and saved must be the same everywhere.
-      sharding.check_replicas_identical(self.state.batch_stats, "batch_stats")
-
-    def evaluate(i: int) -> tuple[dict[str, float], Any]:
-      self.watchdog.begin("eval", "the eval and checkpoint at step {}", fetch.step)
-      state = programs.take_trial(self.state, i)
-      with self.trials[i].progress.timed("eval"):
-        if len(fetch.evals) == 1 or programs.population_evaluator is None:
-          hyperparams = self._trial_hyperparams(i)
-          evaluator = programs.trial_evaluator
-          metrics = evaluator.evaluate((state, hyperparams))
-          if ema:
-            metrics.update(evaluator.evaluate(
-                (train_step_lib.ema_state(state), hyperparams), prefix="eval_ema"))
-          return metrics, state
-        if not evaluated:
-          evaluator = programs.population_evaluator
-          evaluated.extend(evaluator.evaluate_population(
-              (self.state, self.hyperparams), self.num_trials))
-          if ema:
-            for metrics, ema_metrics in zip(evaluated, evaluator.evaluate_population(
-                (train_step_lib.ema_state(self.state), self.hyperparams),
-                self.num_trials, prefix="eval_ema")):
-              metrics.update(ema_metrics)
-      return evaluated[i], state
-
-    return evaluate
-
-  def _trial_hyperparams(self, i: int) -> dict[str, np.float32]:
-    """Trial i's values of the traced hyperparameters."""
-    return {k: v[i] for k, v in self._host_hyperparams.items()}
 
   def finish(self) -> list[dict[str, Any] | None]:
     """Waits for each trial's checkpoints; writes and returns the summaries
