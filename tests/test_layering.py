@@ -110,3 +110,45 @@ def test_the_check_lets_downward_imports_pass():
             "from tuning_playbook.training import train\n")
   assert upward_imports(source, "tuning_playbook.study_worker") == []
   assert upward_imports(source, "tuning_playbook.training.run") == []
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+# Functions that are config literals (a key per line), exempt from the limit.
+CONFIG_LITERALS = ("get_config", "base_config")
+
+
+def oversized(source: str, name: str) -> list[str]:
+  """A module over MAX_MODULE_LINES, and its functions over
+  MAX_FUNCTION_LINES other than config literals."""
+  found = []
+  if source.count("\n") > MAX_MODULE_LINES:
+    found.append(f"{name}: {source.count(chr(10))} lines")
+  for node in ast.walk(ast.parse(source)):
+    if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.name not in CONFIG_LITERALS):
+      length = node.end_lineno - node.lineno + 1
+      if length > MAX_FUNCTION_LINES:
+        found.append(f"{name}:{node.lineno} {node.name}(): {length} lines")
+  return found
+
+
+def test_small_pieces():
+  roots = [PACKAGE] + [os.path.join(helpers.REPO, d)
+                       for d in ("workloads", "configs", "xprof", "benchmarks")]
+  found = []
+  for root in roots:
+    for directory, _, files in os.walk(root):
+      for name in sorted(f for f in files if f.endswith(".py")):
+        path = os.path.join(directory, name)
+        with open(path) as f:
+          found += oversized(f.read(), os.path.relpath(path, helpers.REPO))
+  assert not found, found
+
+
+def test_the_size_check_sees_a_long_function_and_module():
+  body = "\n".join(f"  x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+  long_function = f"def f():\n{body}\n"
+  assert oversized(long_function, "m.py") == ["m.py:1 f(): 81 lines"]
+  assert oversized(long_function.replace("def f", "def get_config"), "m.py") == []
+  assert oversized("\n" * (MAX_MODULE_LINES + 1), "m.py") == ["m.py: 401 lines"]
