@@ -16,6 +16,7 @@ from tuning_playbook.common import records
 from tuning_playbook.studies import slurm
 from tuning_playbook.studies import study_runner
 from tuning_playbook.studies import trial_claims
+from tuning_playbook.studies import trial_lease
 
 REPO = test_sweep.REPO
 
@@ -139,12 +140,12 @@ def test_a_launch_trains_a_trial_released_after_its_workers_passed_it(tmp_path):
   left = tmp_path / "left"
   left.mkdir()
   records.write_runner(str(left), records.RUNNING, pid=_dead_pid())
-  assert study_runner.wait_for_claims_elsewhere([str(left)], False,
+  assert study_runner.wait_for_claims_elsewhere([str(left)],
                                                 poll_seconds=0.01)
   done = tmp_path / "done"
   done.mkdir()
   records.write_summary(str(done), {"status": "completed"})
-  assert not study_runner.wait_for_claims_elsewhere([str(done)], False,
+  assert not study_runner.wait_for_claims_elsewhere([str(done)],
                                                     poll_seconds=0.01)
   # Held by a live claim (this process's) until the third poll releases it.
   claim = trial_claims.try_claim(str(left))
@@ -154,8 +155,47 @@ def test_a_launch_trains_a_trial_released_after_its_workers_passed_it(tmp_path):
     if len(polls) == 3:
       claim.release()
   assert study_runner.wait_for_claims_elsewhere(
-      [str(left), str(done)], False, on_poll=poll, poll_seconds=0.01)
+      [str(left), str(done)], on_poll=poll, poll_seconds=0.01)
   assert len(polls) == 3  # It waited while the claim was live.
+
+
+def test_a_failed_trial_is_released_once_and_keeps_its_failure(tmp_path):
+  def trial(name, status=None, **runner):
+    path = str(tmp_path / name)
+    os.makedirs(path)
+    if status:
+      records.write_summary(path, {"status": status, "reason": f"{status} here"})
+    if runner:
+      records.write_runner(path, records.EXITED, **runner)
+    return path
+
+  exited = trial("exited", returncode=1, error=None, started="s", command=["x"])
+  failed = trial("failed", records.FAILED)
+  done, diverged = trial("done", records.COMPLETED), trial("diverged", records.DIVERGED)
+  reason = records.trial_status(exited)["reason"]
+  assert reason == "exited with code 1"
+  for path in (exited, failed):
+    assert not records.needs_run(path)
+    assert trial_lease.release_failed(path)
+    assert records.trial_status(path)["status"] == records.INTERRUPTED
+    assert records.needs_run(path)
+    assert not trial_lease.release_failed(path)  # Once: it is not failed now.
+  runner = test_sweep._read_json(os.path.join(exited, records.RUNNER_FILE))
+  assert runner["released_failure"] == reason
+  assert runner["command"] == ["x"] and runner["returncode"] == 1
+  assert not os.path.exists(os.path.join(failed, records.SUMMARY_FILE))
+  assert test_sweep._read_json(os.path.join(failed, records.RUNNER_FILE))[
+      "released_failure"] == "failed here"
+  for path, status in ((done, records.COMPLETED), (diverged, records.DIVERGED)):
+    assert not trial_lease.release_failed(path)
+    assert records.trial_status(path)["status"] == status
+  # A trial another runner holds is left to it.
+  held = trial("held", records.FAILED)
+  claim = trial_claims.try_claim(held)
+  assert not trial_lease.release_failed(held)
+  assert records.trial_status(held)["status"] == records.FAILED
+  claim.release()
+  assert not os.path.exists(os.path.join(exited, trial_claims.CLAIM_FILE))
 
 
 def test_heartbeat_keeps_a_claim_fresh(tmp_path):

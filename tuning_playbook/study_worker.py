@@ -51,7 +51,11 @@ from tuning_playbook.common import termination
 from tuning_playbook.studies import commands
 from tuning_playbook.studies import study as study_lib
 from tuning_playbook.studies import trial_lease
+from tuning_playbook.training import population
+from tuning_playbook.training import run
+from tuning_playbook.training import train
 from tuning_playbook.training import trial_logs
+from tuning_playbook.training import trial_setup
 from tuning_playbook import workload as workload_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -130,23 +134,18 @@ def latest_checkpoint_step(trial_dir: str) -> int | None:
 class Worker:
   """Claims and trains trials until none unclaimed and unfinished is left."""
 
-  def __init__(self, trials: Sequence[_Trial], vectorize: int,
-               retry_failed: bool = False):
+  def __init__(self, trials: Sequence[_Trial], vectorize: int):
     self.trials = list(trials)
     self.vectorize = vectorize
-    self.retry_failed = retry_failed
-    from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
     # Data sets and programs, kept from one population to the next.
     self.cache = trial_setup.SetupCache()
     self.trained = 0
 
   def _needs_run(self, trial: _Trial) -> bool:
-    return records.needs_run(trial.trial_dir, self.retry_failed)
+    return records.needs_run(trial.trial_dir)
 
   def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
     """(structure, resume step); None when the trial must train alone."""
-    from tuning_playbook.training import population  # pylint: disable=g-import-not-at-top
-    from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
     try:
       workload = trial_setup.validate_before_compiling(trial.config)
     except Exception:  # pylint: disable=broad-except
@@ -158,7 +157,7 @@ class Worker:
             latest_checkpoint_step(trial.trial_dir))
 
   def _claim(self, trial: _Trial) -> _Claimed | None:
-    lease = trial_lease.acquire(trial.trial_dir, self.retry_failed)
+    lease = trial_lease.acquire(trial.trial_dir)
     return None if lease is None else _Claimed(trial, lease)
 
   def next_group(self) -> list[_Claimed]:
@@ -232,9 +231,6 @@ class Worker:
     directory's records, say), its trials train one by one, so that only the
     trial at fault fails.
     """
-    from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
-    from tuning_playbook.training import train  # pylint: disable=g-import-not-at-top
-    from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
     trials = [c.trial for c in group]
     outcomes: dict[str, tuple[int, str | None]] = {}
     if len(trials) > 1:
@@ -277,8 +273,6 @@ def _give_back(group: Sequence[_Claimed]) -> None:
 
 def _refusal(trial: _Trial) -> str | None:
   """Why the trainer would refuse this trial's config or directory, if it would."""
-  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
-  from tuning_playbook.training import trial_setup  # pylint: disable=g-import-not-at-top
   try:
     trial_setup.validate_before_compiling(trial.config)
     records.check_or_write_config(trial.trial_dir, trial.config, write=False)
@@ -289,7 +283,6 @@ def _refusal(trial: _Trial) -> str | None:
 
 def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
   """Trains one trial as `tuning_playbook.main` would; (exit status, error)."""
-  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   try:
     run.run_trial(trial.config, trial.trial_dir, cache)
     return 0, None
@@ -303,7 +296,6 @@ def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
 
 def _record_failed(trial: _Trial, error: Exception) -> None:
   """Marks an unfinished trial failed, as a failing trial process does."""
-  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   summary = records.read_summary(trial.trial_dir)
   if summary and summary.get("status") in records.ENDED_STATUSES:
     return
@@ -368,7 +360,10 @@ def main(argv):
   except study_lib.StudyError as e:
     cli.fail(str(e))
   try:
-    trained = Worker(trials, _VECTORIZE.value, _RETRY_FAILED.value).run()
+    if _RETRY_FAILED.value:  # Once, before training: see trial_lease.
+      released = [t for t in trials if trial_lease.release_failed(t.trial_dir)]
+      logging.info("Failed trials to train again: %d", len(released))
+    trained = Worker(trials, _VECTORIZE.value).run()
   except json_records.RecordFileError as e:
     cli.fail(str(e))
   logging.info("No unclaimed unfinished trial left; trained %d.", trained)

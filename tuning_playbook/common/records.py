@@ -229,9 +229,7 @@ def trial_status(trial_dir: str, check_lock: bool = True) -> dict[str, Any]:
   return record
 
 
-def needs_run(trial_dir: str, retry_failed: bool) -> bool:
-  """Whether a runner should train the trial: it has not finished (a failed
-  one only with `retry_failed`)."""
-  status = trial_status(trial_dir, check_lock=False)["status"]
-  return not (status in FINISHED_STATUSES
-              or (status == FAILED and not retry_failed))
+def needs_run(trial_dir: str) -> bool:
+  """Whether a runner should train the trial: it has not ended (a failed
+  trial runs again once released, `trial_lease.release_failed`)."""
+  return trial_status(trial_dir, check_lock=False)["status"] not in ENDED_STATUSES

@@ -37,6 +37,7 @@ from tuning_playbook.common import records
 from tuning_playbook.studies import commands
 from tuning_playbook.studies import study as study_lib
 from tuning_playbook.studies import study_runner
+from tuning_playbook.studies import trial_lease
 from tuning_playbook.studies import tracking
 from tuning_playbook.studies import worker_devices
 
@@ -156,8 +157,6 @@ def worker_command(studies: Sequence[study_lib.Study],
   flags = [f"--config={first.config_path}"]
   flags += [f"--study_dir={s.study_dir}" for s in studies]
   flags.append(f"--vectorize={options.vectorize}")
-  if options.retry_failed:
-    flags.append("--retry_failed")
   return commands.module_argv("tuning_playbook.study_worker", flags,
                               overrides=first.config_overrides,
                               python=sys.executable)
@@ -185,8 +184,7 @@ def _run_until_stopped(jobs: Sequence[study_runner.TrialJob],
                        on_update: Callable[[study_runner.TrialJob], None],
                        env: dict[str, str]) -> None:
   for job in jobs:
-    study_runner.run_trials([job], 1, retry_failed=options.retry_failed,
-                            on_update=on_update, env=env)
+    study_runner.run_trials([job], 1, on_update=on_update, env=env)
     record = records.trial_status(job.trial_dir)
     if options.stop_rule(record):
       logging.info("Trial %s: %s (%s); the later trials are not launched.",
@@ -224,6 +222,12 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
     jobs = [job for job, _ in pairs]
     on_update = lambda job: record(owner[job.trial_dir])
     env = trial_environment(studies)
+    if options.retry_failed:  # Once, before any runner: see trial_lease.
+      released = [job.trial_dir for job in jobs
+                  if trial_lease.release_failed(job.trial_dir)]
+      logging.info("Failed trials to run again: %d", len(released))
+      for s in studies:
+        record(s)
     try:
       if isolation == "worker":
         root = os.path.commonpath([os.path.abspath(s.study_dir) for s in studies])
@@ -237,12 +241,11 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
           # that is not itself a worker waits for them, as the trial runner
           # does, and trains any that such a runner gave up unfinished.
           if options.worker or not study_runner.wait_for_claims_elsewhere(
-              [job.trial_dir for job in jobs], options.retry_failed,
+              [job.trial_dir for job in jobs],
               on_poll=on_poll):
             break
       elif options.stop_rule is None:
         study_runner.run_trials(jobs, options.parallel or 1,
-                                retry_failed=options.retry_failed,
                                 on_update=on_update, env=env,
                                 leave_claimed=options.worker)
       else:

@@ -77,7 +77,7 @@ class _Running:
   lease: trial_lease.Lease
 
 
-def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
+def wait_for_claims_elsewhere(trial_dirs: Sequence[str], *,
                               on_poll: Callable[[], None] | None = None,
                               poll_seconds: float = 2.0) -> bool:
   """Waits while unfinished trials are held by runners elsewhere.
@@ -90,7 +90,7 @@ def wait_for_claims_elsewhere(trial_dirs: Sequence[str], retry_failed: bool, *,
   """
   logged = False
   while True:
-    unfinished = [d for d in trial_dirs if records.needs_run(d, retry_failed)]
+    unfinished = [d for d in trial_dirs if records.needs_run(d)]
     released = [d for d in unfinished if not trial_lease.held_elsewhere(d)]
     if released:
       logging.info("Trial(s) left unfinished and unclaimed: %s",
@@ -145,7 +145,6 @@ def _stop_all(running: list[_Running]) -> None:
 
 
 def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
-               retry_failed: bool = False,
                on_update: Callable[[TrialJob], None] | None = None,
                cwd: str | None = None, env: dict[str, str] | None = None,
                poll_seconds: float = 0.2, leave_claimed: bool = False) -> int:
@@ -160,7 +159,7 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
   if parallel < 1:
     raise ValueError(f"parallel={parallel}: must be >= 1")
   pending = collections.deque(
-      j for j in jobs if records.needs_run(j.trial_dir, retry_failed))
+      j for j in jobs if records.needs_run(j.trial_dir))
   running: list[_Running] = []
   launched = 0
   try:
@@ -168,9 +167,9 @@ def run_trials(jobs: Sequence[TrialJob], parallel: int, *,
       blocked = 0
       while pending and len(running) < parallel and blocked < len(pending):
         job = pending.popleft()
-        lease = trial_lease.acquire(job.trial_dir, retry_failed)
+        lease = trial_lease.acquire(job.trial_dir)
         if lease is None:
-          if not records.needs_run(job.trial_dir, retry_failed):
+          if not records.needs_run(job.trial_dir):
             continue  # Finished by whoever held it.
           if leave_claimed and trial_lease.held_elsewhere(job.trial_dir):
             continue  # Another runner, here or on another machine, has it.

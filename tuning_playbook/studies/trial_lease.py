@@ -1,6 +1,6 @@
 """A runner's hold on one trial: its claim, its lock and its runner.json.
 
-  lease = trial_lease.acquire(trial_dir, retry_failed=False)
+  lease = trial_lease.acquire(trial_dir)
   if lease is not None:
     lease.start(argv)
     lease.running(pid)         # runner.json: running, with the pid
@@ -15,6 +15,12 @@ lock (`flock` on `.lock`, held for as long as the trial's process lives),
 then its status checked again (finished by whoever held it meanwhile). So
 two runners, here or on machines sharing the study directory, never train
 one trial; a stale claim (its owner gone) is taken over.
+
+A launch asked to run failed trials again (`--retry_failed`) first
+`release_failed`s them, once, under the same lease: each reads as
+interrupted (runner.json keeps the failure) and every runner then trains
+it as any unfinished trial, so a trial that fails again in that launch is
+not retried over and over.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import fcntl
 import os
 from typing import Any, Sequence
 
+from tuning_playbook.common import json_records
 from tuning_playbook.common import records
 from tuning_playbook.common import termination
 from tuning_playbook.studies import trial_claims
@@ -105,9 +112,40 @@ class Lease:
     self.claim.release()
 
 
-def acquire(trial_dir: str, retry_failed: bool) -> Lease | None:
+def acquire(trial_dir: str) -> Lease | None:
   """A lease on the trial, or None when another runner holds it or it needs
   no run (see `records.needs_run`)."""
+  lease = _hold(trial_dir)
+  if lease is not None and not records.needs_run(trial_dir):  # Ended meanwhile.
+    lease.release()
+    return None
+  return lease
+
+
+def release_failed(trial_dir: str) -> bool:
+  """Makes a failed trial a trial to run again (resuming from its latest
+  checkpoint): its failed summary.json goes, runner.json says interrupted
+  and keeps the failure. Returns whether it was failed and released."""
+  lease = _hold(trial_dir)
+  if lease is None:
+    return False
+  try:
+    record = records.trial_status(trial_dir, check_lock=False)
+    if record["status"] != records.FAILED:
+      return False
+    records.remove_unfinished_summary(trial_dir)
+    previous = json_records.read_optional(
+        os.path.join(trial_dir, records.RUNNER_FILE)) or {}
+    records.write_runner(trial_dir, records.INTERRUPTED,
+                         **{k: v for k, v in previous.items() if k != "status"},
+                         released_failure=record["reason"], released=now())
+    return True
+  finally:
+    lease.release()
+
+
+def _hold(trial_dir: str) -> Lease | None:
+  """The trial's claim and lock, or None when another runner holds either."""
   claim = trial_claims.try_claim(trial_dir)
   if claim is None:
     return None
@@ -115,8 +153,4 @@ def acquire(trial_dir: str, retry_failed: bool) -> Lease | None:
   if lock_fd is None:  # Run by a process still shutting down.
     claim.release()
     return None
-  lease = Lease(trial_dir, claim, lock_fd)
-  if not records.needs_run(trial_dir, retry_failed):  # Finished meanwhile.
-    lease.release()
-    return None
-  return lease
+  return Lease(trial_dir, claim, lock_fd)
