@@ -718,3 +718,71 @@ def test_warmup_with_no_stable_length(tmp_path):
   rows = {r["warmup_steps"]: r for r in result.details["trials"]}
   assert rows[0]["first_nonfinite_step"] == 50 and rows[10]["stalled"]
   assert result.message.startswith("No warmup up to 10 steps keeps training")
+
+
+def _with_dimension(study_dir, name, spec, values):
+  """The study with one more searched dimension: trial i took values[i]."""
+  path = os.path.join(study_dir, "study.json")
+  with open(path) as f:
+    record = json.load(f)
+  record["search_space"][name] = spec
+  for trial, value in zip(record["trials"], values):
+    trial["params"][name] = value
+  with open(path, "w") as f:
+    json.dump(record, f)
+  return study_dir
+
+
+# Positions in the new range: the two best trials (0000 overall, 0001 of
+# gelu) at the low end, the others spread above them.
+SPREAD = [0.02, 0.05, 0.5, 0.3, 0.7, 0.15, 0.6, 0.4, 0.8, 0.2]
+
+
+@pytest.mark.parametrize("name,spec,values,limit", [
+    # A range that starts at 0, the lowest value the key can take.
+    ("model.dropout_rate", {"scale": "linear", "min": 0.0, "max": 0.5},
+     [0.5 * p for p in SPREAD], "model.dropout_rate cannot go below 0"),
+    # Warmup up to 10% of training (1000 steps), the best trial near the top.
+    ("optimizer.warmup_steps", {"scale": "int_linear", "min": 0, "max": 100},
+     [round(100 * (1 - p)) for p in SPREAD],
+     "a warmup longer than 10% of training (1000 steps) is past the "
+     "playbook's guidance"),
+])
+def test_a_bound_at_its_natural_limit_is_not_to_be_widened(tmp_path, name, spec,
+                                                           values, limit):
+  study_dir = _with_dimension(fx.clean_study(str(tmp_path / "s")), name, spec, values)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.details["dimension"] == name
+  assert hit.details["suggested_bound"] is None
+  assert hit.details["natural_limit"] == limit
+  assert hit.severity == "info" and hit.command is None
+  assert "cannot extend" in hit.message and limit in hit.message
+  assert "e.g. to" not in hit.message
+  assert warnings(findings) == []
+  from tuning_playbook.procedures import next_round  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.procedures import from_study  # pylint: disable=g-import-not-at-top
+  with pytest.raises(procedures.ProcedureError, match="nothing to widen"):
+    next_round.widened_space(from_study.Source.load(study_dir), THRESHOLDS)
+
+
+def test_warmup_is_widened_up_to_ten_percent_of_training(tmp_path):
+  # A range up to 5% of 1000 steps, its best trial at the top: the suggestion
+  # stops at 10% (100 steps), not a quarter of the range past it, 125 being
+  # what an uncapped step would give from a range of 0..100.
+  values = [round(50 * (1 - p)) for p in SPREAD]
+  study_dir = _with_dimension(fx.clean_study(str(tmp_path / "s")),
+                              "optimizer.warmup_steps",
+                              {"scale": "int_linear", "min": 0, "max": 50}, values)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.details["side"] == "max" and hit.severity == "warning"
+  assert hit.details["suggested_bound"] == 63  # 50 + 12.5, rounded up.
+  study_dir = _with_dimension(fx.clean_study(str(tmp_path / "t")),
+                              "optimizer.warmup_steps",
+                              {"scale": "int_linear", "min": 0, "max": 90},
+                              [round(90 * (1 - p)) for p in SPREAD])
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["near_boundary"]
+  assert hit.details["suggested_bound"] == 100
+  assert "e.g. to 100" in hit.message

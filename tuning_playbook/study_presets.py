@@ -66,8 +66,13 @@ def momentum_nuisance(*, learning_rate: Range = (1e-3, 1.0),
           "optimizer.momentum": _reverse_log(*momentum)}
 
 
+# The longest warmup worth searching, as a fraction of training (the
+# playbook's warmup guidance); the analysis never suggests going past it.
+MAX_WARMUP_FRACTION = 0.1
+
+
 def warmup_nuisance(max_train_steps: int,
-                    max_fraction: float = 0.1) -> dict[str, Any]:
+                    max_fraction: float = MAX_WARMUP_FRACTION) -> dict[str, Any]:
   """Warmup steps from 0 to `max_fraction` of training, on a linear scale."""
   top = int(max_train_steps * max_fraction)
   if top < 1:

@@ -143,6 +143,8 @@ Rule = Callable[[StudyCommands, Finding, Mapping[str, Finding],
 
 
 def _near_boundary(c, f, _, __):
+  if f.details.get("suggested_bound") is None:
+    return None, {}  # At a natural limit: nothing to widen.
   if f.details.get("infeasible_beyond"):
     return _instability(c, f, _, __)
   return c.playbook("next_round", "widened", "--widen"), {}

@@ -20,6 +20,7 @@ from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis.findings import Finding, fmt, percent, trial_list
 from tuning_playbook.analysis import isolation
 from tuning_playbook.analysis import study_data
+from tuning_playbook import study_presets
 
 INFO, WARNING = findings_lib.INFO, findings_lib.WARNING
 
@@ -53,14 +54,38 @@ def _candidates(study: study_data.Study) -> list[tuple[study_data.Trial, str, st
   return out
 
 
-def _extended_bound(dim: study_data.Dimension, side: str) -> float:
-  """The bound moved out by a quarter of the range, on the dimension's scale."""
-  value = dim.value_at(-0.25 if side == "min" else 1.25)
+WARMUP_STEPS = "optimizer.warmup_steps"
+
+
+def _natural_limit(dim: study_data.Dimension, side: str,
+                   trial: study_data.Trial) -> tuple[float, str] | None:
+  """How far the range may go on `side`, and why; None: no limit."""
   if side == "min" and float(dim.min) >= 0:
-    value = max(value, 0.0)  # Nonnegative ranges (rates, momenta) stay so.
+    return 0.0, f"{dim.name} cannot go below 0"
+  if side == "max" and dim.name == WARMUP_STEPS:
+    steps = (trial.config or {}).get("max_train_steps")
+    if isinstance(steps, int) and steps > 0:
+      fraction = study_presets.MAX_WARMUP_FRACTION
+      return (math.floor(fraction * steps),
+              f"a warmup longer than {percent(fraction)} of training "
+              f"({steps} steps) is past the playbook's guidance")
+  return None
+
+
+def _extended_bound(dim: study_data.Dimension, side: str,
+                    trial: study_data.Trial) -> tuple[float | None, str | None]:
+  """The bound moved out by a quarter of the range, on the dimension's scale,
+  short of any natural limit; (None, why) when the bound is at that limit."""
+  value = dim.value_at(-0.25 if side == "min" else 1.25)
+  limit = _natural_limit(dim, side, trial)
+  if limit is not None:
+    value = max(value, limit[0]) if side == "min" else min(value, limit[0])
   if dim.scale in study_data.INT_SCALES:
     value = math.floor(value) if side == "min" else math.ceil(value)
-  return value
+  bound = float(dim.min if side == "min" else dim.max)
+  if limit is not None and (value >= bound if side == "min" else value <= bound):
+    return None, limit[1]
+  return value, None
 
 
 def near_boundary(study: study_data.Study,
@@ -90,31 +115,37 @@ def near_boundary(study: study_data.Study,
           and (p < position if side == "min" else p > position)):
         beyond.append(other)
     infeasible_beyond = bool(beyond) and all(t.infeasible for t in beyond)
-    suggested = _extended_bound(dim, side)
+    suggested, limit = _extended_bound(dim, side, trial)
     value = trial.values.get(name)
     message = (
         f"{who[0].upper()}{who[1:]} ({trial.trial_id}) has {name} = {fmt(value)}, "
         f"in the outer {percent(margin)} of the search range [{fmt(dim.min)}, "
-        f"{fmt(dim.max)}] ({dim.scale} scale), next to its {side} boundary. "
-        f"Better trials may lie {word} {fmt(bound)}: extend the range {word} "
-        f"{fmt(bound)} (e.g. to {fmt(suggested)}) and run another study.")
+        f"{fmt(dim.max)}] ({dim.scale} scale), next to its {side} boundary. ")
+    if suggested is None:
+      message += (f"The range cannot extend {word} {fmt(bound)} ({limit}): "
+                  f"the best values sit at the edge of what is worth searching, "
+                  f"which is an answer, not a range to widen.")
+    else:
+      message += (f"Better trials may lie {word} {fmt(bound)}: extend the range "
+                  f"{word} {fmt(bound)} (e.g. to {fmt(suggested)}) and run "
+                  f"another study.")
     if len(found) > 1:
       message += " Also near it: " + ", ".join(
           f"{w} ({t.trial_id})" for t, w, _ in found[1:]) + "."
-    if infeasible_beyond:
+    if infeasible_beyond and suggested is not None:
       message += (
           f" Every trial {word} it ({len(beyond)}) was infeasible: the model may be "
           f"unstable there, so first try the fixes for training instability "
           f"(warmup, gradient clipping) that could make {word} values usable.")
     out.append(Finding(
         id=f"near_boundary/{name}/{side}", kind="near_boundary",
-        severity=WARNING, message=message,
+        severity=WARNING if suggested is not None else INFO, message=message,
         details={"dimension": name, "side": side, "role": dim.role,
                  "scale": dim.scale, "value": value, "bound": bound,
                  "position": position, "margin": margin,
                  "best_trial": trial.trial_id,
                  "trials": {t.trial_id: w for t, w, _ in found},
-                 "suggested_bound": suggested,
+                 "suggested_bound": suggested, "natural_limit": limit,
                  "trials_beyond": [t.trial_id for t in beyond],
                  "infeasible_beyond": infeasible_beyond}))
   return out

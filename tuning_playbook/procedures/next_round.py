@@ -83,11 +83,13 @@ def widened_space(source: from_study.Source,
     raise ProcedureError(f"--from_study={source.study_dir}: --widen needs one "
                          "study.json (not a directory of studies)")
   hits = [f for f in search_space_checks.near_boundary(source.study, thresholds)
-          if not f.details["infeasible_beyond"]]
+          if not f.details["infeasible_beyond"]
+          and f.details["suggested_bound"] is not None]
   if not hits:
     raise ProcedureError(
         f"--widen: the best trial of {source.study_dir} is near no boundary "
-        "with feasible trials beyond it; nothing to widen (run the "
+        "that can move (one short of a natural limit, with feasible trials "
+        "beyond it); nothing to widen (run the "
         "instability_check procedure when only infeasible trials lie beyond)")
   groups: dict[str, dict[str, Any]] = {"nuisance": {}, "scientific": {}}
   for name, spec in (record.get("search_space") or {}).items():
@@ -186,7 +188,8 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
   found = []
   if params["mode"] == "widen":
     still = [f.details["dimension"] for f in
-             search_space_checks.near_boundary(study, findings_lib.Thresholds())]
+             search_space_checks.near_boundary(study, findings_lib.Thresholds())
+             if f.details["suggested_bound"] is not None]
     ranges = "; ".join(f"{k} {v['side']} {fmt(v['old_bound'])} -> "
                        f"{fmt(v['new_bound'])}" for k, v in params["widened"].items())
     message = (f"Widened search space ({ranges}), {len(study.trials)} trials: "
