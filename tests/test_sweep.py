@@ -18,6 +18,7 @@ import pytest
 
 from tuning_playbook.analysis import study_data
 from tuning_playbook.common import records
+from tuning_playbook.studies import code_version
 from tuning_playbook.studies import tracking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,6 +115,10 @@ def test_generates_study_files(tmp_path):
   assert table[0]["num_trials"] == "5" and table[0]["best_value"] == ""
   assert "--num_trials=5 --seed=0 --config.batch_size=64" in table[0][
       "command"]
+  # What ran it: this checkout's commit (when it is one) and the framework.
+  assert table[0]["code_version"] == code_version.describe(os.path.join(REPO, TINY))
+  assert table[0]["code_version"].endswith(code_version.framework_version() + ")") or (
+      table[0]["code_version"] == code_version.framework_version())
 
 
 def test_print_commands_gives_one_runnable_command_per_trial(tmp_path):

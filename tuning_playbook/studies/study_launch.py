@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 
 from tuning_playbook.common import records
+from tuning_playbook.studies import code_version
 from tuning_playbook.studies import commands
 from tuning_playbook.studies import study as study_lib
 from tuning_playbook.studies import study_runner
@@ -201,10 +202,12 @@ def launch(studies: Sequence[study_lib.Study], options: LaunchOptions) -> None:
   isolation = resolve_isolation(studies, options) if options.run else None
   worker_env = (worker_environments(options) if isolation == "worker"
                 else None)
+  version = code_version.describe(studies[0].config_path)
+
   def record(s: study_lib.Study) -> list[dict[str, Any]]:
     rows = tracking.write_results(s)
-    tracking.update_tracking_table(options.table,
-                                   tracking.study_row(s, rows, options.command))
+    tracking.update_tracking_table(
+        options.table, tracking.study_row(s, rows, options.command, version))
     return rows
 
   for s in studies:

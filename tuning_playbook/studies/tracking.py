@@ -8,7 +8,8 @@ The playbook's spreadsheet, as two CSV files:
                        prepended warmup), and the command that reproduces it.
   <tracking table>     one row per study: name, directory, config path,
                        description, number of trials, the best validation
-                       value over its trials, and the sweep command.
+                       value over its trials, the code that ran it
+                       (code_version.py) and the sweep command.
 
   records = tracking.write_results(study)
   tracking.update_tracking_table("runs/studies.csv",
@@ -44,7 +45,7 @@ RESULT_METRIC_COLUMNS = ("best_step", "best_metric", "best_value",
 TRACKING_COLUMNS = ("study", "study_dir", "config", "description",
                     "num_trials", "num_completed", "num_infeasible",
                     "num_unfinished", "best_trial", "best_metric",
-                    "best_value", "updated", "command")
+                    "best_value", "updated", "code_version", "command")
 
 
 def _param_columns(study: study_lib.Study) -> dict[str, str]:
@@ -91,8 +92,9 @@ def _is_number(value: Any) -> bool:
 
 
 def study_row(study: study_lib.Study, records: Sequence[Mapping[str, Any]],
-              command: str) -> dict[str, Any]:
-  """The tracking-table row of a study, from its trial records."""
+              command: str, code_version: str = "") -> dict[str, Any]:
+  """The tracking-table row of a study, from its trial records;
+  `code_version`: what ran it (`code_version.describe`)."""
   completed = [r for r in records if r["status"] == records_lib.COMPLETED]
   default_mode = study.base_config.get("best_mode", "min")
   best = None
@@ -118,6 +120,7 @@ def study_row(study: study_lib.Study, records: Sequence[Mapping[str, Any]],
           "best_metric"),
       "best_value": best["best_value"] if best else None,
       "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+      "code_version": code_version,
       "command": command,
   }
 
