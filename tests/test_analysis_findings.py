@@ -786,3 +786,35 @@ def test_warmup_is_widened_up_to_ten_percent_of_training(tmp_path):
   (hit,) = by_kind(findings)["near_boundary"]
   assert hit.details["suggested_bound"] == 100
   assert "e.g. to 100" in hit.message
+
+
+def _set_eval_every(study_dir, every):
+  for trial in sorted(os.listdir(os.path.join(study_dir, "trials"))):
+    path = os.path.join(study_dir, "trials", trial, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        config = json.load(f)
+      config["eval_every_steps"] = every
+      with open(path, "w") as f:
+        json.dump(config, f)
+  return study_dir
+
+
+@pytest.mark.parametrize("every,early,late", [(110, True, False), (200, True, True),
+                                              (100, False, False)])
+def test_evals_too_sparse_for_the_best_step_rules_are_named(tmp_path, every, early,
+                                                            late):
+  # 1000 steps: the 10% rule needs an eval by step 100; the last 25% (steps
+  # 751-1000) needs two evals, one every 125 steps at most.
+  study_dir = _set_eval_every(fx.clean_study(str(tmp_path / "s")), every)
+  _, findings = analyse(study_dir)
+  found = by_kind(findings).get("eval_cadence", [])
+  if not (early or late):
+    assert found == []
+    return
+  (hit,) = found
+  assert hit.severity == "info"
+  assert ("no best step can fall in the first 10%" in hit.message) == early
+  assert ("fewer than two evals fall in the last 25%" in hit.message) == late
+  assert hit.details["suggested_eval_every_steps"] == 100
+  assert "--config.eval_every_steps=100 (of 1000 steps)" in hit.message

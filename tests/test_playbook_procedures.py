@@ -222,6 +222,14 @@ def test_batch_size_stops_at_the_first_batch_that_does_not_fit(tmp_path):
     assert table[b]["fits"] == "fits"
   assert table[128]["fits"] == "does not fit"
   assert table[256]["fits"] == "not run"
+  # The general checks that do not apply to timing runs stay out of the
+  # report: no "train longer" from evals at the last step only, no
+  # "relaunch" for the batch size not launched after one did not fit.
+  kinds = {f["kind"] for f in found.values()}
+  assert not kinds & {"best_step_late", "still_improving", "unfinished",
+                      "infeasible", "not_enough_trials"}, kinds
+  left_out = found["procedure_checks"]["details"]["left_out"]
+  assert {"unfinished", "infeasible", "best_step_late"} <= set(left_out)
   largest = found["batch_size/largest_feasible"]["details"]
   assert largest["largest_feasible"] == 64
   assert largest["does_not_fit"] == [128] and largest["not_launched"] == [256]

@@ -108,6 +108,12 @@ def test_instability_check(source):
       f"--config={CNN} --study_dir={study_dir}_warmup --from_study={source} "
       f"--unstable_learning_rate={lr!r} --run")
   assert 'id="instability_check"' in page
+  # Trials blown up on purpose and short runs: no general "infeasible" or
+  # "train longer" findings beside the procedure's own.
+  kinds = {f["kind"] for f in found.values()}
+  assert not kinds & {"infeasible", "best_step_late", "still_improving",
+                      "not_enough_trials", "training_loss_increasing"}, kinds
+  assert "infeasible" in found["procedure_checks"]["details"]["left_out"]
 
 
 def _warmup_rows(study_dir, base_lr, warmups):
@@ -145,6 +151,9 @@ def test_warmup_cannot_save_a_rate_far_past_stable(source):
             "--warmup_steps=0,5,10", "--run", "--parallel=2")
   result, rows = _warmup_rows(study_dir, 10.4, [0, 5, 10])
   details = result["details"]
+  found, _, _ = _findings(study_dir)
+  kinds = {f["kind"] for f in found.values()}
+  assert not kinds & {"infeasible", "best_step_late", "not_enough_trials"}, kinds
   assert [rows[w]["feasible"] for w in (0, 5, 10)] == [False, False, False]
   control = rows[0]
   assert control["status"] == "diverged" and control["unstable"]

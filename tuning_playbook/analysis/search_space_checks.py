@@ -31,7 +31,8 @@ def check(study: study_data.Study,
   return (unfinished_trials(study) + record_problems(study)
           + near_boundary(study, thresholds)
           + infeasible_trials(study, thresholds)
-          + best_step_fraction(study, thresholds))
+          + best_step_fraction(study, thresholds)
+          + eval_cadence(study, thresholds))
 
 
 def _bounded(study: study_data.Study,
@@ -309,3 +310,42 @@ def best_step_fraction(study: study_data.Study,
         f"training: they would likely benefit from training longer. Increase "
         f"max_train_steps and re-tune the learning rate decay schedule.", details))
   return out
+
+
+def eval_cadence(study: study_data.Study,
+                 thresholds: findings_lib.Thresholds) -> list[Finding]:
+  """Evals too sparse for the best-step rules: none inside the first
+  `early_best_step_fraction` of training, or fewer than two in its last
+  1 - `late_best_step_fraction`."""
+  cadences = {}
+  for t in study.feasible_trials():
+    every = (t.config or {}).get("eval_every_steps")
+    if isinstance(every, int) and every > 0 and t.total_train_steps:
+      cadences[t.trial_id] = every / t.total_train_steps
+  if not cadences:
+    return []
+  densest = min(cadences.values())
+  early, late_window = (thresholds.early_best_step_fraction,
+                        1 - thresholds.late_best_step_fraction)
+  problems = []
+  if densest > early:
+    problems.append(
+        f"the first eval comes after {percent(densest)} of training, so no best "
+        f"step can fall in the first {percent(early)} (where it would say "
+        f"max_train_steps is far too high)")
+  if densest > late_window / 2:
+    problems.append(
+        f"fewer than two evals fall in the last {percent(late_window)}, so a best "
+        f"step there says little about whether training longer would help")
+  if not problems:
+    return []
+  shortest = min(t.total_train_steps for t in study.feasible_trials()
+                 if t.trial_id in cadences)
+  suggested = max(1, math.floor(min(early, late_window / 2) * shortest))
+  return [Finding(
+      "eval_cadence", "eval_cadence", INFO,
+      f"Evals every {percent(densest)} of training or less often: "
+      + "; ".join(problems) + f". Evaluate more often in the next study, e.g. "
+      f"--config.eval_every_steps={suggested} (of {shortest} steps).",
+      {"fractions": cadences, "early_threshold": early,
+       "late_window": late_window, "suggested_eval_every_steps": suggested})]

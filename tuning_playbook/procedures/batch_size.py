@@ -40,6 +40,18 @@ OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|out of memory|\bOOM\b",
                            re.IGNORECASE)
 # Doubling the batch "nearly doubles" the throughput: at least this factor.
 PERFECT_SCALING = 1.8
+_GRID = "powers of 2 in order, not a sample of a search space"
+_SHORT = "a few steps to time each batch size, evaluated at the last"
+GENERAL_CHECKS_LEFT_OUT = {
+    "near_boundary": _GRID, "not_enough_trials": _GRID, "sampling": _GRID,
+    "unfinished": "the batch sizes past one that does not fit are not launched; "
+                  "its own finding names them",
+    "infeasible": "a batch size that does not fit fails by design; its own "
+                  "finding names it",
+    "best_step_fraction": _SHORT, "best_step_early": _SHORT, "best_step_late": _SHORT,
+    "still_improving": _SHORT, "saturated": _SHORT, "overfitting": _SHORT,
+    "late_variance": _SHORT, "curves_ok": _SHORT, "eval_cadence": _SHORT,
+}
 
 ARGUMENTS = (
     Argument("min_batch_size", "int", 16, "Smallest batch size (a power of 2)."),

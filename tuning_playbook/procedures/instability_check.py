@@ -47,6 +47,17 @@ NEEDS_FROM_STUDY = True
 LR_KEY = "optimizer.learning_rate"
 EVALUATED_FACTOR = 2.0
 
+_GRID = "learning rates at set multiples of the best, not a sample"
+_SHORT = "short runs that probe stability, not train to a result"
+_UNSTABLE = "trials made unstable on purpose; the procedure's own finding examines them"
+GENERAL_CHECKS_LEFT_OUT = {
+    "near_boundary": _GRID, "not_enough_trials": _GRID, "sampling": _GRID,
+    "infeasible": _UNSTABLE, "training_loss_increasing": _UNSTABLE,
+    "best_step_fraction": _SHORT, "best_step_early": _SHORT, "best_step_late": _SHORT,
+    "still_improving": _SHORT, "saturated": _SHORT, "overfitting": _SHORT,
+    "late_variance": _SHORT, "curves_ok": _SHORT, "eval_cadence": _SHORT,
+}
+
 ARGUMENTS = (
     Argument("steps", "int", 500, "max_train_steps of every trial."),
     Argument("lr_factors", "floats", (1.25, 1.5, 2.0, 3.0),

@@ -54,6 +54,7 @@ GENERAL_CHECKS_LEFT_OUT = {
     "sampling": "a grid, not a quasi-random sample",
     "still_improving": _PICKS_STEPS, "saturated": _PICKS_STEPS,
     "best_step_early": _PICKS_STEPS, "best_step_late": _PICKS_STEPS,
+    "eval_cadence": _PICKS_STEPS,
     "overfitting": "trained without regularization on purpose",
     "late_variance": "a constant learning rate on purpose",
 }
