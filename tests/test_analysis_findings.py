@@ -818,3 +818,26 @@ def test_evals_too_sparse_for_the_best_step_rules_are_named(tmp_path, every, ear
   assert ("fewer than two evals fall in the last 25%" in hit.message) == late
   assert hit.details["suggested_eval_every_steps"] == 100
   assert "--config.eval_every_steps=100 (of 1000 steps)" in hit.message
+
+
+def test_loss_spikes_of_an_ordinary_study_are_named_with_the_instability_check(
+    tmp_path):
+  study_dir = build(tmp_path, "spikes", [0, 2], loss="mid_spike")
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["loss_spikes"]
+  assert hit.severity == "warning"
+  assert sorted(hit.details["trials"]) == ["0000", "0002"]
+  for spikes in hit.details["trials"].values():
+    (spike,) = spikes
+    # Spike steps until the window before holds more of them than not.
+    assert spike["step"] == 500 and 500 < spike["last_step"] <= 507
+    assert spike["size"] > 20
+  assert "0000: 1 spike(s)" in hit.message and "at step 500" in hit.message
+  assert hit.command.startswith("python -m tuning_playbook.playbook instability_check")
+  assert "loss_spikes" in warnings(findings)
+
+
+@pytest.mark.parametrize("loss", ["falling", "noisy_flat", "warmup_bump", "rising"])
+def test_no_loss_spikes_in_noise_a_warmup_bump_or_a_slow_rise(tmp_path, loss):
+  _, findings = analyse(build(tmp_path, loss, range(9), loss=loss))
+  assert "loss_spikes" not in by_kind(findings)

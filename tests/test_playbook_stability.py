@@ -195,6 +195,42 @@ def test_next_round_trains_the_best_trial_longer(source):
       summary["best_step"] / summary["total_train_steps"])
 
 
+def test_next_round_top_k_plans_each_of_the_best_trials_longer(source):
+  # Planned only (no --run): each of the source's two trials, with its own
+  # hyperparameters and schedule, at twice the length.
+  study_dir = source + "_top2"
+  result = _playbook("next_round", study_dir, f"--from_study={source}",
+                     "--steps_factor=2", "--top_k=2")
+  assert "were tuned at batch_size" not in result.stderr
+  record = _read_json(os.path.join(study_dir, "study.json"))
+  assert record["procedure"]["parameters"]["source_trials"] == ["0000", "0001"][
+      ::1 if _best(source) == "0000" else -1]
+  planned = sorted(os.listdir(os.path.join(study_dir, "trials")))
+  assert len(planned) == 2
+  rates = set()
+  for trial in planned:
+    config = _read_json(os.path.join(study_dir, "trials", trial, "config.json"))
+    assert config["max_train_steps"] == 120
+    rates.add(config["optimizer"]["learning_rate"])
+  assert rates == {_read_json(os.path.join(source, "trials", t, "config.json"))[
+      "optimizer"]["learning_rate"] for t in ("0000", "0001")}
+  result = _playbook("next_round", source + "_top3", f"--from_study={source}",
+                     "--steps_factor=2", "--top_k=3", expect=2)
+  assert "--top_k=3" in result.stderr and "only 2 completed" in result.stderr
+  # Another batch size than the source's tuned one: planned, with the
+  # playbook's reason to re-tune.
+  result = _playbook("next_round", source + "_b64", f"--from_study={source}",
+                     "--steps_factor=2", "--config.batch_size=64")
+  assert (f"--config.batch_size=64: the hyperparameters of --from_study={source} "
+          "were tuned at batch_size=32, and the batch size is not a "
+          "hyperparameter to tune") in result.stderr
+
+
+def _best(study_dir):
+  return min((_read_json(os.path.join(study_dir, "trials", t, "summary.json"))[
+      "best_value"], t) for t in ("0000", "0001"))[1]
+
+
 @pytest.mark.parametrize("schedule,hold,decay,expected", [
     ("linear", 0, 0, {"optimizer.hold_steps": 1000, "optimizer.decay_steps": 1000}),
     ("linear", 200, 0, {"optimizer.hold_steps": 1200, "optimizer.decay_steps": 800}),

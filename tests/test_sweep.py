@@ -564,3 +564,20 @@ def test_runner_bounds_parallelism_and_survives_unstartable_trials(tmp_path):
   assert records.trial_status(str(tmp_path / "t0"))["reason"] == (
       "exited 0 without writing summary.json")
   assert len(updated) == 11  # Each launch and each end, plus the failure.
+
+
+LEARNING_RATE = {"optimizer.learning_rate": {"scale": "log", "min": 1e-3, "max": 1.0}}
+
+
+@pytest.mark.parametrize("space,warned", [
+    ({"nuisance": {"batch_size": {"values": [32, 64]}, **LEARNING_RATE}}, True),
+    ({"scientific": {"batch_size": {"values": [32, 64]}},
+      "nuisance": LEARNING_RATE}, False)])
+def test_a_batch_size_tuned_as_a_nuisance_hyperparameter_is_warned_of(
+    tmp_path, space, warned):
+  config = _write_config(tmp_path / "batch.py", space)
+  result = _sweep(tmp_path / "study", "--num_trials=4", config=config)
+  message = ("batch_size is searched as a nuisance hyperparameter, but the batch "
+             "size is not a hyperparameter to tune for validation performance")
+  assert (message in result.stderr) == warned, result.stderr[-2000:]
+  assert os.listdir(tmp_path / "study")  # A warning, not a refusal.

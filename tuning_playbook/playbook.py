@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from tuning_playbook.common import cli
@@ -155,6 +156,18 @@ def overrides_passed_on(name: str, space: search_space_lib.SearchSpace,
   return {k: v for k, v in merged.items() if k not in procedure_keys}
 
 
+def _warn_of_another_batch_size(source: from_study.Source,
+                                user: Mapping[str, Any]) -> None:
+  """Warns when --config.batch_size leaves the size the source was tuned at."""
+  key = search_space_lib.BATCH_SIZE_KEY
+  tuned = (source.study.best_trial().config or {}).get(key)
+  if key in user and tuned is not None and user[key] != tuned:
+    logging.warning(
+        "--config.%s=%s: the hyperparameters of --from_study=%s were tuned at "
+        "%s=%s, and %s.", key, user[key], source.study_dir, key, tuned,
+        search_space_lib.BATCH_SIZE_REASON)
+
+
 def main(argv):
   name = _procedure_name(argv)
   extra = [a for a in argv[1:] if a != name]
@@ -179,6 +192,7 @@ def main(argv):
       config = study_lib.resolve_trial_config(
           config, base, what=f"--from_study={_FROM_STUDY.value} trial "
           f"{best.trial_id}")
+      _warn_of_another_batch_size(source, user)
     plan = module.plan(config, args, source)
     spec = dict(plan.search_space)
     stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]

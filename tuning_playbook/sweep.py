@@ -49,6 +49,7 @@ from typing import Any, Mapping
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from tuning_playbook.common import cli
@@ -118,6 +119,10 @@ def main(argv):
     study_lib.write_studies(studies, config)
   except (study_lib.StudyError, search_space_lib.SearchSpaceError, ValueError) as e:
     cli.fail(str(e))
+  for s in studies:
+    warning = search_space_lib.batch_size_warning(s.search_space)
+    if warning:
+      logging.warning("Study %s: %s.", s.name, warning)
   command = sweep_command(config_path, study_dir,
                           max(len(s.trials) for s in studies), _SEED.value,
                           overrides, study_flags.TRAINER_MODULE.value)

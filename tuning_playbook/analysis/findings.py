@@ -100,6 +100,12 @@ class Thresholds:
   spike_window: int = 10
   spike_factor: float = 2.0
   spike_jump: float = 1.0
+  # In an ordinary study's report a spike must also reach this many times
+  # its reference, and exp(`report_spike_noise_multiple` x the trial's
+  # step-to-step noise of log loss): heavy-tailed minibatch noise alone
+  # reaches 5x (a lognormal loss of sigma 0.4 over 9000 steps: 5.4x).
+  report_spike_size: float = 3.0
+  report_spike_noise_multiple: float = 6.0
   # Next-step commands: a repeat study should miss the good region with at
   # most `miss_probability`; a too-long training is cut to this many times
   # the latest best step; round 2 trains this many times longer.

@@ -122,3 +122,46 @@ def examine(steps: np.ndarray, losses: np.ndarray,
       first_nonfinite_step=nonfinite, stalled=bool(stalled),
       first_loss=first, final_loss=final,
       rising=loss_trend.rising_stretch(steps, y, thresholds))
+
+
+def reported_spike_size(losses: np.ndarray,
+                        thresholds: findings_lib.Thresholds) -> float:
+  """The smallest spike an ordinary study's report names for this loss:
+  `report_spike_size`, or more where the loss is noisy."""
+  y = np.asarray(losses, dtype=np.float64)
+  y = y[np.isfinite(y) & (y > 0)]
+  noise = _robust_std(np.diff(np.log(y))) / math.sqrt(2) if len(y) > 2 else 0.0
+  return max(thresholds.report_spike_size,
+             math.exp(thresholds.report_spike_noise_multiple * noise))
+
+
+def check(study: Any, thresholds: findings_lib.Thresholds) -> list[findings_lib.Finding]:
+  """One warning naming every feasible trial of the study (a
+  study_data.Study) whose per-step training loss spikes: instability in an
+  ordinary study, not only in the playbook's instability procedures."""
+  spiky = {}
+  for trial in study.feasible_trials():
+    steps, losses = trial.step_losses
+    if len(steps):
+      least = reported_spike_size(losses, thresholds)
+      spikes = [s for s in examine(steps, losses, thresholds).spikes
+                if s.size >= least]
+      if spikes:
+        spiky[trial.trial_id] = spikes
+  if not spiky:
+    return []
+  where = "; ".join(
+      f"{i}: {len(s)} spike(s), the largest {findings_lib.fmt(max(x.size for x in s))}x "
+      f"at step {max(s, key=lambda x: x.size).step}"
+      for i, s in list(spiky.items())[:6])
+  return [findings_lib.Finding(
+      "loss_spikes", "loss_spikes", findings_lib.WARNING,
+      f"The training loss spikes in {findings_lib.trial_list(spiky)} ({where}): "
+      f"a sign of training instability (the playbook's \"Identifying unstable "
+      f"workloads\"), even in trials that finished. Check where the learning "
+      f"rate becomes unstable; warmup or gradient clipping may make higher "
+      f"rates usable.",
+      {"trials": {i: [dataclasses.asdict(x) for x in s] for i, s in spiky.items()},
+       "window": thresholds.spike_window, "factor": thresholds.spike_factor,
+       "min_size": thresholds.report_spike_size,
+       "noise_multiple": thresholds.report_spike_noise_multiple})]

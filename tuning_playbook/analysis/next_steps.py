@@ -194,6 +194,7 @@ RULES: dict[str, Rule] = {
     "still_improving": _train_longer,
     "best_step_early": _train_shorter,
     "gradient_outliers": _instability,
+    "loss_spikes": _instability,
     "not_enough_trials": _more_trials,
     "aggressive_clipping": _clip,
 }

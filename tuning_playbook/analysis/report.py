@@ -20,6 +20,7 @@ from tuning_playbook.analysis import curve_checks
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import gradient_checks
 from tuning_playbook.analysis import isolation
+from tuning_playbook.analysis import loss_spikes
 from tuning_playbook.analysis import loss_trend
 from tuning_playbook.analysis import next_steps
 from tuning_playbook.analysis import report_html
@@ -41,6 +42,7 @@ SECTION_OF_KIND = {
     "overfitting": "curves", "late_variance": "curves",
     "still_improving": "curves", "saturated": "curves", "curves_ok": "curves",
     "curves_missing": "curves", "training_loss_increasing": "curves",
+    "loss_spikes": "curves",
     "clipping_threshold": "gradients", "aggressive_clipping": "gradients",
     "gradient_outliers": "gradients", "not_enough_trials": "sampling",
     "sampling": "sampling", "input_bound": "leaderboard",
@@ -148,7 +150,8 @@ def analyse(study: study_data.Study,
            + gradient_checks.check(stats, thresholds)
            + bootstrap.check(study, result, thresholds)
            + throughput_checks.check(study, thresholds)
-           + loss_trend.check(study, thresholds))
+           + loss_trend.check(study, thresholds)
+           + loss_spikes.check(study, thresholds))
   found = _without_checks_left_out(found, procedure)
   found = next_steps.attach(study, found, thresholds)
   return Analysis(study, groups, flags, stats, result, found)

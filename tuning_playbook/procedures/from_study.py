@@ -14,8 +14,9 @@ values and the trial's searched ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from tuning_playbook.analysis import study_data
 from tuning_playbook.procedures import ProcedureError
@@ -82,6 +83,40 @@ class Source:
     return {"study_dir": self.study_dir,
             "abs_study_dir": os.path.abspath(self.study_dir),
             "metric": self.metric, "mode": self.mode}
+
+
+def same(a: Any, b: Any) -> bool:
+  """Whether two override values are equal as JSON records them."""
+  return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+
+def best_references(source: Source, top_k: int | None) -> list[Reference]:
+  """The best `top_k` trials; ProcedureError naming --top_k when the study
+  has fewer, or `top_k` is not positive."""
+  if top_k is None or top_k < 1:
+    raise ProcedureError(f"--top_k={top_k}: must be >= 1")
+  references = source.top(top_k)
+  if len(references) < top_k:
+    raise ProcedureError(
+        f"--top_k={top_k}: --from_study={source.study_dir} has only "
+        f"{len(references)} completed trial(s)")
+  return references
+
+
+def split_common(overrides: Sequence[Mapping[str, Any]]
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """(the overrides every one of `overrides` shares, each one's own rest):
+  the fixed values and the per-trial grid of a procedure that reruns
+  several trials. ProcedureError when two of them are the same."""
+  common = {k: v for k, v in overrides[0].items()
+            if all(k in o and same(o[k], v) for o in overrides)}
+  own = [{k: v for k, v in o.items() if k not in common} for o in overrides]
+  if len(own) > 1 and (any(not o for o in own) or len(
+      {json.dumps(o, sort_keys=True, default=str) for o in own}) < len(own)):
+    raise ProcedureError(
+        f"--top_k={len(own)}: some of the best trials differ in nothing this "
+        "procedure keeps (only in their seed, say); take fewer (--top_k=1)")
+  return common, own
 
 
 def find_study_dir(parameters: Mapping[str, Any]) -> str | None:

@@ -55,6 +55,8 @@ GENERAL_CHECKS_LEFT_OUT = {
     "still_improving": _PICKS_STEPS, "saturated": _PICKS_STEPS,
     "best_step_early": _PICKS_STEPS, "best_step_late": _PICKS_STEPS,
     "eval_cadence": _PICKS_STEPS,
+    "loss_spikes": "rates past the stable edge on purpose; its own finding "
+                   "names the trials that do not fit",
     "overfitting": "trained without regularization on purpose",
     "late_variance": "a constant learning rate on purpose",
 }

@@ -52,7 +52,11 @@ ARGUMENTS = (
              "Widen the ranges the near_boundary check flags instead."),
     Argument("num_trials", "int", None,
              "Trials of the widened study (default: as many as --from_study)."),
+    Argument("top_k", "int", 1,
+             "With --steps_factor: train the best K trials longer (Round 2 "
+             "re-checks the top few at the longer length)."),
 )
+REFERENCE = "from_trial"
 
 
 def longer_schedule(config: ml_collections.ConfigDict,
@@ -126,6 +130,9 @@ def plan(config: ml_collections.ConfigDict, args: Mapping[str, Any],
   common = {"source_best_value": source_best.best_value,
             "source_trial": source_best.trial_id}
   if widen:
+    if args.get("top_k", 1) != 1:
+      raise ProcedureError("--top_k goes with --steps_factor (a widened study "
+                           "samples its own trials)")
     space, changes = widened_space(source, findings_lib.Thresholds())
     n = args["num_trials"] or len(source.study.trials)
     if n < 1:
@@ -139,6 +146,18 @@ def plan(config: ml_collections.ConfigDict, args: Mapping[str, Any],
   opt = config.optimizer
   space = {"description": f"Round 2: the best trial, {factor:g}x longer.",
            "algorithm": "grid", "fixed": fixed}
+  references = from_study.best_references(source, args.get("top_k", 1))
+  if len(references) > 1:
+    # Each trial's own schedule, stretched: its warmup and decay may differ.
+    shared, own = from_study.split_common([
+        {**r.overrides, **longer_schedule(study_lib.resolve_trial_config(
+            config, r.overrides, what=f"--from_study trial {r.trial_id}"), factor)}
+        for r in references])
+    space = {"description": (f"Round 2: the best {len(references)} trials, "
+                             f"{factor:g}x longer."),
+             "algorithm": "grid", "fixed": shared,
+             "nuisance": {REFERENCE: {"values": own}}}
+    common["source_trials"] = [r.trial_id for r in references]
   parameters = {"mode": "longer", "steps_factor": factor,
                 "schedule": opt.schedule,
                 "old": {"max_train_steps": int(config.max_train_steps),

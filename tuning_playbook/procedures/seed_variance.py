@@ -16,7 +16,6 @@ rerun is its retrospective best, as in any study.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 from matplotlib.figure import Figure
@@ -51,10 +50,6 @@ ARGUMENTS = (
 )
 
 
-def _same(a: Any, b: Any) -> bool:
-  return json.dumps(a, default=str) == json.dumps(b, default=str)
-
-
 def plan(config: ml_collections.ConfigDict, args: Mapping[str, Any],
          source: from_study.Source) -> Plan:
   """A grid of (reference trial, seed); common overrides are fixed."""
@@ -62,23 +57,9 @@ def plan(config: ml_collections.ConfigDict, args: Mapping[str, Any],
   if num_seeds is None or num_seeds < 2:
     raise ProcedureError(f"--num_seeds={num_seeds}: must be >= 2 (a standard "
                          "deviation needs two runs)")
-  if top_k is None or top_k < 1:
-    raise ProcedureError(f"--top_k={top_k}: must be >= 1")
-  references = source.top(top_k)
-  if len(references) < top_k:
-    raise ProcedureError(
-        f"--top_k={top_k}: --from_study={source.study_dir} has only "
-        f"{len(references)} completed trial(s)")
-  overrides = [{k: v for k, v in r.overrides.items() if k != SEED_KEY}
-               for r in references]
-  common = {k: v for k, v in overrides[0].items()
-            if all(k in o and _same(o[k], v) for o in overrides)}
-  own = [{k: v for k, v in o.items() if k not in common} for o in overrides]
-  if top_k > 1 and any(not o for o in own) or len(
-      {json.dumps(o, sort_keys=True, default=str) for o in own}) < len(own):
-    raise ProcedureError(
-        f"--top_k={top_k}: some of the best trials of {source.study_dir} "
-        "differ only in their seed; rerun fewer (--top_k=1)")
+  references = from_study.best_references(source, top_k)
+  common, own = from_study.split_common(
+      [{k: v for k, v in r.overrides.items() if k != SEED_KEY} for r in references])
   first_seed = int(config.seed) + 1
   seeds = list(range(first_seed, first_seed + num_seeds))
   nuisance = {}
@@ -98,7 +79,7 @@ def _reruns(study: study_data.Study, reference: Mapping[str, Any]
             ) -> list[study_data.Trial]:
   own = reference["own_overrides"]
   return [t for t in study.trials
-          if all(_same(t.params.get(k), v) for k, v in own.items())]
+          if all(from_study.same(t.params.get(k), v) for k, v in own.items())]
 
 
 def rerun_statistics(values: list[float]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ _UNSTABLE = "trials made unstable on purpose; the procedure's own finding examin
 GENERAL_CHECKS_LEFT_OUT = {
     "near_boundary": _GRID, "not_enough_trials": _GRID, "sampling": _GRID,
     "infeasible": _UNSTABLE, "training_loss_increasing": _UNSTABLE,
+    "loss_spikes": _UNSTABLE,
     "best_step_fraction": _SHORT, "best_step_early": _SHORT, "best_step_late": _SHORT,
     "still_improving": _SHORT, "saturated": _SHORT, "overfitting": _SHORT,
     "late_variance": _SHORT, "curves_ok": _SHORT, "eval_cadence": _SHORT,

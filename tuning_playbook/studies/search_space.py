@@ -379,3 +379,22 @@ def _slug_value(value: Any) -> str:
   text = (",".join(f"{k}={v}" for k, v in value.items())
           if isinstance(value, Mapping) else str(value))
   return "".join(c if c.isalnum() or c in "._-=," else "_" for c in text)
+
+
+BATCH_SIZE_KEY = "batch_size"
+# The playbook, "Choosing the batch size": not a hyperparameter to tune.
+BATCH_SIZE_REASON = (
+    "the batch size is not a hyperparameter to tune for validation "
+    "performance: choose it for training speed (`playbook batch_size`), and "
+    "re-tune the learning rate and regularization whenever it changes")
+
+
+def batch_size_warning(search_space: Mapping[str, Mapping[str, Any]]) -> str | None:
+  """The playbook's reason when study.json's `search_space` tunes the batch
+  size as a nuisance hyperparameter."""
+  tuned = [name for name, spec in search_space.items()
+           if spec.get("role", "nuisance") == "nuisance"
+           and BATCH_SIZE_KEY in (name, spec.get("param"))]
+  return (f"{tuned[0]} is searched as a nuisance hyperparameter, but "
+          f"{BATCH_SIZE_REASON}") if tuned else None
+
