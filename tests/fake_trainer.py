@@ -9,6 +9,8 @@ and reads its behaviour from the environment:
   FAKE_TRAINER_FAIL_ABOVE     learning rates above this fail to start (exit 1,
                               no summary).
   FAKE_TRAINER_OOM_ABOVE_BATCH  batch sizes above this fail as out of memory.
+  FAKE_TRAINER_SEED_NOISE     the error rate varies by up to this much with
+                              the seed (default 0).
   FAKE_TRAINER_HOLD_AT_STEP   once this step is checkpointed, wait to be
                               killed (exit 1 after HOLD_SECONDS), so a test
                               stops trials at a known step.
@@ -43,8 +45,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 
 def _error_rate(config):
   lr = config.optimizer.learning_rate
+  # Seed noise: a fixed value in [-1, 1) per seed, times the variable.
+  noise = float(os.environ.get("FAKE_TRAINER_SEED_NOISE", "0")) * (
+      (config.seed * 2654435761) % 1000 / 500 - 1)
   return min(1.0, 0.05 + 0.1 * (math.log10(lr) + 1.5) ** 2
-             + 0.1 * (1 - config.optimizer.momentum))
+             + 0.1 * (1 - config.optimizer.momentum) + noise)
 
 
 def _hold():

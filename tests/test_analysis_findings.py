@@ -2,6 +2,7 @@
 stays quiet on the clean control study; the instability procedures' analyses
 name the spikes, stalls and divergence planted in their trials' losses."""
 
+import dataclasses
 import json
 import math
 import os
@@ -841,3 +842,31 @@ def test_loss_spikes_of_an_ordinary_study_are_named_with_the_instability_check(
 def test_no_loss_spikes_in_noise_a_warmup_bump_or_a_slow_rise(tmp_path, loss):
   _, findings = analyse(build(tmp_path, loss, range(9), loss=loss))
   assert "loss_spikes" not in by_kind(findings)
+
+
+def test_the_best_trial_just_below_the_edge_of_stability_is_named(tmp_path):
+  # Figure 7a: the trials with the highest learning rates diverge; the best
+  # trial has the highest rate of the feasible ones.
+  specs = fx.clean_specs()
+  specs[0].lr_position = 0.7  # The best (0.090).
+  specs[7] = dataclasses.replace(specs[7], lr_position=0.8, shape="diverged")
+  study_dir = fx.write_study(str(tmp_path / "edge"), specs)
+  _, findings = analyse(study_dir)
+  (hit,) = by_kind(findings)["instability_edge"]
+  assert hit.severity == "warning" and hit.details["best_trial"] == "0000"
+  assert hit.details["infeasible_trials"] == ["0007", "0009"]
+  assert hit.details["edge"] == pytest.approx(
+      fx.dimension_value("optimizer.learning_rate", 0.7))
+  assert "Figure 7a" in hit.message
+  assert hit.command.startswith("python -m tuning_playbook.playbook instability_check")
+
+
+def test_no_instability_edge_when_the_best_trial_is_far_below_it(clean, tmp_path):
+  _, findings = clean  # The best at 0.5, the diverged trial above 0.75.
+  assert "instability_edge" not in by_kind(findings)
+  specs = fx.clean_specs()
+  specs[0].lr_position = 0.45
+  specs[7] = dataclasses.replace(specs[7], lr_position=0.8, shape="diverged")
+  _, findings = analyse(fx.write_study(str(tmp_path / "far"), specs))
+  # The edge at 0.65 (trial 0005), the best 0.2 of the range below it.
+  assert "instability_edge" not in by_kind(findings)

@@ -9,6 +9,7 @@ memory on demand.
 
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ from tuning_playbook import procedures
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CNN = "configs/mnist1d_cnn.py"
+CNN_PATH = os.path.join(helpers.REPO, CNN)
 LRS = (0.003, 0.1, 3.0)
 THRESHOLD = 0.5
 
@@ -277,3 +279,60 @@ def test_bad_input_exits_2_before_anything_runs(tmp_path, args, message):
                      expect=2)
   assert message in result.stderr
   assert not os.path.exists(study_dir)
+
+
+@pytest.mark.parametrize("candidate,decision", [
+    # The fake trainer's error is lowest near lr 0.03; 0.14 is the baseline.
+    ("optimizer.learning_rate=0.03", "adopt"),
+    ("optimizer.learning_rate=0.15", "noise")])
+def test_compare_adopts_only_a_change_that_beats_the_trial_noise(tmp_path, candidate,
+                                                                 decision):
+  study_dir = str(tmp_path / "compare")
+  env = _env(FAKE_TRAINER_SEED_NOISE="0.01")
+  _playbook("compare", study_dir, f"--candidate={candidate}", "--num_seeds=3",
+            "--config.max_train_steps=5", "--config.optimizer.warmup_steps=0",
+            "--trainer_module=fake_trainer", "--run",
+            env=env)
+  rows = _rows(study_dir)
+  assert [r["status"] for r in rows] == ["completed"] * 6
+  arms = {0.14: [], 0.03: [], 0.15: []}
+  for row in rows:
+    config = _read_json(os.path.join(study_dir, "trials", row["trial_id"], "config.json"))
+    value = _read_json(os.path.join(study_dir, "trials", row["trial_id"],
+                                    "summary.json"))["best_value"]
+    arms[config["optimizer"]["learning_rate"]].append((config["seed"], value))
+  baseline, other = arms[0.14], arms[float(candidate.split("=")[1])]
+  assert sorted(s for s, _ in baseline) == sorted(s for s, _ in other) == [1, 2, 3]
+  found, _, page = _findings(study_dir)
+  details = found["compare/decision"]["details"]
+  b = [v for _, v in baseline]
+  c = [v for _, v in other]
+  assert details["difference"] == pytest.approx(statistics.mean(c) - statistics.mean(b))
+  assert details["standard_error"] == pytest.approx(math.sqrt(
+      statistics.variance(b) / 3 + statistics.variance(c) / 3))
+  assert details["decision"] == decision
+  assert 'id="compare"' in page and "procedure_compare.png" in page
+  command = found["compare/decision"].get("command")
+  if decision == "noise":
+    assert command.startswith("python -m tuning_playbook.playbook compare ")
+    assert "--num_seeds=6" in command and f"--study_dir={study_dir}_more_seeds" in command
+    assert f"--candidate={candidate}" in command
+  else:
+    assert command is None
+
+
+def test_compare_decides_worse_and_refuses_no_change():
+  from tuning_playbook.procedures import compare  # pylint: disable=g-import-not-at-top
+  result = compare.decide([0.10, 0.11, 0.12], [0.20, 0.21, 0.19], "min")
+  assert result["decision"] == "worse"
+  assert compare.decide([0.10, 0.11, 0.12], [0.20, 0.21, 0.19], "max")[
+      "decision"] == "adopt"
+  config = helpers.load_config(CNN_PATH)
+  args = {"candidate": "optimizer.learning_rate=0.14", "candidate_study": None,
+          "num_seeds": 3}
+  with pytest.raises(procedures.ProcedureError, match="equals the baseline"):
+    compare.plan(config, args, None)
+  with pytest.raises(procedures.ProcedureError, match="optimizer.lr"):
+    compare.plan(config, dict(args, candidate="optimizer.lr=0.1"), None)
+  with pytest.raises(procedures.ProcedureError, match="exactly one"):
+    compare.plan(config, dict(args, candidate=None), None)

@@ -50,6 +50,10 @@ class Thresholds:
   boundary_margin: float = 0.1
   # Infeasible fraction of finished trials that is a warning, not just a note.
   infeasible_warning_fraction: float = 0.5
+  # The playbook's Figure 7a: every infeasible trial lies above a learning
+  # rate, and the best trial within this fraction of the range (on its
+  # scale) below that edge of stability.
+  instability_edge_margin: float = 0.15
   # Retrospective best step as a fraction of total_train_steps (the steps
   # trained, a prepended warmup included): every trial at or
   # below `early` means max_train_steps is too high; at least `late_share` of

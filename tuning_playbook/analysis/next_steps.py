@@ -195,6 +195,7 @@ RULES: dict[str, Rule] = {
     "best_step_early": _train_shorter,
     "gradient_outliers": _instability,
     "loss_spikes": _instability,
+    "instability_edge": _instability,
     "not_enough_trials": _more_trials,
     "aggressive_clipping": _clip,
 }

@@ -31,6 +31,7 @@ def check(study: study_data.Study,
   return (unfinished_trials(study) + record_problems(study)
           + near_boundary(study, thresholds)
           + infeasible_trials(study, thresholds)
+          + instability_edge(study, thresholds)
           + best_step_fraction(study, thresholds)
           + eval_cadence(study, thresholds))
 
@@ -233,6 +234,36 @@ def infeasible_trials(study: study_data.Study,
     severity = INFO
     message += " A small fraction: no change needed on this account."
   return [Finding("infeasible", "infeasible", severity, message, details)]
+
+
+def instability_edge(study: study_data.Study,
+                     thresholds: findings_lib.Thresholds) -> list[Finding]:
+  """The playbook's Figure 7a: the best trial sits just below the learning
+  rate above which every trial is infeasible."""
+  best = study.best_trial()
+  dims = {d.name: d for d in study.varied_dimensions() if d.numeric}
+  for region in _where_infeasible(study):
+    name = region["dimension"]
+    if (best is None or region["side"] != "above" or name not in dims
+        or not name.endswith("learning_rate")):
+      continue
+    dim = _bounded(study, dims[name])
+    edge, at = dim.position(region["value"]), dim.position(best.values.get(name))
+    if edge is None or at is None or edge - at > thresholds.instability_edge_margin:
+      continue
+    return [Finding(
+        "instability_edge", "instability_edge", WARNING,
+        f"Every infeasible trial ({len(region['trials'])}) has {name} above "
+        f"{fmt(region['value'])}, and the best trial ({best.trial_id}, "
+        f"{name} = {fmt(best.values.get(name))}) sits just below that edge: "
+        f"the best learning rate is limited by training instability (the "
+        f"playbook's Figure 7a). Find where instability starts; warmup or "
+        f"gradient clipping may make higher rates usable and better.",
+        {"dimension": name, "edge": region["value"], "edge_position": edge,
+         "best_trial": best.trial_id, "best_position": at,
+         "infeasible_trials": region["trials"],
+         "margin": thresholds.instability_edge_margin})]
+  return []
 
 
 def unfinished_trials(study: study_data.Study) -> list[Finding]:
