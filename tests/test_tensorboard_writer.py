@@ -76,3 +76,19 @@ def test_default_writer_logs_only_when_asked(tmp_path):
   writer.write_scalars(1, {"a": 1.0})
   writer.close()
   assert not glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
+
+
+def test_a_fresh_run_writes_its_config_for_the_hparams_dashboard(tmp_path):
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  from tuning_playbook.training import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = helpers.load_config(**{"max_train_steps": 10, "eval_every_steps": 5,
+                                  "optimizer.warmup_steps": 0,
+                                  "optimizer.learning_rate": 0.0375})
+  train.train_and_evaluate(config, workdir)
+  board = _board(workdir)
+  (tag,) = [t for t in board.Tags()["tensors"] if t.startswith("_hparams_")]
+  assert tag == "_hparams_/session_start_info"
+  content = board.SummaryMetadata(tag).plugin_data.content
+  assert b"optimizer.learning_rate" in content and b"tests.tiny_workload" in content
+  assert len(board.Tensors(tag)) == 1

@@ -29,6 +29,7 @@ import numpy as np
 
 from tuning_playbook.common import records
 from tuning_playbook.common import step_logs
+from tuning_playbook import config_paths
 from tuning_playbook import config_schema
 from tuning_playbook.training import checkpointing
 from tuning_playbook.training import tensorboard_writer
@@ -142,6 +143,8 @@ class TrialRecords:
     self.grad_log.truncate_after(self.step)
     self.writer = tensorboard_writer.create_default_writer(
         self.workdir, just_logging=not self.is_writer)
+    if self.step == 0:  # A fresh run: TensorBoard's HParams dashboard.
+      self.writer.write_hparams(hparams(self.config))
 
   def log(self, first: int, step: int, fetched: Sequence[dict[str, float]], *,
           seconds: float, input_wait: float,
@@ -209,3 +212,11 @@ class TrialRecords:
     if self.is_writer:
       records.write_summary(self.workdir, summary)
     return summary
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's leaves as TensorBoard hyperparameters (numbers, strings and
+  booleans; other values as their text; None left out)."""
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+          for k, v in config_paths.flatten(config).items() if v is not None}
+
