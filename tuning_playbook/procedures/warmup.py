@@ -48,15 +48,11 @@ FLAG_FRACTION = 0.05  # A warmup longer than this share is flagged.
 POST_WARMUP_FACTOR = 2
 
 _GRID = "warmup lengths on a grid, not a sample"
-_SHORT = "short runs that probe stability, not train to a result"
-_UNSTABLE = "trials made unstable on purpose; the procedure's own finding examines them"
+# Those of the instability check (short runs made unstable on purpose), on
+# a grid of warmup lengths.
 GENERAL_CHECKS_LEFT_OUT = {
+    **instability_check.GENERAL_CHECKS_LEFT_OUT,
     "near_boundary": _GRID, "not_enough_trials": _GRID, "sampling": _GRID,
-    "infeasible": _UNSTABLE, "training_loss_increasing": _UNSTABLE,
-    "loss_spikes": _UNSTABLE,
-    "best_step_fraction": _SHORT, "best_step_early": _SHORT, "best_step_late": _SHORT,
-    "still_improving": _SHORT, "saturated": _SHORT, "overfitting": _SHORT,
-    "late_variance": _SHORT, "curves_ok": _SHORT, "eval_cadence": _SHORT,
 }
 
 ARGUMENTS = (
