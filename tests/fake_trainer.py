@@ -11,6 +11,10 @@ and reads its behaviour from the environment:
   FAKE_TRAINER_OOM_ABOVE_BATCH  batch sizes above this fail as out of memory.
   FAKE_TRAINER_SEED_NOISE     the error rate varies by up to this much with
                               the seed (default 0).
+  FAKE_TRAINER_EVAL_ROWS      1: the last step's metrics row holds
+                              eval/validation/error_rate and
+                              eval/test/error_rate (the validation value +
+                              0.01).
   FAKE_TRAINER_HOLD_AT_STEP   once this step is checkpointed, wait to be
                               killed (exit 1 after HOLD_SECONDS), so a test
                               stops trials at a known step.
@@ -109,6 +113,12 @@ def main(argv):
     atomic_files.write_json(ckpt_path, {"step": step})
     if step == hold_at:
       _hold()
+  if os.environ.get("FAKE_TRAINER_EVAL_ROWS") == "1":
+    with open(os.path.join(workdir, records.METRICS_FILE), "a") as f:
+      f.write(json.dumps({"step": total,
+                          "eval/validation/error_rate": _error_rate(config),
+                          "eval/test/error_rate": _error_rate(config) + 0.01})
+              + "\n")
   atomic_files.write_json(summary_path, dict(
       summary, status=records.COMPLETED, best_step=total,
       best_value=_error_rate(config), final_step=total,

@@ -260,7 +260,7 @@ def test_batch_size_stops_at_the_first_batch_that_does_not_fit(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("nonesuch",), "unknown procedure 'nonesuch'; allowed: batch_size, compare, instability_check, lr_sweep, next_round, seed_variance, warmup"),
+    (("nonesuch",), "unknown procedure 'nonesuch'; allowed: batch_size, compare, exploit, instability_check, lr_sweep, next_round, seed_variance, warmup"),
     (("seed_variance",), "--from_study is required by seed_variance"),
     (("seed_variance", "--from_study={tmp}/empty"), "study.json"),
     (("seed_variance", "--from_study={tmp}/planned"), "no completed trial"),

@@ -168,6 +168,42 @@ def _warn_of_another_batch_size(source: from_study.Source,
         search_space_lib.BATCH_SIZE_REASON)
 
 
+def _batch_size(args: Mapping[str, Any],
+                options: study_launch.LaunchOptions) -> int:
+  """Trials an adaptive plan proposes at a time: --batch, or enough to fill
+  every study worker's population."""
+  if args.get("batch"):
+    return int(args["batch"])
+  workers = options.parallel or 1
+  if options.run and options.isolation != "process":
+    workers = max(1, len(study_launch.worker_environments(options)))
+  return workers * max(1, options.vectorize or 1)
+
+
+def _resolve(name: str, module, config, args: Mapping[str, Any],
+             user: Mapping[str, Any]):
+  """(config under --from_study's best trial, the plan, the overrides every
+  trial gets, study.json's procedure record)."""
+  source, base = None, {}
+  if getattr(module, "NEEDS_FROM_STUDY", False) and not _FROM_STUDY.value:
+    raise procedures.ProcedureError(
+        f"--from_study is required by {name}: name a finished study (its "
+        "directory holds study.json)")
+  if _FROM_STUDY.value:
+    source = from_study.Source.load(_FROM_STUDY.value)
+    best = source.top(1)[0]
+    base = {k: v for k, v in best.overrides.items() if k not in user}
+    config = study_lib.resolve_trial_config(
+        config, base, what=f"--from_study={_FROM_STUDY.value} trial "
+        f"{best.trial_id}")
+    _warn_of_another_batch_size(source, user)
+  plan = module.plan(config, args, source)
+  parameters = dict(plan.parameters)
+  if source is not None:
+    parameters["from_study"] = {**source.to_json(), **source.top(1)[0].to_json()}
+  return config, plan, base, {"name": name, "parameters": parameters}
+
+
 def main(argv):
   name = _procedure_name(argv)
   extra = [a for a in argv[1:] if a != name]
@@ -177,49 +213,45 @@ def main(argv):
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   user = dict(config_flags.get_override_values(flags.FLAGS["config"]))
   study_dir = _STUDY_DIR.value
-  config = cli.loaded_config(_CONFIG)
   args = _argument_values(module.ARGUMENTS)
+  command = playbook_command(
+      name, config_path, study_dir, _FROM_STUDY.value, _SEED.value,
+      _argument_flags(module.ARGUMENTS, args), user, study_flags.TRAINER_MODULE.value)
+  options = study_flags.launch_options(
+      study_dir, command, stop_rule=getattr(module, "stop_rule", None))
   try:
-    source, base = None, {}
-    if getattr(module, "NEEDS_FROM_STUDY", False) and not _FROM_STUDY.value:
-      raise procedures.ProcedureError(
-          f"--from_study is required by {name}: name a finished study (its "
-          "directory holds study.json)")
-    if _FROM_STUDY.value:
-      source = from_study.Source.load(_FROM_STUDY.value)
-      best = source.top(1)[0]
-      base = {k: v for k, v in best.overrides.items() if k not in user}
-      config = study_lib.resolve_trial_config(
-          config, base, what=f"--from_study={_FROM_STUDY.value} trial "
-          f"{best.trial_id}")
-      _warn_of_another_batch_size(source, user)
-    plan = module.plan(config, args, source)
+    config, plan, base, procedure = _resolve(
+        name, module, cli.loaded_config(_CONFIG), args, user)
     spec = dict(plan.search_space)
     stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
     spec.setdefault("name", f"{stem}/{name}")
     spec.setdefault("algorithm", "grid")
-    space = search_space_lib.parse(spec)
-    parameters = dict(plan.parameters)
-    if source is not None:
-      parameters["from_study"] = {**source.to_json(),
-                                  **source.top(1)[0].to_json()}
-    studies = study_lib.plan_studies(
-        config_path=config_path, config=config, spec=spec,
-        study_dir=study_dir, num_trials=plan.num_trials, seed=_SEED.value,
-        config_overrides=overrides_passed_on(name, space, base, user),
-        trainer_module=study_flags.TRAINER_MODULE.value,
-        procedure={"name": name, "parameters": parameters})
-    study_lib.write_studies(studies, config)
+    overrides = overrides_passed_on(name, search_space_lib.parse(spec), base, user)
+
+    def write(num_trials: int | None) -> list[study_lib.Study]:
+      studies = study_lib.plan_studies(
+          config_path=config_path, config=config, spec=spec,
+          study_dir=study_dir, num_trials=num_trials, seed=_SEED.value,
+          config_overrides=overrides,
+          trainer_module=study_flags.TRAINER_MODULE.value,
+          procedure=procedure, sampler=plan.sampler)
+      study_lib.write_studies(studies, config)
+      return studies
+
+    if plan.sampler is None:
+      study_launch.launch(write(plan.num_trials), options)
+      return
+    batch = _batch_size(args, options)
+    recorded = study_lib.read_study_json(study_dir) or {}
+    target = max(len(recorded.get("trials", [])), min(plan.num_trials, batch))
+    while True:  # A batch at a time, each proposed knowing the earlier ones.
+      study_launch.launch(write(target), options)
+      if not options.run or target >= plan.num_trials:
+        break
+      target = min(plan.num_trials, target + batch)
   except (procedures.ProcedureError, study_lib.StudyError,
-          search_space_lib.SearchSpaceError, ValueError) as e:
-    cli.fail(str(e))
-  command = playbook_command(
-      name, config_path, study_dir, _FROM_STUDY.value, _SEED.value,
-      _argument_flags(module.ARGUMENTS, args), user, study_flags.TRAINER_MODULE.value)
-  try:
-    study_launch.launch(studies, study_flags.launch_options(
-        study_dir, command, stop_rule=getattr(module, "stop_rule", None)))
-  except (study_launch.LaunchError, json_records.RecordFileError) as e:
+          search_space_lib.SearchSpaceError, ValueError,
+          study_launch.LaunchError, json_records.RecordFileError) as e:
     cli.fail(str(e))
 
 

@@ -20,7 +20,9 @@ The registry is the module path: procedure `<name>` is the module
       "values" lists and "fixed" overrides, as tuning_playbook/studies/search_space.py
       reads it), the parameters recorded in study.json and, for a space
       that is not a grid, the number of trials. Raises
-      ProcedureError naming the flag for bad input.
+      ProcedureError naming the flag for bad input. A plan with a `sampler`
+      runs batch by batch (`--batch`, the procedure's flag, or --parallel x
+      --vectorize).
   stop_rule(record) -> bool   (optional)
       Trials then run one at a time in order, and none is launched after a
       trial whose tracking record (tuning_playbook/studies/tracking.py) satisfies it.
@@ -55,7 +57,7 @@ from tuning_playbook.analysis import study_data
 
 PACKAGE = "tuning_playbook.procedures"
 # Modules of this package that are helpers, not procedures.
-_HELPERS = ("from_study",)
+_HELPERS = ("from_study", "bayes_designer")
 ARGUMENT_KINDS = ("int", "float", "floats", "string", "bool")
 SaveFigure = report.SaveFigure
 
@@ -80,6 +82,9 @@ class Plan:
   parameters: Mapping[str, Any]
   # Trials of a space that is not a grid (a grid has its own number).
   num_trials: int | None = None
+  # An adaptive sampler (study.Sampler): trials are then proposed and run a
+  # batch at a time, each batch knowing the results of the earlier ones.
+  sampler: Any = None
 
 
 def available() -> list[str]:

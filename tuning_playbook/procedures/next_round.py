@@ -81,27 +81,37 @@ def widened_space(source: from_study.Source,
                   thresholds: findings_lib.Thresholds
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
   """The source's search space with the flagged ranges widened, and what
-  changed ({dimension: {side, old_bound, new_bound}})."""
-  record = study_lib.read_study_json(source.study_dir)
-  if record is None:
-    raise ProcedureError(f"--from_study={source.study_dir}: --widen needs one "
-                         "study.json (not a directory of studies)")
-  hits = [f for f in search_space_checks.near_boundary(source.study, thresholds)
-          if not f.details["infeasible_beyond"]
-          and f.details["suggested_bound"] is not None]
-  if not hits:
+  changed ({dimension: {side, old_bound, new_bound}}); ProcedureError when
+  no range can move."""
+  space, changes = moved_space(source, thresholds, "--widen")
+  if not changes:
     raise ProcedureError(
         f"--widen: the best trial of {source.study_dir} is near no boundary "
         "that can move (one short of a natural limit, with feasible trials "
         "beyond it); nothing to widen (run the "
         "instability_check procedure when only infeasible trials lie beyond)")
+  return space, changes
+
+
+def moved_space(source: from_study.Source, thresholds: findings_lib.Thresholds,
+                flag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The source's search space with every range the boundary check flags
+  moved to its suggested bound (none when nothing is flagged), and what
+  changed; ProcedureError naming `flag` for a space it cannot rebuild."""
+  record = study_lib.read_study_json(source.study_dir)
+  if record is None:
+    raise ProcedureError(f"--from_study={source.study_dir}: {flag} needs one "
+                         "study.json (not a directory of studies)")
+  hits = [f for f in search_space_checks.near_boundary(source.study, thresholds)
+          if not f.details["infeasible_beyond"]
+          and f.details["suggested_bound"] is not None]
   groups: dict[str, dict[str, Any]] = {"nuisance": {}, "scientific": {}}
   for name, spec in (record.get("search_space") or {}).items():
     spec = dict(spec)
     role = spec.pop("role", "nuisance")
     if spec.pop("condition", None) or spec.pop("param", name) != name:
-      raise ProcedureError(f"--widen: {name} is a conditional parameter, "
-                           "which cannot be widened from study.json")
+      raise ProcedureError(f"{flag}: {name} is a conditional parameter, "
+                           "which cannot be rebuilt from study.json")
     groups["scientific" if role == "scientific" else "nuisance"][name] = spec
   changes = {}
   for f in hits:
@@ -110,9 +120,10 @@ def widened_space(source: from_study.Source,
     changes[name] = {"side": side, "old_bound": spec[side],
                      "new_bound": f.details["suggested_bound"]}
     spec[side] = f.details["suggested_bound"]
-  space = {"description": "Widened: " + ", ".join(
-               f"{k} {v['side']} {fmt(v['old_bound'])} -> {fmt(v['new_bound'])}"
-               for k, v in changes.items()),
+  description = ("Widened: " + ", ".join(
+      f"{k} {v['side']} {fmt(v['old_bound'])} -> {fmt(v['new_bound'])}"
+      for k, v in changes.items())) if changes else "The same ranges."
+  space = {"description": description,
            "algorithm": (record.get("sampler") or {}).get("algorithm",
                                                            "quasi_random"),
            "scientific_mode": "joint", "fixed": dict(record.get("fixed") or {})}

@@ -1,13 +1,10 @@
 """Search spaces: what a study varies, on which scale, and in what role.
 
 A config file defines its study with `get_search_space(config, num_trials)`:
-the sweep passes the config as resolved (every `--config.*` override applied),
-so ranges can follow it (warmup as a fraction of `config.max_train_steps`),
-and the trial budget (None for a grid's natural size), so the tuned
-hyperparameters can follow it (study_presets.adam_nuisance).
-A file may also define `get_search_space(config)`, `get_search_space(num_trials)`
-or `get_search_space()`; it gets what it asks for. It returns a dict (or
-ConfigDict) like:
+the config as resolved (ranges may follow it: warmup as a fraction of
+`config.max_train_steps`) and the trial budget (None for a grid's natural
+size; study_presets.adam_nuisance follows it). Either argument may be left
+out. It returns a dict (or ConfigDict) like:
 
   {
       "name": "nesterov_vs_adam",
@@ -122,19 +119,21 @@ class SearchSpace:
 
   def sample(self, indices: Sequence[int], seed: int) -> list[dict[str, Any]]:
     """Params of trials `indices`; trial i depends only on (seed, i, space)."""
-    indices = list(indices)
-    dims = self.dimensions
+    indices, n = list(indices), len(self.dimensions)
     if self.algorithm == "quasi_random":
-      units = halton.scrambled_halton([i + SKIP for i in indices], len(dims),
-                                      seed)
+      units = halton.scrambled_halton([i + SKIP for i in indices], n, seed)
     elif self.algorithm == "pseudo_random":
-      units = halton.pseudo_random(indices, len(dims), seed)
+      units = halton.pseudo_random(indices, n, seed)
     else:
       units = self._grid_units(indices)
+    return self.params_at(units)
+
+  def params_at(self, units: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
+    """Params of points of the unit cube (Dimension.value of each coordinate)."""
     trials = []
     for row in units:
       chosen, params = {}, dict(self.scientific)
-      for dim, u in zip(dims, row):
+      for dim, u in zip(self.dimensions, row):
         if all(chosen.get(p, _INACTIVE) == v for p, v in dim.condition):
           chosen[dim.name] = dim.value(float(u))
           params.update(dim.overrides(chosen[dim.name]))

@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import ml_collections
 
@@ -116,6 +116,15 @@ class Study:
     }
 
 
+class Sampler(Protocol):
+  """Proposes the params of a study's next trials (see plan_studies)."""
+  record: Mapping[str, Any]
+
+  def propose(self, space: search_space_lib.SearchSpace, study_dir: str,
+              indices: Sequence[int], seed: int) -> list[dict[str, Any]]:
+    ...
+
+
 def _plain(obj: Any) -> Any:
   """The JSON form of obj, so that values compare as they are stored."""
   return json.loads(json.dumps(obj, default=str))
@@ -196,7 +205,8 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
                  num_trials: int | None, seed: int,
                  config_overrides: Mapping[str, Any] | None = None,
                  trainer_module: str = commands.DEFAULT_TRAINER,
-                 procedure: Mapping[str, Any] | None = None) -> list[Study]:
+                 procedure: Mapping[str, Any] | None = None,
+                 sampler: Sampler | None = None) -> list[Study]:
   """Expands a search space into its studies (one per scientific value when
   the space says so); nothing is written.
 
@@ -231,8 +241,9 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
       raise StudyError(f"num_trials={wanted}: must be >= 1")
     record = {
         "config": config_path, "config_overrides": overrides, "seed": seed,
-        "sampler": {"algorithm": sub.algorithm, "skip": search_space_lib.SKIP,
-                    "version": search_space_lib.SAMPLER_VERSION},
+        "sampler": (dict(sampler.record) if sampler is not None else
+                    {"algorithm": sub.algorithm, "skip": search_space_lib.SKIP,
+                     "version": search_space_lib.SAMPLER_VERSION}),
         "scientific": dict(sub.scientific), "fixed": dict(sub.fixed),
         "search_space": sub.to_json(), "base_config": base,
         "procedure": _plain(procedure) if procedure is not None else None}
@@ -253,8 +264,10 @@ def plan_studies(*, config_path: str, config: ml_collections.ConfigDict,
             "Differences: " + "; ".join(diffs) + budget)
       kept = [Trial(t["trial_id"], t["params"]) for t in existing["trials"]]
     new_indices = range(len(kept), max(wanted, len(kept)))
-    new = [Trial(trial_id(i), p)
-           for i, p in zip(new_indices, sub.sample(new_indices, seed))]
+    proposed = (sampler.propose(sub, directory, new_indices, seed)
+                if sampler is not None and len(new_indices) else
+                sub.sample(new_indices, seed))
+    new = [Trial(trial_id(i), p) for i, p in zip(new_indices, proposed)]
     name = sub.name or (f"{stem}/{slug}" if slug else stem)
     studies.append(Study(
         study_dir=directory, name=name, description=sub.description,
