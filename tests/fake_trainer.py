@@ -11,10 +11,13 @@ and reads its behaviour from the environment:
   FAKE_TRAINER_OOM_ABOVE_BATCH  batch sizes above this fail as out of memory.
   FAKE_TRAINER_SEED_NOISE     the error rate varies by up to this much with
                               the seed (default 0).
-  FAKE_TRAINER_EVAL_ROWS      1: the last step's metrics row holds
-                              eval/validation/error_rate and
-                              eval/test/error_rate (the validation value +
-                              0.01).
+  FAKE_TRAINER_EVAL_ROWS      1: every eval_every_steps (and the last step)
+                              a metrics row holds eval/validation/error_rate,
+                              the error rate + 64 / (step x min(batch_size,
+                              FAKE_TRAINER_CRITICAL_BATCH)), so the steps to a
+                              value halve as the batch doubles up to that
+                              critical batch; and eval/test/error_rate (+0.01).
+                              The summary's best value is the last one.
   FAKE_TRAINER_HOLD_AT_STEP   once this step is checkpointed, wait to be
                               killed (exit 1 after HOLD_SECONDS), so a test
                               stops trials at a known step.
@@ -56,6 +59,13 @@ def _error_rate(config):
              + 0.1 * (1 - config.optimizer.momentum) + noise)
 
 
+def _eval_value(config, step):
+  """The validation error after `step` steps: it falls with the examples seen."""
+  batch = min(config.batch_size,
+              float(os.environ.get("FAKE_TRAINER_CRITICAL_BATCH", "inf")))
+  return _error_rate(config) + 64.0 / (step * batch)
+
+
 def _hold():
   """Waits to be killed; a trial nobody kills fails instead of finishing."""
   deadline = time.monotonic() + HOLD_SECONDS
@@ -92,6 +102,7 @@ def main(argv):
   diverge = lr > float(os.environ.get("FAKE_TRAINER_DIVERGE_ABOVE", "inf"))
   sleep = float(os.environ.get("FAKE_TRAINER_STEP_SECONDS", "0"))
   hold_at = int(os.environ.get("FAKE_TRAINER_HOLD_AT_STEP", "0"))
+  evals = os.environ.get("FAKE_TRAINER_EVAL_ROWS") == "1"
   total = config_schema.total_train_steps(config)
   summary = {"best_metric": config.best_metric, "best_mode": config.best_mode,
              "max_train_steps": config.max_train_steps,
@@ -110,18 +121,17 @@ def main(argv):
       return
     with open(os.path.join(workdir, records.METRICS_FILE), "a") as f:
       f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\n")
+      if evals and (step % config.eval_every_steps == 0 or step == total):
+        value = _eval_value(config, step)
+        f.write(json.dumps({"step": step, "eval/validation/error_rate": value,
+                            "eval/test/error_rate": value + 0.01}) + "\n")
     atomic_files.write_json(ckpt_path, {"step": step})
     if step == hold_at:
       _hold()
-  if os.environ.get("FAKE_TRAINER_EVAL_ROWS") == "1":
-    with open(os.path.join(workdir, records.METRICS_FILE), "a") as f:
-      f.write(json.dumps({"step": total,
-                          "eval/validation/error_rate": _error_rate(config),
-                          "eval/test/error_rate": _error_rate(config) + 0.01})
-              + "\n")
+  best_value = _eval_value(config, total) if evals else _error_rate(config)
   atomic_files.write_json(summary_path, dict(
       summary, status=records.COMPLETED, best_step=total,
-      best_value=_error_rate(config), final_step=total,
+      best_value=best_value, final_step=total,
       best_checkpoint=os.path.join(workdir, "checkpoint.json"), reason=None))
 
 

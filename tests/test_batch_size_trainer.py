@@ -85,13 +85,13 @@ def test_batch_size_reports_the_throughput_the_trainer_measured(tmp_path):
         perf["seconds_timed"] / perf["steps_timed"], rel=1e-12)
     throughput[b] = perf["examples_per_second"]
   small, large = BATCH_SIZES
-  scaling = found["batch_size/perfect_scaling"]["details"]
+  scaling = found["batch_size/throughput_scaling"]["details"]
   assert scaling["speedups"] == pytest.approx(
       {str(large): throughput[large] / throughput[small]}, rel=1e-12)
   best = max(throughput, key=throughput.get)
   assert scaling["max_throughput_batch_size"] == best
   assert scaling["max_examples_per_second"] == throughput[best]
-  assert f"--config.batch_size={best} " in found["batch_size/perfect_scaling"]["command"]
+  assert f"--config.batch_size={best} " in found["batch_size/throughput_scaling"]["command"]
   largest = found["batch_size/largest_feasible"]["details"]
   assert largest["largest_feasible"] == large
   assert largest["does_not_fit"] == [] and largest["not_launched"] == []

@@ -200,6 +200,36 @@ def test_lr_sweep_then_seed_variance(tmp_path):
   assert "study_std" in found["seed_variance/study_variance"]["details"]
 
 
+def test_batch_size_time_finds_where_the_steps_stop_halving(tmp_path):
+  # The fake trainer's steps to a value halve as the batch doubles up to 32;
+  # a step takes (batch + 64) ms.
+  study_dir = str(tmp_path / "batch_time")
+  env = _env(FAKE_TRAINER_EVAL_ROWS="1", FAKE_TRAINER_CRITICAL_BATCH="32")
+  _playbook("batch_size_time", study_dir, "--batch_sizes=16,32,64,128",
+            "--lr_factors=0.25,1", "--lr_scaling=none", "--eval_every=5",
+            "--config.max_train_steps=100", "--config.optimizer.warmup_steps=0",
+            "--trainer_module=fake_trainer", "--run", env=env)
+  assert [r["status"] for r in _rows(study_dir)] == ["completed"] * 8
+  found, _, page = _findings(study_dir)
+  result = found["batch_size_time/time_to_result"]
+  details = result["details"]
+  rows = {r["batch_size"]: r for r in details["rows"]}
+  assert {b: r["steps"] for b, r in rows.items()} == {16: 100, 32: 50, 64: 50, 128: 50}
+  for b, r in rows.items():
+    assert r["seconds_per_step"] == pytest.approx((b + 64) / 1000)
+    assert r["training_seconds"] == pytest.approx(r["steps"] * (b + 64) / 1000)
+  # The better of the two rates (closer to the fake's optimum, 0.03) wins.
+  config = helpers.load_config(CNN_PATH)
+  assert [r["learning_rate"] for r in rows.values()] == pytest.approx(
+      [0.25 * config.optimizer.learning_rate] * 4)
+  assert details["perfect_scaling_to"] == 32
+  assert details["fastest_batch_size"] == 32
+  assert "--config.batch_size=32 " in result["command"]
+  assert "Perfect scaling (the steps halve" in result["message"]
+  assert "procedure_batch_size_time.png" in page
+  assert "not_enough_trials" not in {f["kind"] for f in found.values()}
+
+
 def test_batch_size_stops_at_the_first_batch_that_does_not_fit(tmp_path):
   study_dir = str(tmp_path / "batch")
   args = ("--min_batch_size=16", "--max_batch_size=256", "--steps=5",
@@ -243,11 +273,11 @@ def test_batch_size_stops_at_the_first_batch_that_does_not_fit(tmp_path):
   # examples/s. 16 -> 32 speeds up by 1.67x, below the 1.8x of perfect
   # scaling, so it ends at 16; the highest throughput is at 64.
   assert throughput == pytest.approx({16: 200.0, 32: 1000 / 3, 64: 500.0})
-  scaling = found["batch_size/perfect_scaling"]["details"]
-  assert scaling["perfect_scaling_to"] == 16
+  scaling = found["batch_size/throughput_scaling"]["details"]
+  assert scaling["throughput_doubles_to"] == 16
   assert scaling["max_throughput_batch_size"] == 64
   assert scaling["speedups"] == pytest.approx({"32": 5 / 3, "64": 1.5})
-  assert "--config.batch_size=64" in found["batch_size/perfect_scaling"]["command"]
+  assert "--config.batch_size=64" in found["batch_size/throughput_scaling"]["command"]
 
   # Relaunching resumes: nothing new runs past the batch that did not fit.
   _playbook("batch_size", study_dir, *args, env=env)
@@ -260,7 +290,7 @@ def test_batch_size_stops_at_the_first_batch_that_does_not_fit(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("nonesuch",), "unknown procedure 'nonesuch'; allowed: batch_size, compare, exploit, instability_check, lr_sweep, next_round, seed_variance, warmup"),
+    (("nonesuch",), "unknown procedure 'nonesuch'; allowed: batch_size, batch_size_time, compare, exploit, instability_check, lr_sweep, next_round, seed_variance, warmup"),
     (("seed_variance",), "--from_study is required by seed_variance"),
     (("seed_variance", "--from_study={tmp}/empty"), "study.json"),
     (("seed_variance", "--from_study={tmp}/planned"), "no completed trial"),
