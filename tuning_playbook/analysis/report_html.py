@@ -103,7 +103,7 @@ def _cell(value: Any) -> str:
   return _e(value)
 
 
-def _finding(f: findings_lib.Finding) -> str:
+def finding_html(f: findings_lib.Finding) -> str:
   return (f'<div class="finding {_e(f.severity)}" id="finding-{_e(f.id)}">'
           f'<span class="badge">{_e(f.severity)}</span>{_e(f.message)}'
           f'<span class="kind">[{_e(f.kind)}]</span>'
@@ -121,7 +121,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _section(s: Section) -> str:
   parts = [f'<section id="{_e(s.id)}"><h2>{_e(s.title)}</h2>',
            f"<p>{_e(s.intro)}</p>" if s.intro else ""]
-  parts += [_finding(f) for f in s.findings]
+  parts += [finding_html(f) for f in s.findings]
   parts += [f'<p class="note">{_e(n)}</p>' for n in s.notes]
   parts += [f'<figure><img src="{_e(i.file)}" alt="{_e(i.caption)}">'
             f"<figcaption>{_e(i.caption)}</figcaption></figure>" for i in s.images]
@@ -161,7 +161,7 @@ def render(study: study_data.Study, sections: Sequence[Section],
       f"<nav>{nav}</nav>",
       f'<section id="findings"><h2>Findings ({warnings} warning'
       f'{"" if warnings == 1 else "s"}, {len(found) - warnings} info)</h2>',
-      "".join(_finding(f) for f in ordered) or "<p>No findings.</p>",
+      "".join(finding_html(f) for f in ordered) or "<p>No findings.</p>",
       "<p class=\"meta\">Also in findings.json, beside this page.</p></section>",
       *(_section(s) for s in sections),
       f"<script>{IMAGE_CHECK}</script>",

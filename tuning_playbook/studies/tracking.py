@@ -135,6 +135,12 @@ def _file_lock(path: str) -> Iterator[None]:
     os.close(fd)
 
 
+def read_tracking_table(table_path: str) -> list[dict[str, str]]:
+  """The table's rows, in the order studies were first recorded."""
+  with open(table_path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
 def update_tracking_table(table_path: str, row: Mapping[str, Any]) -> None:
   """Replaces the row of the same study directory, or appends one.
 
@@ -144,10 +150,7 @@ def update_tracking_table(table_path: str, row: Mapping[str, Any]) -> None:
   os.makedirs(directory, exist_ok=True)
   key = os.path.abspath(row["study_dir"])
   with _file_lock(table_path):
-    rows = []
-    if os.path.exists(table_path):
-      with open(table_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_tracking_table(table_path) if os.path.exists(table_path) else []
     for i, existing in enumerate(rows):
       if os.path.abspath(existing.get("study_dir", "")) == key:
         rows[i] = dict(row)
