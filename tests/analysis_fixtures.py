@@ -91,6 +91,8 @@ def training_loss(spec: TrialSpec, steps: np.ndarray,
   noisy_flat   flat at 1.0 with large (lognormal, spiky) minibatch noise
   warmup_bump  falling, with a bump of +1.0 over the first 5% of training
   mid_spike    falling, with the loss 30x higher for 8 steps from step 500
+  stuck_high   falls from 2.3 only to about 1.5: finished, but far above
+               the other trials (infeasible-like)
   """
   t = steps / MAX_STEPS
   if spec.loss == "noisy_flat":
@@ -101,6 +103,8 @@ def training_loss(spec: TrialSpec, steps: np.ndarray,
             + 0.05 * rng.standard_normal(len(t)))
   elif spec.loss == "warmup_bump":
     loss = loss + 1.0 * np.sin(np.pi * np.clip(t / 0.05, 0, 1))
+  elif spec.loss == "stuck_high":
+    loss = loss + 1.45
   elif spec.loss == "mid_spike":
     loss[(steps >= 500) & (steps < 508)] *= 30.0
   return loss

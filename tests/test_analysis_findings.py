@@ -418,7 +418,9 @@ def test_training_loss_increasing_names_trials_and_steps(tmp_path):
     assert evidence["peak"] == pytest.approx(late, rel=0.1)
     assert evidence["rise"] > 0.4
     assert f"{trial_id}: " in hit.message and f"step {evidence['start_step']}" in hit.message
-  assert warnings(findings) == ["training_loss_increasing"]
+  # Ending near 1.7 against the others' 0.06, they are infeasible-like too.
+  assert warnings(findings) == ["infeasible_like", "training_loss_increasing"]
+  assert set(by_kind(findings)["infeasible_like"][0].details["trials"]) == {"0000", "0003"}
   assert hit.command is None
 
 
@@ -870,3 +872,32 @@ def test_no_instability_edge_when_the_best_trial_is_far_below_it(clean, tmp_path
   _, findings = analyse(fx.write_study(str(tmp_path / "far"), specs))
   # The edge at 0.65 (trial 0005), the best 0.2 of the range below it.
   assert "instability_edge" not in by_kind(findings)
+
+
+def test_a_trial_with_an_uncharacteristically_high_loss_is_infeasible_like(tmp_path):
+  # Trial 0005 finishes at a training loss near 1.5, the others near 0.06.
+  _, findings = analyse(build(tmp_path, "high_loss", [5], loss="stuck_high"))
+  (finding,) = by_kind(findings)["infeasible_like"]
+  assert finding.severity == "warning"
+  assert list(finding.details["trials"]) == ["0005"]
+  final = finding.details["trials"]["0005"]["final_loss"]
+  assert 1.45 < final < 1.6
+  assert finding.details["trials"]["0005"]["deviations"] > 5
+  assert 0.05 < finding.details["median_final_loss"] < 0.07
+  assert finding.details["num_feasible"] == 9
+  assert "infeasible_like" not in by_kind(
+      analyse(fx.clean_study(str(tmp_path / "control")))[1])
+
+
+def test_high_loss_outliers_need_both_the_factor_and_the_deviations():
+  from tuning_playbook.analysis import high_loss  # pylint: disable=g-import-not-at-top
+  thresholds = Thresholds()
+  rng = np.random.default_rng(0)
+  noisy = {f"{i:04d}": float(v) for i, v in enumerate(np.exp(rng.normal(0, 0.4, 40)))}
+  assert high_loss.outliers(noisy, thresholds) == {}  # Lognormal spread alone.
+  tight = {f"{i:04d}": 1.0 + 0.001 * i for i in range(8)}
+  assert high_loss.outliers({**tight, "x": 2.9}, thresholds) == {}  # Under 3x.
+  high = high_loss.outliers({**tight, "x": 3.5}, thresholds)
+  assert list(high) == ["x"] and high["x"] > 100
+  assert high_loss.outliers({"a": 1.0, "b": 1.0, "c": 1.0, "x": 50.0},
+                            thresholds) == {}  # Fewer than 5 trials.

@@ -113,6 +113,14 @@ class Thresholds:
   # Next-step commands: a repeat study should miss the good region with at
   # most `miss_probability`; a too-long training is cut to this many times
   # the latest best step; round 2 trains this many times longer.
+  # Infeasible-like (the playbook's Figure 7a: "uncharacteristically high
+  # values of the loss"): a finished trial whose final training loss is at
+  # least `high_loss_factor` x the study's median and `high_loss_deviations`
+  # robust deviations (of log loss) above it, among at least
+  # `high_loss_min_trials` feasible trials.
+  high_loss_factor: float = 3.0
+  high_loss_deviations: float = 5.0
+  high_loss_min_trials: int = 5
   early_stop_margin: float = 2.0
   round2_steps_factor: float = 2.0
 

@@ -19,6 +19,7 @@ from tuning_playbook.analysis import bootstrap
 from tuning_playbook.analysis import curve_checks
 from tuning_playbook.analysis import findings as findings_lib
 from tuning_playbook.analysis import gradient_checks
+from tuning_playbook.analysis import high_loss
 from tuning_playbook.analysis import isolation
 from tuning_playbook.analysis import loss_spikes
 from tuning_playbook.analysis import loss_trend
@@ -151,7 +152,8 @@ def analyse(study: study_data.Study,
            + bootstrap.check(study, result, thresholds)
            + throughput_checks.check(study, thresholds)
            + loss_trend.check(study, thresholds)
-           + loss_spikes.check(study, thresholds))
+           + loss_spikes.check(study, thresholds)
+           + high_loss.check(study, thresholds))
   found = _without_checks_left_out(found, procedure)
   found = next_steps.attach(study, found, thresholds)
   return Analysis(study, groups, flags, stats, result, found)
