@@ -217,9 +217,14 @@ def _message(rows, target, metric, scaling_to, fastest) -> str:
       if r["steps"] else "never reaches it") for r in rows]
   text = (f"Steps to {metric} = {fmt(target)} with each batch size's best "
           f"learning rate: " + "; ".join(parts) + ". ")
-  if scaling_to is not None:
+  measured = [r["batch_size"] for r in rows if r["steps"]]
+  if scaling_to is not None and scaling_to > measured[0]:
     text += (f"Perfect scaling (the steps halve when the batch doubles, by "
              f"x{STEPS_SCALING:g} or more) holds up to batch size {scaling_to}. ")
+  elif len(measured) > 1:
+    text += (f"Perfect scaling (the steps halve when the batch doubles, by "
+             f"x{STEPS_SCALING:g} or more) does not hold past batch size "
+             f"{measured[0]}. ")
   if fastest is not None:
     text += (f"The shortest training time is at batch size "
              f"{fastest['batch_size']}: use it, and re-tune the other "
@@ -239,8 +244,7 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
     finding = Finding(f"{NAME}/time_to_result", NAME, findings_lib.WARNING,
                       f"No trial finished with a finite {metric}: run the study.",
                       {"metric": metric})
-    return [finding], Section(NAME, "Batch size by time to result", "",
-                              findings=[finding])
+    return [finding], Section(NAME, "Batch size by time to result", "")
   rows = time_rows(study, target)
   scaling_to = largest_scaling(rows)
   timed = [r for r in rows if r["training_seconds"]]
@@ -259,7 +263,7 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
       NAME, "Batch size by time to result",
       "Each batch size with its own learning rates; the steps to reach the "
       "target x the time per step is the training time the playbook "
-      "minimizes.", images=[image] if image else [], findings=[finding],
+      "minimizes.", images=[image] if image else [],
       tables=[(["batch size", "trials", "steps to target", "learning rate",
                 "ms/step", "training time (s)"],
                [[str(r["batch_size"]), str(r["trials"]),

@@ -189,7 +189,7 @@ def analyze(study: study_data.Study, save_figure: SaveFigure
   section = Section(NAME, "Adopt the change or not",
                     "Both configurations rerun with the same seeds; a change "
                     "is adopted only when it beats the trial variance.",
-                    images=[image] if image else [], findings=[finding])
+                    images=[image] if image else [])
   return [finding], section
 
 
