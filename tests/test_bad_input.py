@@ -214,7 +214,7 @@ ANALYZE_BAD_INPUT = [  # (case, flags, what stderr says)
     ("top_k of 0", ("--study_dir={study}", "--top_k=0"),
      ["--top_k=0: 0 is not a positive integer"]),
     ("top_k not a number", ("--study_dir={study}", "--top_k=abc"), ["--top_k=abc"]),
-    ("no study_dir", (), ["--study_dir must have a value"]),
+    ("no study_dir", (), ["Exactly one of (study_dir, tracking_table) must have a value"]),
 ]
 
 

@@ -101,9 +101,22 @@ def test_exploit_from_a_finished_study(source, tmp_path):
   study_dir = str(tmp_path / "exploit")
   _playbook("exploit", study_dir, source, "--num_trials=2", "--batch=2")
   assert len(_statuses(study_dir)) == 2
+  with open(os.path.join(study_dir, "study.json")) as f:
+    record = json.load(f)
+  assert record["sampler"] == {"algorithm": "vizier", "designer": "gp_ucb_pe"}
+  params = [t["params"] for t in record["trials"]]
+  assert params[0] != params[1]  # A batch, not one point twice.
+  # Relaunched when finished: nothing new is proposed or trained.
+  _playbook("exploit", study_dir, source, "--num_trials=2", "--batch=2")
+  with open(os.path.join(study_dir, "study.json")) as f:
+    assert json.load(f)["trials"] == record["trials"]
   result = _findings(study_dir)["exploit/result"]["details"]
   assert result["test_metric"] == "eval/test/error_rate"
-  assert 0.0 <= result["test_value"] <= 1.0
+  best = os.path.join(study_dir, "trials", result["best_trial"])
+  rows = helpers.read_jsonl(os.path.join(best, "metrics.jsonl"))
+  (at_best,) = [r for r in rows if r["step"] == result["best_step"]
+                and "eval/test/error_rate" in r]
+  assert result["test_value"] == at_best["eval/test/error_rate"]
   _section_in_chromium(study_dir, "exploit", tmp_path)
 
 
