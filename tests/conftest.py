@@ -4,6 +4,10 @@ The harness sizes the XLA:CPU thread pool of this process for its devices
 (`PJRT_NPROC`, read once, when the backend starts) and then removes the
 variable again, so that no subprocess a test starts inherits it: a trainer,
 study worker or sweep must size its own pool (tests/test_thread_pools.py).
+Every program the tests compile, here or in the processes they start
+(`helpers.subprocess_env`), is compiled without LLVM's optimisations
+(`helpers.FAST_COMPILE`): the tests' tiny models compile far more than they
+compute, and runs are compared only with runs compiled the same way.
 TFDS data sets built by tests go to a directory of the session
 (`TFDS_DATA_DIR`), never to the user's `~/tensorflow_datasets`.
 
@@ -26,8 +30,8 @@ HARNESS_ONLY_VARIABLES = ("PJRT_NPROC", "NPROC")
 if "jax" not in __import__("sys").modules:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={NUM_TEST_DEVICES}").strip()
+    from tests import helpers  # pylint: disable=g-import-not-at-top
+    os.environ["XLA_FLAGS"] = f"{flags} {helpers.xla_flags(NUM_TEST_DEVICES)}".strip()
   _inherited = {name: os.environ.get(name) for name in HARNESS_ONLY_VARIABLES}
   from tuning_playbook.common import cpu_devices  # pylint: disable=g-import-not-at-top
   cpu_devices.configure_thread_pool()

@@ -34,16 +34,24 @@ def main_command(workdir: str, *overrides: str, config: str = TINY_CONFIG) -> li
 
 
 # Runs of tiny models compile far more than they compute: without LLVM's
-# optimisations their programs compile in a fraction of the time. For runs
-# compared only with runs under the same flag.
+# optimisations their programs compile in a fraction of the time. Every
+# program the tests compile, in-process (tests/conftest.py) or in the
+# subprocesses below, is compiled so, so runs are compared only with runs
+# under the same flag.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def subprocess_env(num_devices: int = 1, fast_compile: bool = False) -> dict[str, str]:
+def xla_flags(num_devices: int) -> str:
+  """XLA_FLAGS of a test's process: `num_devices` simulated CPU devices."""
+  return f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}"
+
+
+def subprocess_env(num_devices: int = 1, fast_compile: bool = True) -> dict[str, str]:
+  """The environment of a process a test starts: this one's, with its own
+  simulated devices, less what the harness set for itself alone."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-  if fast_compile:
-    env["XLA_FLAGS"] += " " + FAST_COMPILE
+  env["XLA_FLAGS"] = (xla_flags(num_devices) if fast_compile else
+                      f"--xla_force_host_platform_device_count={num_devices}")
   # The trainer sizes the CPU thread pool for its simulated devices itself.
   for name in ("PJRT_NPROC", "NPROC"):
     env.pop(name, None)
@@ -54,7 +62,7 @@ def subprocess_env(num_devices: int = 1, fast_compile: bool = False) -> dict[str
 
 def run_main(workdir: str, *overrides: str, num_devices: int = 1,
              config: str = TINY_CONFIG, timeout: float = 300,
-             fast_compile: bool = False) -> subprocess.CompletedProcess:
+             fast_compile: bool = True) -> subprocess.CompletedProcess:
   return subprocess.run(main_command(workdir, *overrides, config=config),
                         cwd=REPO, env=subprocess_env(num_devices, fast_compile),
                         capture_output=True, text=True, timeout=timeout)

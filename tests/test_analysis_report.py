@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 
 from tests import analysis_fixtures as fx
+from tests import helpers
 from tuning_playbook.analysis import report
 from tuning_playbook.analysis import study_data
 
@@ -31,7 +32,7 @@ def env(**extra):
   path = os.pathsep.join(filter(None, [os.path.join(REPO, "tests"), REPO,
                                        os.environ.get("PYTHONPATH")]))
   return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1", **extra)
+              XLA_FLAGS=helpers.xla_flags(1), **extra)
 
 
 def analyze_cli(study_dir, timeout=300):
@@ -242,7 +243,7 @@ def test_one_study_per_scientific_value(tmp_path):
 @pytest.mark.slow
 def test_real_small_study(tmp_path):
   study_dir = str(tmp_path / "tiny")
-  sweep(study_dir, "tests/configs/tiny_study.py", "--num_trials=3", "--parallel=1",
+  sweep(study_dir, "tests/configs/tiny_study.py", "--num_trials=3", "--vectorize=3",
         "--config.max_train_steps=30", "--config.eval_every_steps=5")
   result = analyze_cli(study_dir)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -182,7 +182,8 @@ def _sharded_main():
 
 
 def test_statistics_under_jit_sharded_over_four_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(4),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, __file__], env=env,
                           capture_output=True, text=True, timeout=300,

@@ -32,7 +32,7 @@ THRESHOLD = 0.5
 def _env(**extra):
   path = os.pathsep.join(filter(None, [HERE, REPO, os.environ.get("PYTHONPATH")]))
   return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1", **extra)
+              XLA_FLAGS=helpers.xla_flags(1), **extra)
 
 
 def _run(module, *args, env=None, expect=0):
@@ -106,7 +106,7 @@ def test_lr_sweep_then_seed_variance(tmp_path):
   sweep_dir = str(tmp_path / "lr")
   _playbook("lr_sweep", sweep_dir, "--learning_rates=" + ",".join(map(str, LRS)),
             "--steps=150", "--eval_every=10",
-            f"--train_error_threshold={THRESHOLD}", "--run", "--parallel=3")
+            f"--train_error_threshold={THRESHOLD}", "--run", "--vectorize=3")
   record = _read_json(os.path.join(sweep_dir, "study.json"))
   assert record["procedure"]["name"] == "lr_sweep"
   assert record["fixed"]["optimizer.schedule"] == "constant"
@@ -171,7 +171,7 @@ def test_lr_sweep_then_seed_variance(tmp_path):
 
   seeds_dir = str(tmp_path / "seeds")
   _playbook("seed_variance", seeds_dir, f"--from_study={sweep_dir}",
-            "--num_seeds=2", "--run", "--parallel=2")
+            "--num_seeds=2", "--run", "--vectorize=2")
   record = _read_json(os.path.join(seeds_dir, "study.json"))
   best_id = record["procedure"]["parameters"]["references"][0]["trial_id"]
   best_config = _read_json(os.path.join(sweep_dir, "trials", best_id,

@@ -28,7 +28,7 @@ def source(tmp_path_factory):
   """A 2-trial study of 60 steps: the study the procedures start from."""
   study_dir = str(tmp_path_factory.mktemp("runs") / "cnn_study")
   _run("tuning_playbook.sweep", f"--config={CNN}", f"--study_dir={study_dir}",
-       "--num_trials=2", "--seed=0", *SHORT, "--run", "--parallel=2")
+       "--num_trials=2", "--seed=0", *SHORT, "--run", "--vectorize=2")
   return study_dir
 
 
@@ -58,7 +58,7 @@ def test_instability_check(source):
   study_dir = source + "_instability"
   _playbook("instability_check", study_dir, f"--from_study={source}",
             "--steps=80", "--lr_factors=1.5,2,100", "--eval_every=1",
-            "--run", "--parallel=2")
+            "--run", "--vectorize=3")
   found, _, page = _findings(study_dir)
   result = found["instability_check/result"]
   details = result["details"]
@@ -148,7 +148,7 @@ def test_warmup_cannot_save_a_rate_far_past_stable(source):
   study_dir = source + "_warmup"
   _playbook("warmup", study_dir, f"--from_study={source}",
             "--unstable_learning_rate=1.04", "--lr_factor=10",
-            "--warmup_steps=0,5,10", "--run", "--parallel=2")
+            "--warmup_steps=0,5,10", "--run", "--vectorize=3")
   result, rows = _warmup_rows(study_dir, 10.4, [0, 5, 10])
   details = result["details"]
   found, _, _ = _findings(study_dir)

@@ -29,7 +29,7 @@ def test_the_harness_leaves_no_thread_pool_setting_to_subprocesses():
 @pytest.mark.parametrize("isolation", ["worker", "process"])
 def test_sweep_processes_size_their_own_thread_pool(tmp_path, isolation):
   study = tmp_path / "study"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(4),
              PYTHONPATH=os.pathsep.join([helpers.REPO, test_sweep.HERE]))
   for name in conftest.HARNESS_ONLY_VARIABLES:
     assert name not in env, name

@@ -51,9 +51,6 @@ from tuning_playbook.common import termination
 from tuning_playbook.studies import commands
 from tuning_playbook.studies import study as study_lib
 from tuning_playbook.studies import trial_lease
-from tuning_playbook.training import population
-from tuning_playbook.training import run
-from tuning_playbook.training import train
 from tuning_playbook.training import trial_logs
 from tuning_playbook.training import trial_setup
 from tuning_playbook import workload as workload_lib
@@ -146,6 +143,7 @@ class Worker:
 
   def _group_key(self, trial: _Trial) -> tuple[str, int | None] | None:
     """(structure, resume step); None when the trial must train alone."""
+    from tuning_playbook.training import population  # pylint: disable=g-import-not-at-top
     try:
       workload = trial_setup.validate_before_compiling(trial.config)
     except Exception:  # pylint: disable=broad-except
@@ -231,6 +229,8 @@ class Worker:
     directory's records, say), its trials train one by one, so that only the
     trial at fault fails.
     """
+    from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
+    from tuning_playbook.training import train  # pylint: disable=g-import-not-at-top
     trials = [c.trial for c in group]
     outcomes: dict[str, tuple[int, str | None]] = {}
     if len(trials) > 1:
@@ -273,6 +273,7 @@ def _give_back(group: Sequence[_Claimed]) -> None:
 
 def _refusal(trial: _Trial) -> str | None:
   """Why the trainer would refuse this trial's config or directory, if it would."""
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   try:
     trial_setup.validate_before_compiling(trial.config)
     records.check_or_write_config(trial.trial_dir, trial.config, write=False)
@@ -283,6 +284,7 @@ def _refusal(trial: _Trial) -> str | None:
 
 def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
   """Trains one trial as `tuning_playbook.main` would; (exit status, error)."""
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   try:
     run.run_trial(trial.config, trial.trial_dir, cache)
     return 0, None
@@ -296,6 +298,7 @@ def _train_alone(trial: _Trial, cache: Any) -> tuple[int, str | None]:
 
 def _record_failed(trial: _Trial, error: Exception) -> None:
   """Marks an unfinished trial failed, as a failing trial process does."""
+  from tuning_playbook.training import run  # pylint: disable=g-import-not-at-top
   summary = records.read_summary(trial.trial_dir)
   if summary and summary.get("status") in records.ENDED_STATUSES:
     return
@@ -346,18 +349,18 @@ def main(argv):
     workload_lib.load_workload(config.workload)
   except workload_lib.UnknownWorkloadError as e:
     cli.fail(str(e))
+  try:  # The studies before the accelerators: bad input is refused at once.
+    studies = [study_lib.load_study(d) for d in _STUDY_DIRS.value]
+    trials = study_trials(config, studies)
+    check_trial_configs(trials)
+  except study_lib.StudyError as e:
+    cli.fail(str(e))
   cpu_devices.configure_thread_pool()  # Before the backend starts.
   termination.install_sigterm_exit()
   try:  # The platform line, and the config's accelerator requirement.
     platform_check.check_platform(config.require_accelerator,
                                   "config.require_accelerator")
   except platform_check.NoAcceleratorError as e:
-    cli.fail(str(e))
-  try:
-    studies = [study_lib.load_study(d) for d in _STUDY_DIRS.value]
-    trials = study_trials(config, studies)
-    check_trial_configs(trials)
-  except study_lib.StudyError as e:
     cli.fail(str(e))
   try:
     if _RETRY_FAILED.value:  # Once, before training: see trial_lease.
