@@ -87,10 +87,12 @@ def suggest(request: Mapping[str, Any]) -> list[dict[str, Any]]:
   return out
 
 
-def suggest_in_subprocess(request: Mapping[str, Any], timeout_s: float = 1800
+def suggest_in_subprocess(request: Mapping[str, Any], timeout_s: float = 1800,
+                          environment: Mapping[str, str] | None = None
                           ) -> list[dict[str, Any]]:
-  """`suggest` in a CPU-only child process; DesignerError naming the cause."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  """`suggest` in a CPU-only child process, with `environment` added (a
+  compilation cache, say); DesignerError naming the cause."""
+  env = {**os.environ, **(environment or {}), "JAX_PLATFORMS": "cpu"}
   try:
     done = subprocess.run(
         [sys.executable, "-m", __name__], input=json.dumps(request), env=env,

@@ -59,7 +59,12 @@ def default_tracking_table(study_dir: str) -> str:
 def compilation_cache_environment(studies: Sequence[study_lib.Study]
                                   ) -> dict[str, str]:
   """The JAX settings of the shared compilation cache, as environment variables."""
-  root = os.path.commonpath([os.path.abspath(s.study_dir) for s in studies])
+  return compilation_cache_settings(
+      os.path.commonpath([os.path.abspath(s.study_dir) for s in studies]))
+
+
+def compilation_cache_settings(root: str) -> dict[str, str]:
+  """The JAX settings of a compilation cache in `root`/.jax_cache."""
   return {"JAX_COMPILATION_CACHE_DIR": os.path.join(root, COMPILATION_CACHE_DIR),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           # -1: no minimum size, and no backend's own minimum either.
