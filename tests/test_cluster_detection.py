@@ -34,7 +34,7 @@ def test_a_failed_join_of_a_visible_cluster_exits_non_zero(tmp_path, variables, 
   env = dict(helpers.subprocess_env(), **variables)
   result = subprocess.run(
       helpers.main_command(str(workdir), f"--config.data.data_dir={tmp_path / 'data'}",
-                           "--distributed_timeout_seconds=5"),
+                           "--distributed_timeout_seconds=2"),
       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"the environment shows a multi-process job ({named})" in result.stderr
