@@ -25,11 +25,13 @@ CONFIGS = {name: os.path.join(helpers.REPO, "configs", f"{name}.py")
            for name in ("imagenet_resnet50", "imagenet_vit")}
 MEAN = np.array(image_preprocessing.IMAGENET_MEAN, np.float32)
 STD = np.array(image_preprocessing.IMAGENET_STD, np.float32)
+# Tiny models: their programs compile in proportion to their size (ResNet-18,
+# the least depth, at 1/16 width; ViT of one block).
 TINY = {
-    "imagenet_resnet50": {"model.depth": 18, "model.width_multiplier": 0.25,
+    "imagenet_resnet50": {"model.depth": 18, "model.width_multiplier": 0.0625,
                           "model.num_classes": 10, "model.image_size": 32},
     "imagenet_vit": {"model.variant": "Ti/8", "model.hidden_size": 32,
-                     "model.depth": 2, "model.num_heads": 2,
+                     "model.depth": 1, "model.num_heads": 2,
                      "model.mlp_dim": 64, "model.num_classes": 10,
                      "model.image_size": 32},
 }

@@ -151,6 +151,11 @@ def test_masked_loss_and_accuracy_equal_hand_computation_on_1_and_4_devices():
   assert abs(np.mean(per_device) - train_loss) > 1e-2
 
 
+def _tokens():
+  """Two random sequences of 12 byte tokens (ids 2..257)."""
+  return jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 12)), jnp.int32)
+
+
 @pytest.mark.parametrize("position_embedding", ["learned", "sinusoidal"])
 @pytest.mark.parametrize("tied_embedding", [True, False])
 def test_causality_a_future_token_leaves_earlier_logits_alone(
@@ -158,8 +163,9 @@ def test_causality_a_future_token_leaves_earlier_logits_alone(
   model = lm_transformer.create_model(tiny_config(**{
       "model.position_embedding": position_embedding,
       "model.tied_embedding": tied_embedding}))
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 2, 258)
-  variables = model.init(jax.random.key(1), tokens, train=False)
+  tokens = _tokens()
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(1), tokens, train=False))()
   apply = jax.jit(lambda x: model.apply(variables, x, train=False))
   logits = apply(tokens)
   assert logits.shape == (2, 12, 258) and logits.dtype == jnp.float32
@@ -170,12 +176,14 @@ def test_causality_a_future_token_leaves_earlier_logits_alone(
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 2, 258)
+  tokens = _tokens()
   models = {d: lm_transformer.create_model(tiny_config(compute_dtype=d))
             for d in ("float32", "bfloat16")}
-  variables = models["bfloat16"].init(jax.random.key(1), tokens, train=False)
+  variables = jax.jit(lambda: models["bfloat16"].init(
+      jax.random.key(1), tokens, train=False))()
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  logits = {d: m.apply(variables, tokens, train=False) for d, m in models.items()}
+  logits = jax.jit(lambda v: {d: m.apply(v, tokens, train=False)
+                              for d, m in models.items()})(variables)
   assert logits["bfloat16"].dtype == jnp.float32
   np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=0.15)
 

@@ -1,5 +1,6 @@
 """Synthetic batches (no data set touched) and bfloat16 mixed precision."""
 
+import logging
 import os
 import shutil
 
@@ -14,56 +15,56 @@ from tuning_playbook.common import config_validation
 from tuning_playbook import config_schema
 from tuning_playbook.training import optimizers
 from tuning_playbook.training import synthetic_data
+from tuning_playbook.training import train
 from tuning_playbook.training import train_step as train_step_lib
 from tuning_playbook import workload as workload_lib
 
 CONFIGS = os.path.join(helpers.REPO, "configs")
-SYNTHETIC_FLAGS = ("--config.data.synthetic=True", "--config.max_train_steps=6",
-                   "--config.eval_every_steps=3", "--config.log_every_steps=1",
-                   "--config.eval_batch_size=16", "--config.num_best_checkpoints=3")
-SYNTHETIC_RUNS = {  # name: (devices, flags)
+# The runs below train in this process, on its 4 simulated devices
+# (tests/conftest.py), with no imports of their own to pay for: the CLI's
+# synthetic runs are tests/test_shipped_configs_parallel.py's.
+SYNTHETIC_RUN = {"data.synthetic": True, "max_train_steps": 6, "eval_every_steps": 3,
+                 "log_every_steps": 1, "eval_batch_size": 16, "num_best_checkpoints": 3}
+SYNTHETIC_RUNS = {  # name: overrides
     # k = 2 batches per transfer, so resuming at step 3 starts mid-transfer.
-    "mnist1d_cnn": (2, ("--config.batch_size=16", "--config.data.batches_per_transfer=2",
-                        "--config.model.batch_norm=True",
-                        "--config.optimizer.warmup_steps=2",
-                        "--config.optimizer.warmup_mode=included")),
-    "cifar10_wrn": (1, ("--config.batch_size=8", "--config.model.depth=10",
-                        "--config.model.width=1", "--config.compute_dtype=bfloat16")),
+    "mnist1d_cnn": {"batch_size": 16, "data.batches_per_transfer": 2,
+                    "model.batch_norm": True, "optimizer.warmup_steps": 2,
+                    "optimizer.warmup_mode": "included"},
+    "cifar10_wrn": {"batch_size": 8, "model.depth": 10, "model.width": 1,
+                    "compute_dtype": "bfloat16"},
 }
 # The bfloat16-vs-float32 comparison: MNIST-1D CNN, 300 steps, seed 0. The
 # peak learning rate is below the shipped 0.14, which sits at the edge of
 # stability, where any perturbation of the trajectory (bfloat16 rounding
 # included) occasionally sends a seed down another path.
-TRACKING_FLAGS = ("--config.max_train_steps=300", "--config.eval_every_steps=300",
-                  "--config.log_every_steps=20", "--config.optimizer.learning_rate=0.05",
-                  "--config.optimizer.warmup_steps=30", "--config.seed=0")
-# Measured over seeds 0-7: |error-rate difference| <= 0.009 (of 1000
-# validation examples), train-loss relative difference <= 0.024 at every log
-# step. The bounds leave about 2x room.
+TRACKING_RUN = {"max_train_steps": 300, "eval_every_steps": 300, "log_every_steps": 20,
+                "optimizer.learning_rate": 0.05, "optimizer.warmup_steps": 30,
+                "seed": 0}
+# Measured over seeds 0-7 on 1 device: |error-rate difference| <= 0.009 (of
+# 1000 validation examples), train-loss relative difference <= 0.024 at every
+# log step; on the 4 devices here (compiled fast): <= 0.009 and <= 0.011.
+# The bounds leave about 2x room.
 MAX_VALIDATION_ERROR_DIFFERENCE = 0.02
 MAX_TRAIN_LOSS_RELATIVE_DIFFERENCE = 0.05
 
 
-def _run_ok(workdir, *flags, config, num_devices=1, fast_compile=False):
-  """Runs main; returns metrics.jsonl without the timing-dependent perf/* fields."""
-  result = helpers.run_main(workdir, *flags, config=config, num_devices=num_devices,
-                            fast_compile=fast_compile)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return [{k: v for k, v in row.items() if not k.startswith("perf/")}
-          for row in helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+def _train(workdir, config):
+  """Trains (or resumes) `config` in this process; returns metrics.jsonl
+  without the timing-dependent perf/* fields."""
+  assert jax.device_count() == 4  # tests/conftest.py
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["status"] == "completed", summary
+  return helpers.without_timing(helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SYNTHETIC_RUNS))
-def test_synthetic_run_trains_evaluates_and_resumes_without_data(tmp_path, name):
+def test_synthetic_run_trains_evaluates_and_resumes_without_data(tmp_path, name, caplog):
   data_dir = tmp_path / "tfds"
   workdir = str(tmp_path / "run")
-  num_devices, run_flags = SYNTHETIC_RUNS[name]
-  flags = (*SYNTHETIC_FLAGS, *run_flags, f"--config.data.data_dir={data_dir}")
-  config = os.path.join(CONFIGS, f"{name}.py")
-  # Compared with itself only: compiled fast (helpers.FAST_COMPILE).
-  rows = _run_ok(workdir, *flags, config=config, num_devices=num_devices,
-                 fast_compile=True)
+  config = helpers.load_config(os.path.join(CONFIGS, f"{name}.py"), **{
+      **SYNTHETIC_RUN, **SYNTHETIC_RUNS[name], "data.data_dir": str(data_dir)})
+  rows = _train(workdir, config)
 
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   # Random labels of 10 classes: the loss starts near ln(10).
@@ -81,8 +82,9 @@ def test_synthetic_run_trains_evaluates_and_resumes_without_data(tmp_path, name)
   # steps 4-6 on the same batches and logs the same values.
   os.remove(os.path.join(workdir, "summary.json"))
   shutil.rmtree(os.path.join(checkpoints, "6"))
-  assert _run_ok(workdir, *flags, config=config, num_devices=num_devices,
-                 fast_compile=True) == rows
+  with caplog.at_level(logging.INFO):
+    assert _train(workdir, config) == rows
+  assert "Resumed from checkpoint at step 3." in caplog.text
   assert not data_dir.exists()
 
 
@@ -105,11 +107,12 @@ def test_bad_synthetic_or_dtype_config_exits_2_naming_the_key(tmp_path, override
 
 @pytest.mark.slow
 def test_bfloat16_run_tracks_float32_run(tmp_path):
-  data_flag = f"--config.data.data_dir={tmp_path / 'data'}"
+  # MNIST-1D from the session's TFDS directory (tests/conftest.py), prepared
+  # there once for every test that trains on it.
   config = os.path.join(CONFIGS, "mnist1d_cnn.py")
-  runs = {dtype: _run_ok(str(tmp_path / dtype), *TRACKING_FLAGS, data_flag,
-                         f"--config.compute_dtype={dtype}", config=config)
-          for dtype in ("float32", "bfloat16")}
+  runs = {dtype: _train(str(tmp_path / dtype), helpers.load_config(config, **{
+      **TRACKING_RUN, "data.data_dir": os.environ["TFDS_DATA_DIR"],
+      "compute_dtype": dtype})) for dtype in ("float32", "bfloat16")}
   f32, bf16 = runs["float32"], runs["bfloat16"]
   assert [r["step"] for r in f32] == [r["step"] for r in bf16]
   relative = [abs(a["train/loss"] - b["train/loss"]) / a["train/loss"]
