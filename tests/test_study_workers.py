@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests import helpers
 from tests import test_sweep
 from tuning_playbook.common import records
 from tuning_playbook.studies import slurm
@@ -284,7 +285,11 @@ def test_second_trial_loads_its_programs_from_the_compilation_cache(tmp_path):
   """Two real trial processes of the same shapes, one after the other (a
   study worker's second trial reuses the first's programs in memory)."""
   study_dir = tmp_path / "study"
-  env = test_sweep._env(JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+  # XLA's backend optimisations off: the trials' results are compared with
+  # nothing, and the cache keys its programs under the flag all the same.
+  env = test_sweep._env(
+      JAX_DEBUG_LOG_MODULES="jax._src.compiler",
+      XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {helpers.FAST_COMPILE}".strip())
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   test_sweep._sweep(study_dir, "--num_trials=2", "--run", "--isolation=process",
                     env=env, fake=False)

@@ -21,6 +21,15 @@ CNN_SHORT = ("--config.max_train_steps=60", "--config.eval_every_steps=20",
              "--config.log_every_steps=10", "--config.data.batches_per_transfer=8")
 
 
+def _env(num_devices=None):
+  """test_sweep._env with XLA's backend optimisations off (helpers.FAST_COMPILE):
+  every run of this file is compared, if at all, only with runs of this file.
+  The simulated devices stay those of the pytest process unless given."""
+  devices = (os.environ.get("XLA_FLAGS", "") if num_devices is None else
+             f"--xla_force_host_platform_device_count={num_devices}")
+  return test_sweep._env(XLA_FLAGS=f"{devices} {helpers.FAST_COMPILE}".strip())
+
+
 def _trial_dirs(study_dir):
   trials = os.path.join(study_dir, "trials")
   return [os.path.join(trials, t) for t in sorted(os.listdir(trials))]
@@ -42,18 +51,20 @@ def _assert_close_rows(got, want, rtol):
 @pytest.mark.slow
 def test_vectorized_study_matches_one_process_per_trial(tmp_path):
   # The shipped config and its default search space, on 2 simulated
-  # devices (data parallel) both ways.
-  args = ("--num_trials=3", "--run") + CNN_SHORT
-  env = test_sweep._env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # devices (data parallel) both ways. Two trials (learning rates, momenta,
+  # weight decays and warmups of their own: different last steps).
+  args = ("--num_trials=2", "--run") + CNN_SHORT
+  env = _env(num_devices=2)
   alone = tmp_path / "alone"
   test_sweep._sweep(alone, *args, "--isolation=process", "--parallel=2",
                     config=CNN, fake=False, env=env)
   grouped = tmp_path / "grouped"
-  test_sweep._sweep(grouped, *args, "--vectorize=3", config=CNN, fake=False,
+  test_sweep._sweep(grouped, *args, "--vectorize=2", config=CNN, fake=False,
                     env=env)
   want = test_sweep._read_csv(alone / "results.csv")
   got = test_sweep._read_csv(grouped / "results.csv")
-  assert [r["status"] for r in got] == ["completed"] * 3
+  assert [r["status"] for r in got] == ["completed"] * 2
+  assert len({r["final_step"] for r in want}) == 2
   for g, w in zip(got, want):
     for key in ("trial_id", "status", "best_step", "final_step",
                 "optimizer.learning_rate", "optimizer.warmup_steps"):
@@ -64,10 +75,10 @@ def test_vectorized_study_matches_one_process_per_trial(tmp_path):
     _assert_close_rows(_metrics(g_dir), _metrics(w_dir), rtol=1e-5)
     runner = helpers.read_json(os.path.join(g_dir, "runner.json"))
     assert runner["status"] == "exited" and runner["returncode"] == 0
-    assert len(runner["population"]) == 3
+    assert len(runner["population"]) == 2
     with open(os.path.join(g_dir, "log.txt")) as f:
       log = f.read()
-    assert log.count("worker") >= 1 and "Training 3 trial(s) as one population" in log
+    assert log.count("worker") >= 1 and "Training 2 trial(s) as one population" in log
     # Its own lines, not its partners': one eval line per eval of its own.
     evals = [r for r in _metrics(g_dir) if "eval/test/accuracy" in r]
     assert len(evals) >= 3 and log.count("] eval/test/accuracy=") == len(evals)
@@ -78,38 +89,41 @@ def test_vectorized_study_matches_one_process_per_trial(tmp_path):
     assert len(ended) == 1 and f"Trial {g_dir}: completed" in ended[0], ended
 
 
-def _wait_for_checkpoints(study_dir, step, timeout=180):
-  """Waits until every trial has a checkpoint at `step` or later."""
-  def reached(trial):
-    try:
-      names = os.listdir(os.path.join(trial, "checkpoints"))
-    except OSError:
-      return False
-    return any(n.isdigit() and int(n) >= step for n in names)
+def _checkpoint_steps(trial):
+  try:
+    names = os.listdir(os.path.join(trial, "checkpoints"))
+  except OSError:
+    return []
+  return [int(n) for n in names if n.isdigit()]
 
+
+def _wait_for_checkpoints(study_dir, step, timeout=180, trials=None):
+  """Waits until every trial (of `trials`, if given) has a checkpoint at
+  `step` or later."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    if os.path.isdir(study_dir / "trials"):
-      trials = _trial_dirs(study_dir)
-      if trials and all(reached(t) for t in trials):
+    if trials is not None or os.path.isdir(study_dir / "trials"):
+      wanted = _trial_dirs(study_dir) if trials is None else trials
+      if wanted and all(max(_checkpoint_steps(t), default=-1) >= step
+                        for t in wanted):
         return
-    time.sleep(0.1)
+    time.sleep(0.05)
   raise AssertionError(f"no checkpoint at step {step} in time")
 
 
 @pytest.mark.slow
 def test_killed_vectorized_study_resumes_exactly(tmp_path):
-  args = ("--num_trials=3", "--run", "--vectorize=3",
-          "--config.max_train_steps=1000", "--config.eval_every_steps=100",
-          "--config.log_every_steps=10")
-  reference = tmp_path / "reference"
-  test_sweep._sweep(reference, *args, fake=False)
+  # 400 steps (eval and checkpoint every 40): each signal below comes at the
+  # first checkpoint it waits for, with most of the run still to train.
+  overrides = ("--config.max_train_steps=400", "--config.eval_every_steps=40",
+               "--config.log_every_steps=10")
+  args = ("--num_trials=3", "--run", "--vectorize=3") + overrides
   study = tmp_path / "study"
   sweep = subprocess.Popen(test_sweep._sweep_argv(study, *args, fake=False),
-                           cwd=REPO, env=test_sweep._env(),
+                           cwd=REPO, env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-  _wait_for_checkpoints(study, 100)
+  _wait_for_checkpoints(study, 40)
   # SIGTERM to the launcher: its worker stops the population at a step,
   # checkpoints it and marks the trials interrupted.
   sweep.send_signal(signal.SIGTERM)
@@ -119,25 +133,47 @@ def test_killed_vectorized_study_resumes_exactly(tmp_path):
     runner = helpers.read_json(os.path.join(trial, "runner.json"))
     assert runner["status"] == "interrupted", runner
     assert not os.path.exists(os.path.join(trial, "summary.json"))
-  # Relaunched, then the worker is killed outright (SIGKILL) while it trains.
+  stopped = max(max(_checkpoint_steps(t)) for t in _trial_dirs(study))
+  # Relaunched, then the worker is killed outright (SIGKILL) while it trains:
+  # once it has checkpointed past the step it resumed from.
   sweep = subprocess.Popen(test_sweep._sweep_argv(study, *args, fake=False),
-                           cwd=REPO, env=test_sweep._env(),
+                           cwd=REPO, env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
-  _wait_for_checkpoints(study, 300)
+  _wait_for_checkpoints(study, stopped + 1)
   worker_pid = helpers.read_json(os.path.join(_trial_dirs(study)[0], "runner.json"))["pid"]
   os.kill(worker_pid, signal.SIGKILL)
   sweep.send_signal(signal.SIGKILL)
   sweep.wait()
   assert not all(os.path.exists(os.path.join(t, "summary.json"))
                  for t in _trial_dirs(study))
-  test_sweep._sweep(study, *args, fake=False)
+  # The same study uninterrupted (records only: not run yet).
+  reference = tmp_path / "reference"
+  test_sweep._sweep(reference, "--num_trials=3", *overrides, fake=False)
+  # One study worker finishes both: the reference's trials from step 0 as one
+  # population, the killed study's (a dead worker's stale claims, resumed
+  # from their checkpoints) as another.
+  worker = subprocess.run(
+      [sys.executable, "-m", "tuning_playbook.study_worker",
+       f"--config={test_sweep.TINY}", f"--study_dir={reference}",
+       f"--study_dir={study}", "--vectorize=3", *overrides],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+  assert worker.returncode == 0, worker.stderr[-3000:]
+  for study_dir in (reference, study):
+    trials = _trial_dirs(study_dir)
+    for trial in trials:
+      runner = helpers.read_json(os.path.join(trial, "runner.json"))
+      assert runner["status"] == "exited" and runner["returncode"] == 0
+      assert runner["population"] == trials, runner
   for got, want in zip(_trial_dirs(study), _trial_dirs(reference)):
+    with open(os.path.join(got, "log.txt")) as f:
+      assert "Resumed from checkpoint at step" in f.read().split(" worker ")[-1]
     _assert_close_rows(_metrics(got), _metrics(want), rtol=1e-6)
     _assert_close_rows(_metrics(got, "grad_norms.jsonl"),
                        _metrics(want, "grad_norms.jsonl"), rtol=1e-6)
     assert (helpers.read_json(os.path.join(got, "summary.json"))["best_value"]
             == helpers.read_json(os.path.join(want, "summary.json"))["best_value"])
+  test_sweep._sweep(study, "--num_trials=3", *overrides, fake=False)  # Records.
   rows = test_sweep._read_csv(study / "results.csv")
   assert [r["status"] for r in rows] == ["completed"] * 3
 
@@ -149,7 +185,7 @@ def test_vectorizing_workers_started_at_once_train_each_trial_once(tmp_path):
                                 "--vectorize=2", fake=False)
   # Plan the study first, so that the workers race only for trials.
   test_sweep._sweep(study, "--num_trials=6", fake=False)
-  workers = [subprocess.Popen(argv, cwd=REPO, env=test_sweep._env(),
+  workers = [subprocess.Popen(argv, cwd=REPO, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
   for worker in workers:
@@ -174,38 +210,7 @@ def test_vectorize_needs_study_workers(tmp_path):
   assert not os.path.exists(tmp_path / "f" / "trials" / "0000" / "log.txt")
 
 
-@pytest.mark.slow
-def test_a_launch_waits_for_trials_claimed_elsewhere_and_trains_one_given_up(tmp_path):
-  study = tmp_path / "study"
-  test_sweep._sweep(study, "--num_trials=2", fake=False)  # Plans the study.
-  first, held = _trial_dirs(study)
-  # A live runner elsewhere (this test's process) holds the second trial.
-  claim = trial_claims.try_claim(held)
-  assert claim is not None
-  sweep = subprocess.Popen(
-      test_sweep._sweep_argv(study, "--num_trials=2", "--run", fake=False),
-      cwd=REPO, env=test_sweep._env(), stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True)
-  try:
-    worker_log = study / "workers" / "worker-0.log"
-    test_sweep._wait_for(
-        lambda: "No unclaimed unfinished trial left" in (
-            worker_log.read_text() if worker_log.exists() else ""),
-        180, "the launch's worker to train the first trial and exit")
-    assert helpers.read_json(os.path.join(first, "summary.json"))["status"] == "completed"
-    time.sleep(5)  # The launch, not a worker, must wait for the held trial.
-    assert sweep.poll() is None
-    assert not os.path.exists(os.path.join(held, "summary.json"))
-  finally:
-    claim.release()  # Its runner gives it up unfinished.
-  _, err = sweep.communicate(timeout=180)
-  assert sweep.returncode == 0, err[-3000:]
-  assert "Waiting for 1 trial(s) claimed by runners elsewhere" in err
-  assert helpers.read_json(os.path.join(held, "summary.json"))["status"] == "completed"
-  assert worker_log.read_text().count("launch:") == 2
-
-
-def _worker_on_host(host, study_dir, *args):
+def _worker_on_host(host, study_dir, *args, stderr=subprocess.PIPE):
   """A study worker process that names itself `host` in its claims."""
   code = ("import runpy, socket, sys; "
           f"socket.gethostname = lambda: {host!r}; "
@@ -213,38 +218,83 @@ def _worker_on_host(host, study_dir, *args):
           "runpy.run_module('tuning_playbook.study_worker', run_name='__main__')")
   return subprocess.Popen(
       [sys.executable, "-c", code, f"--config={test_sweep.TINY}",
-       f"--study_dir={study_dir}", *args], cwd=REPO, env=test_sweep._env(),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+       f"--study_dir={study_dir}", *args], cwd=REPO, env=_env(),
+      stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 @pytest.mark.slow
-def test_a_terminated_worker_hands_its_trials_to_another_host_at_once(tmp_path):
-  """SIGTERM to a worker on host "node-a" training a population: it
-  checkpoints, marks its trials interrupted and releases their claims, so a
-  worker on this host (a resubmitted SLURM task) resumes them at once."""
+def test_a_launch_waits_for_trials_held_on_another_host_and_resumes_them_once_given_up(
+    tmp_path):
+  """A study worker on host "node-a" trains two trials as a population; a
+  launch here (not itself a worker) trains the third and then waits for the
+  two, held elsewhere. SIGTERM to the worker: it checkpoints, marks its
+  trials interrupted and releases their claims, so the launch, as a
+  resubmitted SLURM task would, resumes them at once."""
   study = tmp_path / "study"
   overrides = ("--config.max_train_steps=400", "--config.eval_every_steps=40",
                "--config.log_every_steps=10")
-  test_sweep._sweep(study, "--num_trials=2", *overrides, fake=False)  # Records only.
-  worker = _worker_on_host("node-a", study, "--vectorize=2", *overrides)
-  _wait_for_checkpoints(study, 40)
-  claims = [trial_claims.read_claim(t) for t in _trial_dirs(study)]
-  assert [c["host"] for c in claims] == ["node-a"] * 2
-  worker.send_signal(signal.SIGTERM)
-  _, err = worker.communicate(timeout=120)
-  assert worker.returncode == 143, err[-3000:]
-  stopped = {}
-  for trial in _trial_dirs(study):
-    assert trial_claims.read_claim(trial) is None
-    runner = helpers.read_json(os.path.join(trial, "runner.json"))
-    assert runner["status"] == "interrupted" and runner["returncode"] == 143
-    stopped[trial] = max(int(n) for n in os.listdir(os.path.join(trial, "checkpoints"))
-                         if n.isdigit())
-    assert records.trial_status(trial)["status"] == "interrupted"
-  result = test_sweep._sweep(study, "--num_trials=2", "--run", "--worker",
-                             "--vectorize=2", *overrides, fake=False)
+  test_sweep._sweep(study, "--num_trials=3", *overrides, fake=False)  # Records only.
+  *held, free = _trial_dirs(study)
+  worker_err = tmp_path / "node-a.err"
+  with open(worker_err, "w") as stderr:
+    worker = _worker_on_host("node-a", study, "--vectorize=2", *overrides,
+                             stderr=stderr)
+  sweep = None
+  launch_log = tmp_path / "launch.err"
+  passed = False
+  try:
+    _wait_for_checkpoints(study, 40, trials=held)
+    # Stopped mid-training (SIGSTOP) for as long as the launch needs.
+    worker.send_signal(signal.SIGSTOP)
+    assert [trial_claims.read_claim(t)["host"] for t in held] == ["node-a"] * 2
+    assert trial_claims.read_claim(free) is None
+    with open(launch_log, "w") as stderr:
+      sweep = subprocess.Popen(
+          test_sweep._sweep_argv(study, "--num_trials=3", "--run",
+                                 "--vectorize=2", *overrides, fake=False),
+          cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    worker_log = study / "workers" / "worker-0.log"
+    test_sweep._wait_for(
+        lambda: "No unclaimed unfinished trial left" in (
+            worker_log.read_text() if worker_log.exists() else ""),
+        180, "the launch's worker to train the free trial and exit")
+    assert helpers.read_json(os.path.join(free, "summary.json"))["status"] == "completed"
+    # The launch, not a worker, must wait for the held trials: it says so
+    # (and trains them below, once they are given up).
+    test_sweep._wait_for(
+        lambda: "Waiting for 2 trial(s) claimed by runners elsewhere" in
+        launch_log.read_text(), 60, "the launch to wait for the held trials")
+    assert sweep.poll() is None
+    assert not any(os.path.exists(os.path.join(t, "summary.json")) for t in held)
+    # The launch is stopped too while the worker's records are read.
+    sweep.send_signal(signal.SIGSTOP)
+    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signal.SIGCONT)
+    worker.wait(timeout=120)
+    assert worker.returncode == 143, worker_err.read_text()[-3000:]
+    stopped = {}
+    for trial in held:
+      assert trial_claims.read_claim(trial) is None
+      runner = helpers.read_json(os.path.join(trial, "runner.json"))
+      assert runner["status"] == "interrupted" and runner["returncode"] == 143
+      stopped[trial] = max(_checkpoint_steps(trial))
+      assert records.trial_status(trial)["status"] == "interrupted"
+    passed = True
+  finally:
+    for process in (worker, sweep):
+      if process is not None and process.poll() is None:
+        if passed:
+          process.send_signal(signal.SIGCONT)
+        else:
+          process.kill()
+          process.wait()
+  sweep.wait(timeout=180)
+  err = launch_log.read_text()
+  assert sweep.returncode == 0, err[-3000:]
+  assert "Waiting for 2 trial(s) claimed by runners elsewhere" in err
   rows = test_sweep._read_csv(study / "results.csv")
-  assert [r["status"] for r in rows] == ["completed"] * 2, result.stderr[-3000:]
+  assert [r["status"] for r in rows] == ["completed"] * 3
+  assert worker_log.read_text().count("launch:") == 2
   for trial, step in stopped.items():
     with open(os.path.join(trial, "log.txt")) as f:
       assert f"Resumed from checkpoint at step {step}." in f.read()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests import helpers
 from tests import test_sweep
 from tuning_playbook.studies import study as study_lib
 from tuning_playbook.studies import study_launch
@@ -268,7 +269,9 @@ def test_device_flags_are_refused_where_they_cannot_apply(tmp_path):
 @cpu_host_only
 def test_cpu_launch_runs_parallel_workers_that_see_every_device(tmp_path):
   study_dir = tmp_path / "study"
-  env = test_sweep._env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # XLA's backend optimisations off: nothing here compares the trials' results.
+  env = test_sweep._env(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {helpers.FAST_COMPILE}")
   for name in GPU_VARIABLES + TPU_VARIABLES + ("JAX_PLATFORMS",):
     env.pop(name, None)
   test_sweep._sweep(study_dir, "--num_trials=2", "--run", "--parallel=2",
