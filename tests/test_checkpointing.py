@@ -73,8 +73,7 @@ def test_background_save_error_fails_the_run(monkeypatch, tmp_path):
     raise OSError("disk full (simulated)")
   monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn",
                       broken_write)
-  config = helpers.load_config(**{"data.data_dir": str(tmp_path / "data"),
-                                  "max_train_steps": 20})
+  config = helpers.load_config(max_train_steps=20)
   workdir = str(tmp_path / "run")
   with pytest.raises(Exception, match="disk full"):
     run.run_trial(config, workdir)

@@ -44,7 +44,7 @@ def test_a_failed_join_of_a_visible_cluster_exits_non_zero(tmp_path, variables, 
 
 @pytest.mark.slow
 def test_no_cluster_runs_one_process(tmp_path):
-  result = helpers.run_main(str(tmp_path / "run"), f"--config.data.data_dir={tmp_path / 'd'}",
+  result = helpers.run_main(str(tmp_path / "run"),
                             "--config.max_train_steps=10", "--config.eval_every_steps=10",
                             "--config.optimizer.warmup_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]

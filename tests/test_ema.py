@@ -107,8 +107,9 @@ def test_an_ema_metric_without_ema_exits_2_before_compiling(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_flag(tmp_path_factory):
-  return f"--config.data.data_dir={tmp_path_factory.mktemp('data')}"
+def data_flag():
+  # The session's TFDS directory (tests/conftest.py): MNIST-1D, built once.
+  return f"--config.data.data_dir={os.environ['TFDS_DATA_DIR']}"
 
 
 @pytest.fixture(scope="module")

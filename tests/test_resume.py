@@ -27,8 +27,9 @@ RUN_FLAGS = ("--config.max_train_steps=55", "--config.eval_every_steps=10",
 
 
 @pytest.fixture(scope="module")
-def data_flag(tmp_path_factory):
-  return f"--config.data.data_dir={tmp_path_factory.mktemp('data')}"
+def data_flag():
+  # The session's TFDS directory (tests/conftest.py): MNIST-1D, built once.
+  return f"--config.data.data_dir={os.environ['TFDS_DATA_DIR']}"
 
 
 @pytest.fixture(scope="module")

@@ -238,8 +238,11 @@ def run_workers(argv: Sequence[str], count: int, *, log_dir: str,
             env=({**(os.environ if env is None else env), **extra}
                  if extra else env),
             preexec_fn=_die_with_parent_fn()))
-    while any(p.poll() is None for p in processes):
-      time.sleep(poll_seconds)
+    while running := [p for p in processes if p.poll() is None]:
+      try:  # Returns as soon as the last worker exits.
+        running[0].wait(timeout=poll_seconds)
+      except subprocess.TimeoutExpired:
+        pass
       if on_poll is not None:
         on_poll()
   except BaseException:
