@@ -264,18 +264,16 @@ def test_slurm_script_refuses_bad_arguments():
                            directives=["--time=1\nrm -rf /"])
 
 
-def test_trials_share_one_compilation_cache_and_the_user_setting_wins(tmp_path):
+def test_trials_share_one_compilation_cache_and_the_user_setting_wins(tmp_path,
+                                                                      monkeypatch):
   from tuning_playbook.studies import study_launch  # pylint: disable=g-import-not-at-top
   studies = [type("S", (), {"study_dir": str(tmp_path / "study" / v)})()
              for v in ("adam", "sgd")]
   env = study_launch.compilation_cache_environment(studies)
   assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "study" / ".jax_cache")
   assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = "/elsewhere"
-  try:
-    trial_env = study_launch.trial_environment(studies[:1])
-  finally:
-    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+  trial_env = study_launch.trial_environment(studies[:1])
   assert trial_env["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
   assert trial_env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] == "-1"
 
