@@ -12,11 +12,14 @@ TFDS data sets built by tests go to a directory of the session
 (`TFDS_DATA_DIR`), never to the user's `~/tensorflow_datasets`.
 
 Each test process keeps the programs it compiles in a persistent compilation
-cache of its own (a temporary directory, removed at the end): the many
-trainers that tests build in-process (a trial alone beside its population,
-say) compile the same programs, and a hit returns the same executable. It is
-set through `jax.config`, so no subprocess inherits it: the trainers, workers
-and sweeps that tests start compile, and cache, as the product decides.
+cache of its own (a temporary directory, removed at the end, set through
+`jax.config`): the many trainers that tests build in-process (a trial alone
+beside its population, say) compile the same programs, and a hit returns the
+same executable. The trainers, workers and sweeps that tests start share
+another, the session's (`JAX_COMPILATION_CACHE_DIR`, as a user would set it:
+dozens of runs of the same tiny config compile the same programs). It
+replaces a study's own cache; the test of that cache removes the variable
+(tests/test_study_workers.py).
 """
 
 import os
@@ -48,16 +51,32 @@ if "jax" not in __import__("sys").modules:
       os.environ[_name] = _value
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-_TFDS_DIR_OWNER = "TUNING_PLAYBOOK_TESTS_TFDS_DIR_OWNER"
+_SESSION_DIRS_OWNER = "TUNING_PLAYBOOK_TESTS_SESSION_DIRS_OWNER"
+# JAX's persistent compilation cache, as its environment variables set it.
+_SUBPROCESS_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR",
+                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def pytest_configure(config):
-  """One TFDS data directory per test session, shared by its xdist workers
-  (they inherit the environment of the process that starts them)."""
+  """Directories of the test session, shared by its xdist workers and every
+  process a test starts (they inherit the environment of the process that
+  starts them): one TFDS data directory, and one persistent compilation
+  cache for the trainers, workers and sweeps the tests start (a hit is the
+  executable the same program compiled to before; a test of the product's
+  own caches removes the variable)."""
   del config  # Unused.
+  if os.environ.get(_SESSION_DIRS_OWNER):
+    return  # An xdist worker: the controller made them.
+  os.environ[_SESSION_DIRS_OWNER] = str(os.getpid())
   if "TFDS_DATA_DIR" not in os.environ:
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="tuning_playbook_tfds_")
-    os.environ[_TFDS_DIR_OWNER] = str(os.getpid())
+    os.environ[_SESSION_DIRS_OWNER + "_TFDS"] = "1"
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ.update(zip(_SUBPROCESS_CACHE_VARIABLES, (
+        tempfile.mkdtemp(prefix="tuning_playbook_tests_subprocess_jax_cache_"),
+        "0", "-1")))
+    os.environ[_SESSION_DIRS_OWNER + "_CACHE"] = "1"
 
 
 def pytest_unconfigure(config):
@@ -65,8 +84,11 @@ def pytest_unconfigure(config):
   cache = globals().get("_COMPILATION_CACHE")
   if cache:
     shutil.rmtree(cache, ignore_errors=True)
-  if os.environ.get(_TFDS_DIR_OWNER) == str(os.getpid()):
-    shutil.rmtree(os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+  if os.environ.get(_SESSION_DIRS_OWNER) == str(os.getpid()):
+    if os.environ.get(_SESSION_DIRS_OWNER + "_TFDS"):
+      shutil.rmtree(os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+    if os.environ.get(_SESSION_DIRS_OWNER + "_CACHE"):
+      shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
