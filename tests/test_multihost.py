@@ -3,26 +3,35 @@
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from tests import helpers
 from tuning_playbook.common import termination
+from tuning_playbook.training import train
 from tuning_playbook.training import watchdog
 
 # 40 steps: the tiny config's 5 warmup steps prepended to 35.
-RUN_FLAGS = ("--config.max_train_steps=35", "--config.eval_every_steps=10",
-             "--config.log_every_steps=5", "--config.model.use_batch_norm=True",
-             "--config.model.dropout_rate=0.2", "--config.data.batches_per_transfer=2")
+RUN = {"max_train_steps": 35, "eval_every_steps": 10, "log_every_steps": 5,
+       "model.use_batch_norm": True, "model.dropout_rate": 0.2,
+       "data.batches_per_transfer": 2}
+RUN_FLAGS = tuple(f"--config.{key}={value}" for key, value in RUN.items())
 
 
 @pytest.fixture(scope="module")
-def data_flag(tmp_path_factory):
-  return f"--config.data.data_dir={tmp_path_factory.mktemp('data')}"
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def data_flag(data_dir):
+  return f"--config.data.data_dir={data_dir}"
 
 
 def _run_job(workdir, data_flag, num_processes, devices, *extra):
@@ -42,15 +51,22 @@ def two_by_two(tmp_path_factory, data_flag):
 
 
 @pytest.fixture(scope="module")
-def one_by_four(tmp_path_factory, data_flag):
+def one_by_four(tmp_path_factory, data_dir):
+  """The job's config in this process, on its 4 devices (tests/conftest.py:
+  compiled as in the job's processes)."""
+  assert jax.process_count() == 1 and jax.device_count() == 4
   workdir = str(tmp_path_factory.mktemp("1x4"))
   start = time.time()
-  result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=4)
-  assert result.returncode == 0, result.stderr[-3000:]
+  summary = train.train_and_evaluate(
+      helpers.load_config(**RUN, **{"data.data_dir": data_dir}), workdir)
+  assert summary["status"] == "completed", summary
   return workdir, time.time() - start
 
 
 def test_two_processes_match_one_process_with_the_same_devices(two_by_two, one_by_four):
+  # The job trained the config trained here (its flags, parsed by main).
+  assert (helpers.read_json(os.path.join(two_by_two[0], "config.json"))
+          == helpers.read_json(os.path.join(one_by_four[0], "config.json")))
   rows = helpers.read_jsonl(os.path.join(two_by_two[0], "metrics.jsonl"))
   ref = helpers.read_jsonl(os.path.join(one_by_four[0], "metrics.jsonl"))
   assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(5, 41, 5))
@@ -93,9 +109,11 @@ def test_batch_norm_over_processes_matches_numpy():
     assert rc == 0, err[-4000:]
 
 
-@pytest.mark.slow
-def test_killed_two_process_job_resumes_exactly(two_by_two, data_flag, tmp_path):
-  workdir = str(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def killed_two_by_two(tmp_path_factory, data_flag):
+  """A 2 x 2 job whose processes are killed once its step-20 checkpoint
+  exists; tests resume copies of it."""
+  workdir = str(tmp_path_factory.mktemp("killed") / "run")
   command = helpers.main_command(workdir, data_flag, *RUN_FLAGS)
   procs = helpers.start_processes(command, 2, 2)
   checkpoint = os.path.join(workdir, "checkpoints", "20")
@@ -107,7 +125,21 @@ def test_killed_two_process_job_resumes_exactly(two_by_two, data_flag, tmp_path)
   for p in procs:
     p.send_signal(signal.SIGKILL)
   helpers.wait_all(procs)
+  assert os.path.isdir(checkpoint)
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  return workdir
+
+
+def _copy(workdir, tmp_path, name):
+  copy = str(tmp_path / name)
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+@pytest.mark.slow
+def test_killed_two_process_job_resumes_exactly(two_by_two, killed_two_by_two,
+                                                data_flag, tmp_path):
+  workdir = _copy(killed_two_by_two, tmp_path, "killed")
   results = _run_job(workdir, data_flag, 2, 2)
   assert all("Resumed from checkpoint at step" in err for _, err in results)
   assert (helpers.without_timing(helpers.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
@@ -116,17 +148,10 @@ def test_killed_two_process_job_resumes_exactly(two_by_two, data_flag, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_on_one_process(two_by_two, data_flag, tmp_path):
+def test_two_process_checkpoint_resumes_on_one_process(two_by_two, killed_two_by_two,
+                                                       data_flag, tmp_path):
   """A checkpoint written by 2 processes x 2 devices restores on 1 x 1."""
-  workdir = str(tmp_path / "topology")
-  procs = helpers.start_processes(helpers.main_command(workdir, data_flag, *RUN_FLAGS), 2, 2)
-  checkpoint = os.path.join(workdir, "checkpoints", "20")
-  deadline = time.time() + 240
-  while not os.path.isdir(checkpoint) and time.time() < deadline:
-    time.sleep(0.02)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-  helpers.wait_all(procs)
+  workdir = _copy(killed_two_by_two, tmp_path, "topology")
   result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=1)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from checkpoint at step" in result.stderr

@@ -40,6 +40,21 @@ def reference_run(tmp_path_factory, data_flag):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def killed_after_checkpoint_20(tmp_path_factory, data_flag):
+  """A run on 2 devices killed once its step-20 checkpoint exists; tests
+  resume copies of it."""
+  workdir = str(tmp_path_factory.mktemp("killed_after_20") / "run")
+  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=2)
+  return workdir
+
+
+def _copy(workdir, tmp_path, name):
+  copy = str(tmp_path / name)
+  shutil.copytree(workdir, copy)
+  return copy
+
+
 def _tree_digest(root):
   digest = hashlib.sha256()
   for dirpath, dirnames, filenames in sorted(os.walk(root)):
@@ -178,9 +193,9 @@ def _run_and_kill_after_checkpoint(workdir, data_flag, step, num_devices):
 
 
 @pytest.mark.slow
-def test_half_written_checkpoints_are_never_restored(reference_run, data_flag, tmp_path):
-  workdir = str(tmp_path / "run")
-  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=2)
+def test_half_written_checkpoints_are_never_restored(
+    reference_run, killed_after_checkpoint_20, data_flag, tmp_path):
+  workdir = _copy(killed_after_checkpoint_20, tmp_path, "run")
   checkpoints = os.path.join(workdir, "checkpoints")
   # What a kill leaves behind mid-save and mid-delete.
   os.makedirs(os.path.join(checkpoints, "30.orbax-checkpoint-tmp-1234", "state"))
@@ -236,10 +251,10 @@ def test_a_run_recorded_before_a_config_key_existed_is_the_same_run(
 
 
 @pytest.mark.slow
-def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):
+def test_resume_on_another_device_count(
+    reference_run, killed_after_checkpoint_20, data_flag, tmp_path):
   """A checkpoint written on 2 devices resumes on 4 to nearly the same result."""
-  workdir = str(tmp_path / "topology")
-  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=2)
+  workdir = _copy(killed_after_checkpoint_20, tmp_path, "topology")
   result = helpers.run_main(workdir, data_flag, *RUN_FLAGS, num_devices=4)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from checkpoint at step" in result.stderr
@@ -254,14 +269,14 @@ def test_resume_on_another_device_count(reference_run, data_flag, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_summary_is_dropped_when_the_run_starts_again(data_flag, tmp_path):
-  workdir = str(tmp_path / "failed_then_resumed")
-  _run_and_kill_after_checkpoint(workdir, data_flag, 20, num_devices=1)
+def test_a_failed_summary_is_dropped_when_the_run_starts_again(
+    killed_after_checkpoint_20, data_flag, tmp_path):
+  workdir = _copy(killed_after_checkpoint_20, tmp_path, "failed_then_resumed")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     f.write('{"status": "failed", "reason": "simulated"}')
   proc = subprocess.Popen(
       helpers.main_command(workdir, data_flag, *RUN_FLAGS), cwd=helpers.REPO,
-      env=helpers.subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      env=helpers.subprocess_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   metrics = os.path.join(workdir, "metrics.jsonl")
   start_lines = len(helpers.read_jsonl(metrics))
